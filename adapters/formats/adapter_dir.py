@@ -1,0 +1,196 @@
+"""peft's LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`), read and checked.
+
+Only what batched serving and merging can honour is accepted: plain LoRA on the seven Llama
+projections. Anything else (pickled weights, DoRA, modules_to_save, per-module alphas) is refused
+with a message that names the field, before a single tensor reaches the caller.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors import safe_open
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLED_WEIGHTS_FILE = "adapter_model.bin"
+
+# Llama projections a LoRA may target, with the block that holds each.
+PROJECTIONS = {
+    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+}
+_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+
+
+class AdapterFormatError(ValueError):
+    """The directory is not an adapter we can serve or merge; the message says which part and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoraConfig:
+    r: int
+    lora_alpha: float
+    target_modules: tuple[str, ...]
+    use_rslora: bool
+    base_model_name_or_path: str | None
+
+    @property
+    def scaling(self) -> float:
+        # rsLoRA (Kalajdzievski 2023) keeps the update's scale stable as r grows.
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+@dataclass(frozen=True, slots=True)
+class LoraWeights:
+    """One adapter's A and B per (layer, projection): A is [r, in], B is [out, r], as peft stores them."""
+    path: Path
+    config: LoraConfig
+    a: Mapping[tuple[int, str], torch.Tensor]
+    b: Mapping[tuple[int, str], torch.Tensor]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
+
+    def delta(self, layer: int, projection: str) -> torch.Tensor | None:
+        """scaling * B @ A, the [out, in] update of one weight, in float32; None where not targeted."""
+        if (layer, projection) not in self.a:
+            return None
+        a, b = self.a[(layer, projection)].float(), self.b[(layer, projection)].float()
+        return (b @ a) * self.config.scaling
+
+
+@dataclass(frozen=True, slots=True)
+class BaseShape:
+    """What an adapter is checked against: the base's layer count and each projection's [out, in]."""
+    num_layers: int
+    projections: Mapping[str, tuple[int, int]]
+
+    @classmethod
+    def from_config(cls, config) -> "BaseShape":
+        """From a transformers LlamaConfig (or anything with the same fields)."""
+        hidden, inter = config.hidden_size, config.intermediate_size
+        head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+        q_out, kv_out = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+        return cls(config.num_hidden_layers, {
+            "q_proj": (q_out, hidden), "k_proj": (kv_out, hidden), "v_proj": (kv_out, hidden),
+            "o_proj": (hidden, q_out), "gate_proj": (inter, hidden), "up_proj": (inter, hidden),
+            "down_proj": (hidden, inter),
+        })
+
+
+def read_config(path: str | Path) -> LoraConfig:
+    directory = Path(path)
+    if not directory.is_dir():
+        raise AdapterFormatError(f"adapter path {str(path)!r} is not a directory")
+    config_file = directory / CONFIG_FILE
+    if not config_file.is_file():
+        raise AdapterFormatError(f"adapter path {str(path)!r} has no {CONFIG_FILE}")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise AdapterFormatError(f"{config_file}: not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise AdapterFormatError(f"{config_file}: expected a JSON object")
+    return _parse_config(raw, config_file)
+
+
+def _parse_config(raw: dict, where: Path) -> LoraConfig:
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise AdapterFormatError(f"{where}: peft_type is {raw.get('peft_type')!r}; only LORA adapters are served")
+    for field, meaning in (("use_dora", "DoRA"), ("modules_to_save", "modules_to_save (full copies of layers)"),
+                           ("alpha_pattern", "per-module lora_alpha (alpha_pattern)")):
+        if raw.get(field):
+            raise AdapterFormatError(f"{where}: {field} is set; {meaning} cannot be batched with other adapters")
+    if raw.get("lora_bias") or raw.get("bias", "none") != "none":
+        raise AdapterFormatError(f"{where}: bias is {raw.get('bias')!r}; only bias='none' adapters are served")
+    r = raw.get("r")
+    if not isinstance(r, int) or r <= 0:
+        raise AdapterFormatError(f"{where}: r must be a positive integer, got {r!r}")
+    alpha = raw.get("lora_alpha", r)
+    if not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise AdapterFormatError(f"{where}: lora_alpha must be a positive number, got {alpha!r}")
+    targets = raw.get("target_modules")
+    if isinstance(targets, str):
+        targets = [name for name in PROJECTIONS if re.fullmatch(targets, name) or targets == name]
+    if not targets:
+        raise AdapterFormatError(f"{where}: target_modules is empty or missing")
+    short = {t.rsplit(".", 1)[-1] for t in targets}
+    unknown = sorted(short - PROJECTIONS.keys())
+    if unknown:
+        raise AdapterFormatError(
+            f"{where}: target_modules {unknown} are not Llama projections (expected some of {list(PROJECTIONS)})")
+    short = [name for name in PROJECTIONS if name in short]
+    return LoraConfig(r=r, lora_alpha=float(alpha), target_modules=tuple(short),
+                      use_rslora=bool(raw.get("use_rslora", False)),
+                      base_model_name_or_path=raw.get("base_model_name_or_path"))
+
+
+def read_adapter(path: str | Path, base: BaseShape | None = None) -> LoraWeights:
+    """Reads and checks a whole adapter; with `base`, also that every shape fits that base."""
+    directory = Path(path)
+    config = read_config(directory)
+    weights_file = directory / WEIGHTS_FILE
+    if not weights_file.is_file():
+        if (directory / PICKLED_WEIGHTS_FILE).exists():
+            raise AdapterFormatError(
+                f"{directory} holds only {PICKLED_WEIGHTS_FILE}, a pickle, which is never loaded because it can run "
+                f"code; re-save the adapter with safetensors (peft: save_pretrained(..., safe_serialization=True))")
+        raise AdapterFormatError(f"adapter path {str(path)!r} has no {WEIGHTS_FILE}")
+    a: dict[tuple[int, str], torch.Tensor] = {}
+    b: dict[tuple[int, str], torch.Tensor] = {}
+    try:
+        with safe_open(weights_file, framework="pt") as tensors:
+            for key in tensors.keys():
+                match = _KEY.search(key)
+                if match is None:
+                    raise AdapterFormatError(f"{weights_file}: tensor {key!r} is not a LoRA A/B of a Llama projection")
+                layer, block, projection, which = int(match[1]), match[2], match[3], match[4]
+                if PROJECTIONS.get(projection) != block:
+                    raise AdapterFormatError(f"{weights_file}: tensor {key!r} targets unknown module {block}.{projection}")
+                (a if which == "A" else b)[(layer, projection)] = tensors.get_tensor(key)
+    except AdapterFormatError:
+        raise
+    except Exception as err:  # safetensors raises its own error types for truncated or foreign files
+        raise AdapterFormatError(f"{weights_file}: cannot be read as safetensors ({err})") from None
+    _check_pairs(weights_file, config, a, b)
+    if base is not None:
+        check_fits(LoraWeights(directory, config, a, b), base)
+    return LoraWeights(directory, config, a, b)
+
+
+def _check_pairs(where: Path, config: LoraConfig, a: dict, b: dict) -> None:
+    if not a:
+        raise AdapterFormatError(f"{where}: holds no LoRA tensors")
+    if a.keys() != b.keys():
+        missing = sorted(set(a) ^ set(b))[0]
+        raise AdapterFormatError(f"{where}: layer {missing[0]} {missing[1]} has lora_A or lora_B but not both")
+    for (layer, projection), tensor_a in a.items():
+        tensor_b = b[(layer, projection)]
+        if tensor_a.dim() != 2 or tensor_b.dim() != 2 or tensor_a.shape[0] != tensor_b.shape[1]:
+            raise AdapterFormatError(
+                f"{where}: layer {layer} {projection}: lora_A {tuple(tensor_a.shape)} and lora_B "
+                f"{tuple(tensor_b.shape)} do not form a rank-r pair")
+        if projection not in config.target_modules:
+            raise AdapterFormatError(f"{where}: layer {layer} has weights for {projection}, "
+                                     f"which target_modules {list(config.target_modules)} does not list")
+
+
+def check_fits(adapter: LoraWeights, base: BaseShape) -> None:
+    """Raises AdapterFormatError unless every A/B pair fits the base's layers and projection shapes."""
+    for (layer, projection), tensor_a in adapter.a.items():
+        if layer >= base.num_layers:
+            raise AdapterFormatError(
+                f"{adapter.path}: has weights for layer {layer}, but the base has {base.num_layers} layers")
+        out_features, in_features = base.projections[projection]
+        tensor_b = adapter.b[(layer, projection)]
+        if tensor_a.shape[1] != in_features or tensor_b.shape[0] != out_features:
+            raise AdapterFormatError(
+                f"{adapter.path}: layer {layer} {projection} maps {tensor_a.shape[1]} -> {tensor_b.shape[0]} features, "
+                f"the base's maps {in_features} -> {out_features}: the adapter was made for another base model")

@@ -1,0 +1,1 @@
+"""The cartridge gRPC API, generated from protos/ at build time."""

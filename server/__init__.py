@@ -1,0 +1,1 @@
+"""The Cartridge serving engine: gRPC edge, scheduler, Llama runner with batched LoRA, KV cache, metrics."""
