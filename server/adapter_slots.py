@@ -1,0 +1,67 @@
+"""Which adapter sits in which device slot of the LoRA stacks (the S-LoRA/LoRAX cache idea).
+
+Registered adapters wait in host memory; one is copied into a slot when a request for it is
+admitted, and stays while it is used or until its slot is needed. An idle slot is reused least
+recently used first. Only the engine thread calls this, between forward passes.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from .adapter_registry import RegisteredAdapter
+from .lora_batch import LoraStack
+
+BASE_SLOT = 0  # always zero weights: rows for the base model alone
+
+
+class AdapterSlots:
+    def __init__(self, stacks: dict[tuple[int, str], LoraStack], num_slots: int):
+        self._stacks = stacks
+        self._free = list(range(num_slots, 0, -1))                  # slot 0 is the base model's
+        self._slot_of: dict[RegisteredAdapter, int] = {}
+        self._users: dict[int, int] = {}
+        self._idle: OrderedDict[int, RegisteredAdapter] = OrderedDict()  # least recently used first
+        self.ranks: dict[int, int] = {BASE_SLOT: 0}
+        self.projections: dict[int, frozenset[str]] = {BASE_SLOT: frozenset()}
+
+    @property
+    def num_resident(self) -> int:
+        return len(self._slot_of)
+
+    def can_acquire(self, adapter: RegisteredAdapter | None) -> bool:
+        return adapter is None or adapter in self._slot_of or bool(self._free or self._idle)
+
+    def acquire(self, adapter: RegisteredAdapter | None) -> int:
+        """The slot holding `adapter`, loading it first if needed. Call only after can_acquire."""
+        if adapter is None:
+            return BASE_SLOT
+        slot = self._slot_of.get(adapter)
+        if slot is None:
+            slot = self._free.pop() if self._free else self._evict()
+            self._load(slot, adapter)
+        self._idle.pop(slot, None)
+        self._users[slot] = self._users.get(slot, 0) + 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        if slot == BASE_SLOT:
+            return
+        self._users[slot] -= 1
+        if self._users[slot] == 0:
+            del self._users[slot]
+            adapter = next(a for a, s in self._slot_of.items() if s == slot)
+            self._idle[slot] = adapter
+
+    def _evict(self) -> int:
+        slot, adapter = self._idle.popitem(last=False)
+        del self._slot_of[adapter]
+        return slot
+
+    def _load(self, slot: int, adapter: RegisteredAdapter) -> None:
+        weights = adapter.weights
+        for (layer, projection), stack in self._stacks.items():
+            stack.load(slot, weights.a.get((layer, projection)), weights.b.get((layer, projection)),
+                       weights.config.scaling)
+        self._slot_of[adapter] = slot
+        self.ranks[slot] = adapter.rank
+        self.projections[slot] = frozenset(weights.config.target_modules)

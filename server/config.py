@@ -1,0 +1,59 @@
+"""Server settings: one dataclass, checked once when the server starts."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+QUANTIZATIONS = ("nf4", "none")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    base_model: str | None = None          # transformers directory; None = embedded default
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    quantization: str | None = None        # None: nf4 on CUDA, none on CPU (faster there)
+    dtype: str | None = None               # None: bfloat16 on CUDA, float32 on CPU
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9464
+    max_batch_size: int = 16               # KV-cache slots: requests decoding at once
+    max_seq_len: int = 2048                # prompt + output tokens of one request
+    max_queue: int = 256                   # requests waiting for a slot before RESOURCE_EXHAUSTED
+    max_prefill_tokens: int = 4096         # padded prompt tokens in one prefill pass
+    max_adapters: int = 16                 # adapters resident in device memory at once
+    max_lora_rank: int = 64
+    adapters: tuple[tuple[str, str], ...] = ()   # (name, path) registered at start-up
+
+    def __post_init__(self) -> None:
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"--quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        for flag, value, low in (("--port", self.port, 0), ("--metrics-port", self.metrics_port, 0),
+                                 ("--max-batch-size", self.max_batch_size, 1), ("--max-seq-len", self.max_seq_len, 2),
+                                 ("--max-queue", self.max_queue, 0), ("--max-adapters", self.max_adapters, 1),
+                                 ("--max-lora-rank", self.max_lora_rank, 1),
+                                 ("--max-prefill-tokens", self.max_prefill_tokens, 1)):
+            if value < low:
+                raise ValueError(f"{flag} must be at least {low}, got {value}")
+        if self.port > 65535 or self.metrics_port > 65535:
+            raise ValueError("ports must be at most 65535")
+        if self.max_prefill_tokens < self.max_seq_len:
+            raise ValueError(f"--max-prefill-tokens ({self.max_prefill_tokens}) must hold one whole prompt "
+                             f"of --max-seq-len ({self.max_seq_len})")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}: this host has no CUDA device")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype] if self.dtype else (torch.bfloat16 if self.on_cuda else torch.float32)
+
+    @property
+    def quantize(self) -> bool:
+        return (self.quantization or ("nf4" if self.on_cuda else "none")) == "nf4"
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.startswith("cuda")

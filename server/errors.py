@@ -1,0 +1,74 @@
+"""Errors that carry the user's words, and the one place they become gRPC statuses."""
+from __future__ import annotations
+
+import grpc
+
+from adapters.formats.adapter_dir import AdapterFormatError
+
+
+class ServingError(Exception):
+    code = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(ServingError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(ServingError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(ServingError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class ResourceExhausted(ServingError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def status_of(error: Exception) -> tuple[grpc.StatusCode, str] | None:
+    """The status a handler's exception stands for; None for a bug (left to gRPC as UNKNOWN)."""
+    if isinstance(error, ServingError):
+        return error.code, str(error)
+    if isinstance(error, AdapterFormatError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    return None
+
+
+class StatusInterceptor(grpc.ServerInterceptor):
+    """Turns ServingError (and adapter format errors) raised in any handler into its status."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.unary_unary:
+            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream))
+        return handler
+
+
+def _abort(context: grpc.ServicerContext, error: Exception) -> None:
+    status = status_of(error)
+    if status is None:
+        raise error
+    context.abort(*status)
+
+
+def _wrap_unary(behaviour):
+    def handle(request, context):
+        try:
+            return behaviour(request, context)
+        except Exception as error:  # noqa: BLE001 - re-raised unless it maps to a status
+            _abort(context, error)
+    return handle
+
+
+def _wrap_stream(behaviour):
+    def handle(request, context):
+        try:
+            yield from behaviour(request, context)
+        except Exception as error:  # noqa: BLE001 - re-raised unless it maps to a status
+            _abort(context, error)
+    return handle

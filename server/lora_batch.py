@@ -1,0 +1,75 @@
+"""Batched LoRA: one forward adds a different adapter's delta to every row (Punica's BGMV/SGMV idea).
+
+Each (layer, projection) keeps the A and B of every resident adapter stacked by slot, padded to the
+server's largest rank, with the scaling folded into B; slot 0 stays zero and stands for the base
+model. A `LoraBatch`, built once per step, tells every layer which slot each row uses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class LoraBatch:
+    """Semantics: for row i, y[i] += x[i] @ A[slot[i], :rank].T @ B[slot[i], :, :rank].T.
+
+    `rank` is the largest rank among the batch's adapters, so stacks are read only that far.
+    `segments` (prefill) lists each distinct adapter with its rows: one pair of GEMMs per adapter
+    over its whole prompts (SGMV). Without segments (decode, one token a row) A and B are gathered
+    per row and applied with two batched GEMVs (BGMV), one launch for any mix of adapters."""
+    slots: torch.Tensor | None                      # [B] slot per row; None when no row has an adapter
+    rank: int
+    projections: frozenset[str]                     # what any adapter of the batch targets
+    segments: tuple[tuple[int, torch.Tensor], ...] | None  # (slot, rows [n]) per adapter, prefill only
+
+    @classmethod
+    def build(cls, row_slots: list[int], slot_ranks: dict[int, int], slot_projections: dict[int, frozenset[str]],
+              prefill: bool, device: torch.device) -> "LoraBatch":
+        used = sorted({s for s in row_slots if s != 0})
+        if not used:
+            return cls(None, 0, frozenset(), None)
+        slots = torch.tensor(row_slots, dtype=torch.long, device=device)
+        segments = None
+        if prefill:
+            segments = tuple((s, torch.tensor([i for i, r in enumerate(row_slots) if r == s], device=device))
+                             for s in used)
+        return cls(slots, max(slot_ranks[s] for s in used),
+                   frozenset().union(*(slot_projections[s] for s in used)), segments)
+
+
+NO_LORA = LoraBatch(None, 0, frozenset(), None)
+
+
+class LoraStack:
+    """One projection of one layer: A [slots, max_rank, in] and scaling·B [slots, out, max_rank]."""
+
+    def __init__(self, projection: str, num_slots: int, max_rank: int, in_features: int, out_features: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.projection = projection
+        self.a = torch.zeros(num_slots, max_rank, in_features, dtype=dtype, device=device)
+        self.b = torch.zeros(num_slots, out_features, max_rank, dtype=dtype, device=device)
+
+    def load(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float) -> None:
+        """Puts one adapter's A [r, in] and B [out, r] in `slot`; None clears the slot (not targeted)."""
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+        if a is not None:
+            rank = a.shape[0]
+            self.a[slot, :rank].copy_(a)
+            self.b[slot, :, :rank].copy_(b.float() * scaling)
+
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
+        """y [B, T, out] += LoRA delta of x [B, T, in], per the batch's slots (see LoraBatch)."""
+        if batch.slots is None or self.projection not in batch.projections:
+            return y
+        rank = batch.rank
+        if batch.segments is not None:
+            for slot, rows in batch.segments:
+                a, b = self.a[slot, :rank], self.b[slot, :, :rank]             # [r, in], [out, r]
+                y.index_add_(0, rows, (x.index_select(0, rows) @ a.T) @ b.T)
+            return y
+        a = self.a[batch.slots, :rank]                                     # [B, r, in]
+        b = self.b[batch.slots, :, :rank]                                  # [B, out, r]
+        return torch.baddbmm(y, torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))

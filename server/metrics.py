@@ -1,0 +1,77 @@
+"""Prometheus metrics, served as text on their own HTTP port."""
+from __future__ import annotations
+
+import os
+import time
+
+import psutil
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+from .sequence import Sequence
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+
+
+class _MemoryCollector:
+    """Reads memory at scrape time, so the figure is never stale."""
+
+    def __init__(self, device: torch.device):
+        self._device = device
+
+    def collect(self):
+        if self._device.type == "cuda":
+            allocated = GaugeMetricFamily("cartridge_vram_allocated_bytes",
+                                          "GPU memory held by tensors (torch.cuda.memory_allocated)")
+            reserved = GaugeMetricFamily("cartridge_vram_reserved_bytes",
+                                         "GPU memory reserved by the caching allocator (torch.cuda.memory_reserved)")
+            allocated.add_metric([], torch.cuda.memory_allocated(self._device))
+            reserved.add_metric([], torch.cuda.memory_reserved(self._device))
+        else:
+            rss = psutil.Process(os.getpid()).memory_info().rss
+            allocated = GaugeMetricFamily("cartridge_vram_allocated_bytes",
+                                          "No GPU on this host: resident memory (RSS) of the server process instead")
+            reserved = GaugeMetricFamily("cartridge_vram_reserved_bytes",
+                                         "No GPU on this host: resident memory (RSS) of the server process instead")
+            allocated.add_metric([], rss)
+            reserved.add_metric([], rss)
+        yield allocated
+        yield reserved
+
+
+class ServerMetrics:
+    def __init__(self, device: torch.device):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.latency = Histogram("cartridge_request_latency_seconds", "Arrival to last token of a request",
+                                 ["adapter"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("cartridge_time_to_first_token_seconds", "Arrival to first generated token",
+                              ["adapter"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("cartridge_time_per_output_token_seconds",
+                              "Mean time between output tokens after the first, per request",
+                              ["adapter"], buckets=_TOKEN_BUCKETS, registry=r)
+        self.requests = Counter("cartridge_requests", "Finished requests", ["adapter", "finish_reason"], registry=r)
+        self.prompt_tokens = Counter("cartridge_prompt_tokens", "Prompt tokens processed", ["adapter"], registry=r)
+        self.generated_tokens = Counter("cartridge_generated_tokens", "Tokens generated", ["adapter"], registry=r)
+        self.running = Gauge("cartridge_requests_running", "Requests decoding now", registry=r)
+        self.waiting = Gauge("cartridge_requests_waiting", "Requests queued for a slot", registry=r)
+        self.adapters_resident = Gauge("cartridge_adapters_resident", "Adapters loaded in device slots", registry=r)
+        r.register(_MemoryCollector(device))
+
+    def serve(self, host: str, port: int) -> int:
+        """Starts the HTTP endpoint; returns the bound port (useful with port 0)."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return server.server_port
+
+    def finished(self, seq: Sequence) -> None:
+        now, adapter = time.monotonic(), seq.adapter_name
+        self.latency.labels(adapter).observe(now - seq.arrival_time)
+        self.requests.labels(adapter, seq.finish_reason.value).inc()
+        self.prompt_tokens.labels(adapter).inc(len(seq.prompt_ids))
+        self.generated_tokens.labels(adapter).inc(len(seq.output_ids))
+        if seq.first_token_time is not None:
+            self.ttft.labels(adapter).observe(seq.first_token_time - seq.arrival_time)
+            if len(seq.output_ids) > 1:
+                self.tpot.labels(adapter).observe((now - seq.first_token_time) / (len(seq.output_ids) - 1))

@@ -1,0 +1,109 @@
+"""Builds the model runner's modules from a transformers-format Llama checkpoint.
+
+Loading adapts the checkpoint to the model: tensors are read one at a time from safetensors,
+moved to the device and (for NF4) quantized there, so peak memory stays near the final size.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from adapters.formats.adapter_dir import PROJECTIONS, BaseShape
+
+from .linear import BaseLinear, DenseLinear, NF4Linear
+from .lora_batch import LoraStack
+from .model import Attention, FeedForward, ModelArgs, Projection, Transformer, TransformerBlock
+
+_UNSUPPORTED_ROPE = ("dynamic", "longrope")
+
+
+class CheckpointError(ValueError):
+    """The checkpoint is not a Llama-family model this runner can serve; the message says why."""
+
+
+def check_config(config) -> None:
+    if config.model_type != "llama":
+        raise CheckpointError(f"model_type {config.model_type!r} is not served; only Llama-architecture models are")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise CheckpointError("attention_bias/mlp_bias checkpoints are not served")
+    if config.hidden_act != "silu":
+        raise CheckpointError(f"hidden_act {config.hidden_act!r} is not served; Llama uses silu")
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type in _UNSUPPORTED_ROPE:
+        raise CheckpointError(f"rope_type {rope_type!r} changes with sequence length and is not served")
+
+
+class _Tensors:
+    """Reads named tensors from one or many safetensors files, each on demand."""
+
+    def __init__(self, directory: Path):
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            files = json.loads(index.read_text())["weight_map"]
+            self._file_of = {name: directory / f for name, f in files.items()}
+        elif (directory / "model.safetensors").is_file():
+            with safe_open(directory / "model.safetensors", framework="pt") as f:
+                self._file_of = {name: directory / "model.safetensors" for name in f.keys()}
+        else:
+            raise CheckpointError(f"{directory} holds no model.safetensors (pickled checkpoints are not loaded)")
+        self._open: dict[Path, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._file_of:
+            raise CheckpointError(f"checkpoint has no tensor {name!r}")
+        path = self._file_of[name]
+        if path not in self._open:
+            self._open[path] = safe_open(path, framework="pt")
+        return self._open[path].get_tensor(name)
+
+
+def load_model(directory: Path, config, dtype: torch.dtype, device: torch.device, quantize: bool,
+               num_lora_slots: int, max_lora_rank: int) -> tuple[Transformer, dict[tuple[int, str], LoraStack]]:
+    """The model and its LoRA stacks, keyed (layer, projection); slot 0 of every stack is the base model's."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    check_config(config)
+    args = ModelArgs.from_config(config)
+    shape = BaseShape.from_config(config)
+    tensors = _Tensors(directory)
+
+    def weight(name: str) -> torch.Tensor:
+        return tensors.get(name).to(device=device, dtype=dtype)
+
+    def base_linear(name: str) -> BaseLinear:
+        if quantize:
+            return NF4Linear(tensors.get(name).to(device), dtype)
+        return DenseLinear(weight(name))
+
+    stacks: dict[tuple[int, str], LoraStack] = {}
+    layers = []
+    for i in range(args.n_layers):
+        prefix = f"model.layers.{i}"
+        projections = {}
+        for projection, block in PROJECTIONS.items():
+            out_features, in_features = shape.projections[projection]
+            stack = LoraStack(projection, num_lora_slots, max_lora_rank, in_features, out_features, dtype, device)
+            stacks[(i, projection)] = stack
+            projections[projection] = Projection(base_linear(f"{prefix}.{block}.{projection}.weight"), stack)
+        block = TransformerBlock(
+            args,
+            Attention(args, projections["q_proj"], projections["k_proj"], projections["v_proj"], projections["o_proj"]),
+            FeedForward(projections["gate_proj"], projections["up_proj"], projections["down_proj"]))
+        block.input_layernorm.weight.data = weight(f"{prefix}.input_layernorm.weight")
+        block.post_attention_layernorm.weight.data = weight(f"{prefix}.post_attention_layernorm.weight")
+        layers.append(block)
+
+    embed = nn.Embedding.from_pretrained(weight("model.embed_tokens.weight"), freeze=True)
+    tied = args.tie_word_embeddings or "lm_head.weight" not in tensors
+    lm_head = DenseLinear(embed.weight if tied else weight("lm_head.weight"))
+    rope = LlamaRotaryEmbedding(config)
+    model = Transformer(args, embed, layers, lm_head, rope.inv_freq.to(device), rope.attention_scaling)
+    model.norm.weight.data = weight("model.norm.weight")
+    return model.eval(), stacks
