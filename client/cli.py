@@ -7,16 +7,113 @@ this module never imports server/ or adapters/ and `cartridge generate` starts w
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from importlib.metadata import entry_points
 
+from .client import CartridgeClient, CartridgeError
+
+DEFAULT_SERVER = os.environ.get("CARTRIDGE_SERVER", "127.0.0.1:50051")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cartridge", description=__doc__.splitlines()[0].strip("."))
+    parser = argparse.ArgumentParser(prog="cartridge", description="Serve, call, train and merge LoRA adapters "
+                                     "on one 4-bit Llama-family base.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_generate(commands)
+    _add_adapters(commands)
     for plugin in sorted(entry_points(group="cartridge.commands"), key=lambda ep: ep.name):
         plugin.load()(commands)
     return parser
+
+
+def _server_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", default=DEFAULT_SERVER,
+                        help="host:port of the server (default: $CARTRIDGE_SERVER or %(default)s)")
+
+
+def _add_generate(commands) -> None:
+    p = commands.add_parser("generate", help="generate text, optionally through an adapter")
+    p.add_argument("prompt", help="the user's message (or, with --raw, the exact prompt text)")
+    p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    p.add_argument("--system", help="a system message before the user's (chat only)")
+    p.add_argument("--adapter", default="", help="registered adapter name (default: the base model)")
+    p.add_argument("--max-tokens", type=int, default=0, help="new tokens at most (default: 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--json", action="store_true", help="print the whole answer as JSON")
+    _server_flag(p)
+    p.set_defaults(run=_generate)
+
+
+def _add_adapters(commands) -> None:
+    p = commands.add_parser("adapters", help="register, unregister and list adapters on a running server")
+    verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    register = verbs.add_parser("register", help="load a peft adapter directory under a name")
+    register.add_argument("name")
+    register.add_argument("path", help="adapter directory as the server sees it")
+    register.add_argument("--replace", action="store_true", help="swap the weights of an existing name")
+    unregister = verbs.add_parser("unregister", help="remove an adapter")
+    unregister.add_argument("name")
+    listing = verbs.add_parser("list", help="registered adapters")
+    listing.add_argument("--json", action="store_true")
+    for verb in (register, unregister, listing):
+        _server_flag(verb)
+    register.set_defaults(run=lambda a: _with_client(a, lambda c: _print_adapters(
+        [c.register_adapter(a.name, os.path.abspath(a.path) if os.path.exists(a.path) else a.path, a.replace)])))
+    unregister.set_defaults(run=lambda a: _with_client(a, lambda c: c.unregister_adapter(a.name)))
+    listing.set_defaults(run=lambda a: _with_client(a, lambda c: _print_adapters(c.list_adapters(), a.json)))
+
+
+def _with_client(args: argparse.Namespace, action) -> int:
+    try:
+        with CartridgeClient(args.server) as client:
+            action(client)
+    except CartridgeError as err:
+        print(f"cartridge {args.command}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    options = dict(adapter=args.adapter, max_tokens=args.max_tokens, temperature=args.temperature,
+                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
+    if args.raw:
+        options["prompt"] = args.prompt
+    else:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        options["messages"] = [*system, {"role": "user", "content": args.prompt}]
+
+    def run(client: CartridgeClient) -> None:
+        if args.stream:
+            for piece in client.generate_stream(**options):
+                print(piece.text, end="", flush=True)
+            print()
+            return
+        answer = client.generate(**options)
+        if args.json:
+            print(json.dumps({"text": answer.text, "finish_reason": answer.finish_reason,
+                              "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+                              "adapter": answer.adapter}))
+        else:
+            print(answer.text)
+    return _with_client(args, run)
+
+
+def _print_adapters(adapters, as_json: bool = False) -> None:
+    rows = [{"name": a.name, "rank": a.rank, "lora_alpha": a.lora_alpha, "use_rslora": a.use_rslora,
+             "target_modules": list(a.target_modules), "size_bytes": a.size_bytes, "path": a.path} for a in adapters]
+    if as_json:
+        print(json.dumps(rows))
+        return
+    for row in rows:
+        print(f"{row['name']}\trank {row['rank']}\talpha {row['lora_alpha']:g}\t{','.join(row['target_modules'])}\t"
+              f"{row['size_bytes'] / 2**20:.1f} MiB\t{row['path']}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,6 +54,7 @@ class Engine:
             self._run(admitted, self.runner.prefill)
         decoding = list(self.scheduler.running)
         if decoding:
+            self.metrics.decode_batch.observe(len(decoding))
             self._run(decoding, self.runner.decode)
         self.metrics.running.set(len(self.scheduler.running))
         self.metrics.waiting.set(self.scheduler.num_waiting)

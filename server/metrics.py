@@ -57,6 +57,8 @@ class ServerMetrics:
         self.generated_tokens = Counter("cartridge_generated_tokens", "Tokens generated", ["adapter"], registry=r)
         self.running = Gauge("cartridge_requests_running", "Requests decoding now", registry=r)
         self.waiting = Gauge("cartridge_requests_waiting", "Requests queued for a slot", registry=r)
+        self.decode_batch = Histogram("cartridge_decode_batch_size", "Requests advanced together by one decode pass",
+                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.adapters_resident = Gauge("cartridge_adapters_resident", "Adapters loaded in device slots", registry=r)
         r.register(_MemoryCollector(device))
 

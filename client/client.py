@@ -1,0 +1,93 @@
+"""A thin Python client for a Cartridge server. Needs grpc and the generated protos, not torch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import grpc
+
+from cartridge.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
+
+FINISH_REASONS = {
+    inference_pb2.FINISH_REASON_UNSPECIFIED: None,
+    inference_pb2.FINISH_REASON_LENGTH: "length",
+    inference_pb2.FINISH_REASON_STOP: "stop",
+    inference_pb2.FINISH_REASON_END_OF_SEQUENCE: "end_of_sequence",
+}
+
+
+class CartridgeError(Exception):
+    """A call the server refused or failed: `code` is the gRPC status, the message says why."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(f"{code.name}: {message}")
+        self.code, self.message = code, message
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """Generate's answer, or one GenerateStream piece (finish_reason None until the last)."""
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    adapter: str
+
+    @classmethod
+    def from_proto(cls, message: inference_pb2.GenerateResponse) -> "Completion":
+        return cls(message.text, FINISH_REASONS[message.finish_reason], message.prompt_tokens,
+                   message.completion_tokens, message.adapter)
+
+
+class CartridgeClient:
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = None):
+        self._channel = grpc.insecure_channel(target)
+        self._inference = inference_pb2_grpc.InferenceStub(self._channel)
+        self._adapters = adapters_pb2_grpc.AdaptersStub(self._channel)
+        self.timeout = timeout
+
+    def __enter__(self) -> "CartridgeClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def generate(self, prompt: str = "", **options) -> Completion:
+        """One whole answer. `options`: messages, adapter, max_tokens, temperature, top_p, top_k, seed, stop."""
+        return Completion.from_proto(self._call(self._inference.Generate, _request(prompt, **options)))
+
+    def generate_stream(self, prompt: str = "", **options) -> Iterator[Completion]:
+        """Pieces of the answer as they are generated; the last carries finish_reason and counts."""
+        try:
+            for message in self._inference.GenerateStream(_request(prompt, **options), timeout=self.timeout):
+                yield Completion.from_proto(message)
+        except grpc.RpcError as err:
+            raise CartridgeError(err.code(), err.details()) from None
+
+    def register_adapter(self, name: str, path: str, replace: bool = False) -> adapters_pb2.AdapterInfo:
+        request = adapters_pb2.RegisterAdapterRequest(name=name, path=path, replace=replace)
+        return self._call(self._adapters.RegisterAdapter, request)
+
+    def unregister_adapter(self, name: str) -> None:
+        self._call(self._adapters.UnregisterAdapter, adapters_pb2.UnregisterAdapterRequest(name=name))
+
+    def list_adapters(self) -> list[adapters_pb2.AdapterInfo]:
+        return list(self._call(self._adapters.ListAdapters, adapters_pb2.ListAdaptersRequest()).adapters)
+
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as err:
+            raise CartridgeError(err.code(), err.details()) from None
+
+
+def _request(prompt: str = "", *, messages: Sequence[dict[str, str]] = (), adapter: str = "", max_tokens: int = 0,
+             temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0, seed: int | None = None,
+             stop: Sequence[str] = ()) -> inference_pb2.GenerateRequest:
+    return inference_pb2.GenerateRequest(
+        prompt=prompt, messages=[inference_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
+        adapter=adapter, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+        stop=list(stop))

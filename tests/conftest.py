@@ -1,0 +1,122 @@
+"""Shared fixtures: the embedded base, peft adapters made on it, and real servers on loopback ports."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters.formats.base_checkpoint import resolve_base
+
+PROMPT = "The three most important things about gardening are"
+
+
+@pytest.fixture(scope="session")
+def base_dir() -> Path:
+    return resolve_base(None)
+
+
+@pytest.fixture(scope="session")
+def base_model(base_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(base_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base_dir)
+
+
+def make_peft_adapter(base_model, out: Path, r: int, targets: list[str], seed: int, use_rslora: bool = False,
+                      lora_alpha: int | None = None) -> Path:
+    """A peft adapter with nonzero A and B (peft starts B at zero, which would hide every bug)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=r, lora_alpha=lora_alpha or 2 * r, target_modules=targets, use_rslora=use_rslora,
+                        lora_dropout=0.0, task_type="CAUSAL_LM")
+    model = get_peft_model(copy.deepcopy(base_model), config)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def adapter_dirs(base_model, tmp_path_factory) -> dict[str, Path]:
+    """Three adapters of different ranks and targets, one with rsLoRA scaling."""
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "qv8": make_peft_adapter(base_model, root / "qv8", 8, ["q_proj", "v_proj"], seed=1),
+        "all16-rs": make_peft_adapter(base_model, root / "all16-rs", 16,
+                                      ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                      seed=2, use_rslora=True),
+        "mlp4": make_peft_adapter(base_model, root / "mlp4", 4, ["gate_proj", "down_proj", "o_proj"], seed=3),
+    }
+
+
+@dataclass
+class ServerProcess:
+    address: str
+    metrics_url: str
+    process: subprocess.Popen
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def start_server(*flags: str) -> ServerProcess:
+    """`cartridge serve` on free loopback ports, as a user would start it; waits for its ready line."""
+    command = [sys.executable, "-m", "client.cli", "serve", "--port", "0", "--metrics-port", "0", *flags]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        ready = re.search(r"serving gRPC on (\S+), metrics on (\S+)", line)
+        if ready:
+            # Keep draining its log so the server never blocks on a full pipe.
+            threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()
+            return ServerProcess(ready[1], ready[2], process)
+    process.kill()
+    raise RuntimeError("server did not start:\n" + "".join(lines))
+
+
+@pytest.fixture(scope="module")
+def server(adapter_dirs):
+    """A CPU server with two adapters given at start-up; a third is registered by the tests."""
+    proc = start_server("--max-batch-size", "8", "--max-adapters", "4", "--max-lora-rank", "16",
+                        "--max-seq-len", "512", "--adapter", f"qv8={adapter_dirs['qv8']}",
+                        "--adapter", f"all16-rs={adapter_dirs['all16-rs']}")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def client(server):
+    from client.client import CartridgeClient
+
+    with CartridgeClient(server.address, timeout=120) as c:
+        yield c
