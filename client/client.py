@@ -60,12 +60,16 @@ class CartridgeClient:
         return Completion.from_proto(self._call(self._inference.Generate, _request(prompt, **options)))
 
     def generate_stream(self, prompt: str = "", **options) -> Iterator[Completion]:
-        """Pieces of the answer as they are generated; the last carries finish_reason and counts."""
+        """Pieces of the answer as they are generated; the last carries finish_reason and counts.
+        Closing the iterator early cancels the request."""
+        call = self._inference.GenerateStream(_request(prompt, **options), timeout=self.timeout)
         try:
-            for message in self._inference.GenerateStream(_request(prompt, **options), timeout=self.timeout):
+            for message in call:
                 yield Completion.from_proto(message)
         except grpc.RpcError as err:
             raise CartridgeError(err.code(), err.details()) from None
+        finally:
+            call.cancel()  # a caller that stops reading early frees its slot on the server at once
 
     def register_adapter(self, name: str, path: str, replace: bool = False) -> adapters_pb2.AdapterInfo:
         request = adapters_pb2.RegisterAdapterRequest(name=name, path=path, replace=replace)
