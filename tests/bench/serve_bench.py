@@ -1,0 +1,225 @@
+"""Serving benchmark: our server against transformers `generate` + peft, same model, prompts and settings.
+
+    python -m tests.bench.serve_bench                  # embedded SmolLM2-135M, dense fp32, on this CPU
+    python -m tests.bench.serve_bench --model 7b       # Llama-2-7B shape, random weights, NF4 on CUDA
+
+Prints one JSON object and writes it to --out. Our figures come from the real server over gRPC
+(tokenization, scheduling and streaming included); the peer's from `model.generate` in-process.
+Each adapter is random rank-r LoRA on q,k,v,o (the peer script's recipe); speed does not depend
+on weight values. A benchmark, not a test: it asserts nothing about speed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from adapters.formats.base_checkpoint import resolve_base
+from client.client import CartridgeClient
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+SHAPES = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000),
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=32000),
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=32000),
+}
+
+
+def write_random_adapter(directory: Path, config, rank: int, seed: int) -> Path:
+    """A peft-format adapter with random A and B for every layer's q, k, v, o."""
+    from adapters.formats.adapter_dir import BaseShape
+
+    shape = BaseShape.from_config(config)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(shape.num_layers):
+        for projection in TARGETS:
+            out_features, in_features = shape.projections[projection]
+            key = f"base_model.model.model.layers.{layer}.self_attn.{projection}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) / in_features ** 0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.01
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()},
+              directory / "adapter_model.safetensors")
+    (directory / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
+        "target_modules": TARGETS, "lora_dropout": 0.0, "bias": "none"}))
+    return directory
+
+
+def random_checkpoint(shape: str, root: Path) -> Path:
+    """A Llama checkpoint of a real shape with random weights, and a word-level tokenizer of its
+    vocabulary with no end-of-sequence token, so every request runs to max_tokens as the peer's do."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    directory = root / f"llama-{shape}"
+    if not (directory / "config.json").exists():
+        config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, eos_token_id=None, bos_token_id=None)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model.save_pretrained(directory)
+        (directory / "generation_config.json").unlink(missing_ok=True)
+        del model
+        torch.cuda.empty_cache()
+        vocab = {f"w{i}": i for i in range(config.vocab_size)}
+        words = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+        words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        PreTrainedTokenizerFast(tokenizer_object=words).save_pretrained(directory)
+    return directory
+
+
+class Server:
+    def __init__(self, *flags: str):
+        command = [sys.executable, "-m", "client.cli", "serve", "--port", "0", "--metrics-port", "0", *flags]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.log: list[str] = []
+        for line in self.process.stdout:
+            self.log.append(line)
+            ready = re.search(r"serving gRPC on (\S+),", line)
+            if ready:
+                self.address = ready[1]
+                return
+        raise RuntimeError("server did not start:\n" + "".join(self.log))
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=60)
+
+
+def timed_stream(client: CartridgeClient, prompt: str, adapter: str, max_tokens: int) -> dict:
+    start = time.perf_counter()
+    first = None
+    for piece in client.generate_stream(prompt, adapter=adapter, max_tokens=max_tokens):
+        first = first or time.perf_counter()
+        last = piece
+    end = time.perf_counter()
+    return {"start": start, "first": first, "end": end, "tokens": last.completion_tokens}
+
+
+def ours(address: str, prompts: list[str], adapters: list[str], max_tokens: int) -> dict:
+    """Concurrent streams, one per prompt; tokens/s counts the whole batch's generated tokens."""
+    with CartridgeClient(address, timeout=600) as client:
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            runs = list(pool.map(lambda pa: timed_stream(client, pa[0], pa[1], max_tokens), zip(prompts, adapters)))
+    tokens = sum(r["tokens"] for r in runs)
+    wall = max(r["end"] for r in runs) - min(r["start"] for r in runs)
+    decode = max(r["end"] for r in runs) - max(r["first"] for r in runs)
+    per_token = [(r["end"] - r["first"]) / max(r["tokens"] - 1, 1) for r in runs]
+    return {"tokens_per_s": round(tokens / wall, 1), "ms_per_output_token": round(1000 * sum(per_token) / len(runs), 2),
+            "ttft_ms": round(1000 * sum(r["first"] - r["start"] for r in runs) / len(runs), 1),
+            "decode_only_tokens_per_s": round(len(runs) * (max_tokens - 1) / decode, 1) if decode > 0 else None}
+
+
+def peer(model_dir: Path, adapter_dirs: list[Path], batches: dict[str, tuple[list[list[int]], list[str]]],
+         max_tokens: int, device: str, quantize: bool) -> dict:
+    """transformers generate + peft with `adapter_names` (its way of mixing adapters in one batch)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from adapters.formats.nf4 import bnb_config
+
+    kwargs = dict(quantization_config=bnb_config(), device_map=device) if quantize else dict(device_map=device)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs)
+    model = PeftModel.from_pretrained(model, adapter_dirs[0], adapter_name="a0")
+    for i, directory in enumerate(adapter_dirs[1:], start=1):
+        model.load_adapter(directory, adapter_name=f"a{i}")
+    model.eval()
+    results = {}
+    for case, (ids, names) in batches.items():
+        batch = torch.tensor(ids, device=device)
+        run = lambda n: model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=n,  # noqa: E731
+                                       min_new_tokens=n, do_sample=False, adapter_names=names, pad_token_id=0)
+        run(2)
+        sync(device)
+        start = time.perf_counter()
+        run(max_tokens)
+        sync(device)
+        elapsed = time.perf_counter() - start
+        results[case] = {"tokens_per_s": round(len(ids) * max_tokens / elapsed, 1),
+                         "ms_per_decode_step": round(1000 * elapsed / max_tokens, 2)}
+    return results
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("embedded", *SHAPES), default="embedded",
+                        help="the embedded default base, or a Llama shape with random weights")
+    parser.add_argument("--streams", type=int, help="concurrent requests (default: 32 on CUDA, else 8)")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--out", default="bench-results")
+    args = parser.parse_args()
+    from transformers import AutoConfig, AutoTokenizer
+
+    gpu = torch.cuda.is_available()
+    streams = args.streams or (32 if gpu else 8)
+    work = Path(tempfile.mkdtemp(prefix="cartridge-bench-"))
+    model_dir = resolve_base(None) if args.model == "embedded" else random_checkpoint(args.model, Path("/tmp"))
+    config = AutoConfig.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    adapter_dirs = [write_random_adapter(work / f"a{i}", config, args.rank, seed=i) for i in range(streams)]
+    generator = torch.Generator().manual_seed(0)
+    ids = [torch.randint(100, min(config.vocab_size, 30000), (args.prompt_tokens,), generator=generator).tolist()
+           for _ in range(streams)]
+    # Round trip through text so both sides see exactly the same token ids.
+    prompts = [tokenizer.decode(p) for p in ids]
+    ids = [tokenizer.encode(p, add_special_tokens=False)[:args.prompt_tokens] for p in prompts]
+    prompts = [tokenizer.decode(p) for p in ids]
+    ids = [p for p in ids if len(p) == args.prompt_tokens] or ids
+    result = {"model": model_dir.name, "device": torch.cuda.get_device_name(0) if gpu else "cpu",
+              "torch": torch.__version__, "streams": streams, "rank": args.rank, "targets": TARGETS,
+              "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens}
+
+    flags = ["--base-model", str(model_dir), "--max-batch-size", str(streams), "--max-adapters", str(streams),
+             "--max-lora-rank", str(args.rank), "--max-seq-len", str(args.prompt_tokens * 2 + args.max_tokens + 16)]
+    flags += [f for i, d in enumerate(adapter_dirs) for f in ("--adapter", f"a{i}={d}")]
+    started = time.perf_counter()
+    server = Server(*flags)
+    result["ours_start_s"] = round(time.perf_counter() - started, 1)
+    try:
+        names = [f"a{i}" for i in range(streams)]
+        ours(server.address, prompts, names, 4)                      # warm-up: loads every adapter, warms kernels
+        result["ours"] = {
+            "one_stream_base": ours(server.address, prompts[:1], [""], args.max_tokens),
+            "one_stream_adapter": ours(server.address, prompts[:1], ["a0"], args.max_tokens),
+            f"{streams}_streams_same_adapter": ours(server.address, prompts, ["a0"] * streams, args.max_tokens),
+            f"{streams}_streams_distinct_adapters": ours(server.address, prompts, names, args.max_tokens),
+        }
+    finally:
+        server.stop()
+    if not args.skip_peer:
+        device = "cuda" if gpu else "cpu"
+        result["peer"] = peer(model_dir, adapter_dirs, {
+            "one_stream_adapter": ([ids[0]], ["a0"]),
+            f"{streams}_streams_distinct_adapters": (ids, [f"a{i}" for i in range(streams)]),
+        }, args.max_tokens, device, quantize=gpu)
+    print(json.dumps(result, indent=1))
+    os.makedirs(args.out, exist_ok=True)
+    Path(args.out, f"serve_bench_{args.model}_{'cuda' if gpu else 'cpu'}.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
