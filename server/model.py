@@ -109,11 +109,14 @@ class Attention(nn.Module):
             cache.write_decode(layer, batch.positions[:, 0], k, v)
             keys, values = cache.read_decode(layer, bsz, batch.decode_mask.shape[-1])  # [B, KV, L, D]
             # Grouped-query decode without copying K/V per head: the G query heads that share a
-            # KV head ride in SDPA's query-length axis.
+            # KV head form the rows of one small matmul. Plain matmuls rather than SDPA: one query
+            # token is memory-bound either way, and fused kernels reject a strided cache view
+            # with a broadcast mask on some backends.
             group = self.n_heads // self.n_kv_heads
             q = q.view(bsz, self.n_kv_heads, group, self.head_dim)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=batch.decode_mask)
-            out = out.view(bsz, self.n_heads, 1, self.head_dim)
+            scores = (q @ keys.transpose(-1, -2)).float() * self.head_dim ** -0.5     # [B, KV, G, L]
+            scores = scores.masked_fill(~batch.decode_mask, float("-inf"))
+            out = (scores.softmax(-1).to(values.dtype) @ values).view(bsz, self.n_heads, 1, self.head_dim)
         out = out.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.head_dim)
         return self.o_proj(out, batch.lora)
 

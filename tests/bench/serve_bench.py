@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -93,12 +94,17 @@ class Server:
             ready = re.search(r"serving gRPC on (\S+),", line)
             if ready:
                 self.address = ready[1]
+                # Keep reading its log: a full pipe would block the server mid-step.
+                threading.Thread(target=lambda: self.log.extend(self.process.stdout), daemon=True).start()
                 return
         raise RuntimeError("server did not start:\n" + "".join(self.log))
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
-        self.process.wait(timeout=60)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
 
 
 def timed_stream(client: CartridgeClient, prompt: str, adapter: str, max_tokens: int) -> dict:
@@ -134,7 +140,7 @@ def peer(model_dir: Path, adapter_dirs: list[Path], batches: dict[str, tuple[lis
     from adapters.formats.nf4 import bnb_config
 
     kwargs = dict(quantization_config=bnb_config(), device_map=device) if quantize else dict(device_map=device)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = torch.bfloat16 if device == "cuda" or quantize else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs)
     model = PeftModel.from_pretrained(model, adapter_dirs[0], adapter_name="a0")
     for i, directory in enumerate(adapter_dirs[1:], start=1):
@@ -169,6 +175,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--quantization", choices=("nf4", "none"), help="server and peer (default: nf4 on CUDA)")
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args()
@@ -193,12 +200,15 @@ def main() -> None:
               "torch": torch.__version__, "streams": streams, "rank": args.rank, "targets": TARGETS,
               "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens}
 
-    flags = ["--base-model", str(model_dir), "--max-batch-size", str(streams), "--max-adapters", str(streams),
+    quantize = args.quantization == "nf4" or (gpu and args.quantization is None)
+    flags = ["--quantization", "nf4" if quantize else "none", "--dtype", "bfloat16" if gpu or quantize else "float32",
+             "--base-model", str(model_dir), "--max-batch-size", str(streams), "--max-adapters", str(streams),
              "--max-lora-rank", str(args.rank), "--max-seq-len", str(args.prompt_tokens * 2 + args.max_tokens + 16)]
     flags += [f for i, d in enumerate(adapter_dirs) for f in ("--adapter", f"a{i}={d}")]
     started = time.perf_counter()
     server = Server(*flags)
     result["ours_start_s"] = round(time.perf_counter() - started, 1)
+    result["quantization"] = "nf4" if quantize else "none"
     try:
         names = [f"a{i}" for i in range(streams)]
         ours(server.address, prompts, names, 4)                      # warm-up: loads every adapter, warms kernels
@@ -208,6 +218,9 @@ def main() -> None:
             f"{streams}_streams_same_adapter": ours(server.address, prompts, ["a0"] * streams, args.max_tokens),
             f"{streams}_streams_distinct_adapters": ours(server.address, prompts, names, args.max_tokens),
         }
+    except Exception:
+        print("".join(server.log[-60:]), file=sys.stderr)
+        raise
     finally:
         server.stop()
     if not args.skip_peer:
@@ -215,7 +228,7 @@ def main() -> None:
         result["peer"] = peer(model_dir, adapter_dirs, {
             "one_stream_adapter": ([ids[0]], ["a0"]),
             f"{streams}_streams_distinct_adapters": (ids, [f"a{i}" for i in range(streams)]),
-        }, args.max_tokens, device, quantize=gpu)
+        }, args.max_tokens, device, quantize)
     print(json.dumps(result, indent=1))
     os.makedirs(args.out, exist_ok=True)
     Path(args.out, f"serve_bench_{args.model}_{'cuda' if gpu else 'cpu'}.json").write_text(json.dumps(result, indent=1))
