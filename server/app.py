@@ -19,6 +19,7 @@ from cartridge.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inferen
 from .adapter_registry import AdapterRegistry
 from .adapter_slots import AdapterSlots
 from .config import ServerConfig
+from .cuda_graphs import DecodeGraphs
 from .engine import Engine
 from .errors import StatusInterceptor
 from .kv_cache import KVCache
@@ -70,7 +71,9 @@ def build_server(config: ServerConfig) -> RunningServer:
         registry.register(name, path)
     metrics = ServerMetrics(device)
     scheduler = Scheduler(config.max_batch_size, config.max_queue, config.max_prefill_tokens, adapter_slots)
-    engine = Engine(ModelRunner(model, cache, adapter_slots, device), scheduler, eos_ids(directory, tokenizer), metrics)
+    graphs = DecodeGraphs(model, cache, config.max_lora_rank, device) if config.on_cuda and config.cuda_graphs else None
+    runner = ModelRunner(model, cache, adapter_slots, device, graphs)
+    engine = Engine(runner, scheduler, eos_ids(directory, tokenizer), metrics)
     engine.start()
 
     # Threads beyond the batch serve queued and streaming calls; past the limit gRPC itself

@@ -24,6 +24,7 @@ class ServerConfig:
     max_prefill_tokens: int = 4096         # padded prompt tokens in one prefill pass
     max_adapters: int = 16                 # adapters resident in device memory at once
     max_lora_rank: int = 64
+    cuda_graphs: bool = True               # replay decode as CUDA graphs (CUDA only)
     adapters: tuple[tuple[str, str], ...] = ()   # (name, path) registered at start-up
 
     def __post_init__(self) -> None:

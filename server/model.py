@@ -158,6 +158,15 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", (table.cos() * rope_scaling).to(dtype), persistent=False)
         self.register_buffer("rope_sin", (table.sin() * rope_scaling).to(dtype), persistent=False)
 
+    def decode_batch(self, positions: torch.Tensor, context: int, lora: LoraBatch) -> Batch:
+        """The Batch of a decode step: row b is cache slot b, its new token at positions[b],
+        attending to cache positions 0..positions[b] of a `context`-long window."""
+        rows = positions.shape[0]
+        mask = torch.arange(context, device=positions.device)[None, :] <= positions[:, None]   # [B, L]
+        return Batch(prefill=False, slots=torch.arange(rows, device=positions.device), positions=positions[:, None],
+                     cos=self.rope_cos[positions[:, None]], sin=self.rope_sin[positions[:, None]],
+                     decode_mask=mask[:, None, None, :], lora=lora)
+
     def forward(self, tokens: torch.Tensor, batch: Batch, cache: KVCache,
                 last_index: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, vocab] of each row's token at `last_index` (default: the last)."""

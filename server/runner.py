@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .adapter_slots import AdapterSlots
+from .cuda_graphs import DecodeGraphs
 from .kv_cache import KVCache
 from .lora_batch import LoraBatch
 from .model import Batch, Transformer
@@ -11,8 +12,10 @@ from .sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: KVCache, adapter_slots: AdapterSlots, device: torch.device):
+    def __init__(self, model: Transformer, cache: KVCache, adapter_slots: AdapterSlots, device: torch.device,
+                 graphs: DecodeGraphs | None = None):
         self.model, self.cache, self.adapter_slots, self.device = model, cache, adapter_slots, device
+        self.graphs = graphs
 
     def _lora(self, row_slots: list[int], prefill: bool) -> LoraBatch:
         return LoraBatch.build(row_slots, self.adapter_slots.ranks, self.adapter_slots.projections, prefill, self.device)
@@ -44,11 +47,13 @@ class ModelRunner:
             tokens[seq.kv_slot] = seq.output_ids[-1]
             positions[seq.kv_slot] = seq.num_tokens - 1
             lora_slots[seq.kv_slot] = seq.lora_slot
-        length = max(positions) + 1
-        pos = torch.tensor(positions, device=self.device)
-        mask = torch.arange(length, device=self.device)[None, :] <= pos[:, None]       # [B, L]
-        batch = Batch(prefill=False, slots=torch.arange(rows, device=self.device), positions=pos[:, None],
-                      cos=self.model.rope_cos[pos[:, None]], sin=self.model.rope_sin[pos[:, None]],
-                      decode_mask=mask[:, None, None, :], lora=self._lora(lora_slots, prefill=False))
-        logits = self.model(torch.tensor(tokens, device=self.device)[:, None], batch, self.cache)
+        if self.graphs is not None:
+            logits = self.graphs.decode(tokens, positions, lora_slots)
+        else:
+            logits = self._decode_eager(tokens, positions, lora_slots)
         return logits[torch.tensor([s.kv_slot for s in seqs], device=self.device)]
+
+    def _decode_eager(self, tokens: list[int], positions: list[int], lora_slots: list[int]) -> torch.Tensor:
+        batch = self.model.decode_batch(torch.tensor(positions, device=self.device), max(positions) + 1,
+                                        self._lora(lora_slots, prefill=False))
+        return self.model(torch.tensor(tokens, device=self.device)[:, None], batch, self.cache)
