@@ -64,10 +64,15 @@ def _add_adapters(commands) -> None:
     listing.add_argument("--json", action="store_true")
     for verb in (register, unregister, listing):
         _server_flag(verb)
-    register.set_defaults(run=lambda a: _with_client(a, lambda c: _print_adapters(
-        [c.register_adapter(a.name, os.path.abspath(a.path) if os.path.exists(a.path) else a.path, a.replace)])))
-    unregister.set_defaults(run=lambda a: _with_client(a, lambda c: c.unregister_adapter(a.name)))
-    listing.set_defaults(run=lambda a: _with_client(a, lambda c: _print_adapters(c.list_adapters(), a.json)))
+    register.set_defaults(run=_register)
+    unregister.set_defaults(run=lambda args: _with_client(args, lambda c: c.unregister_adapter(args.name)))
+    listing.set_defaults(run=lambda args: _with_client(args, lambda c: _print_adapters(c.list_adapters(), args.json)))
+
+
+def _register(args: argparse.Namespace) -> int:
+    # The server resolves the path on its own file system: send an absolute one when it exists here.
+    path = os.path.abspath(args.path) if os.path.exists(args.path) else args.path
+    return _with_client(args, lambda c: _print_adapters([c.register_adapter(args.name, path, args.replace)]))
 
 
 def _with_client(args: argparse.Namespace, action) -> int:

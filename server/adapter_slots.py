@@ -19,8 +19,9 @@ class AdapterSlots:
         self._stacks = stacks
         self._free = list(range(num_slots, 0, -1))                  # slot 0 is the base model's
         self._slot_of: dict[RegisteredAdapter, int] = {}
+        self._adapter_in: dict[int, RegisteredAdapter] = {}
         self._users: dict[int, int] = {}
-        self._idle: OrderedDict[int, RegisteredAdapter] = OrderedDict()  # least recently used first
+        self._idle: OrderedDict[int, None] = OrderedDict()   # slots nobody uses, least recently used first
         self.ranks: dict[int, int] = {BASE_SLOT: 0}
         self.projections: dict[int, frozenset[str]] = {BASE_SLOT: frozenset()}
 
@@ -49,12 +50,11 @@ class AdapterSlots:
         self._users[slot] -= 1
         if self._users[slot] == 0:
             del self._users[slot]
-            adapter = next(a for a, s in self._slot_of.items() if s == slot)
-            self._idle[slot] = adapter
+            self._idle[slot] = None
 
     def _evict(self) -> int:
-        slot, adapter = self._idle.popitem(last=False)
-        del self._slot_of[adapter]
+        slot, _ = self._idle.popitem(last=False)
+        del self._slot_of[self._adapter_in[slot]]
         return slot
 
     def _load(self, slot: int, adapter: RegisteredAdapter) -> None:
@@ -63,5 +63,6 @@ class AdapterSlots:
             stack.load(slot, weights.a.get((layer, projection)), weights.b.get((layer, projection)),
                        weights.config.scaling)
         self._slot_of[adapter] = slot
+        self._adapter_in[slot] = adapter
         self.ranks[slot] = adapter.rank
         self.projections[slot] = frozenset(weights.config.target_modules)
