@@ -5,14 +5,13 @@ moved to the device and (for NF4) quantized there, so peak memory stays near the
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from adapters.formats.adapter_dir import PROJECTIONS, BaseShape
+from adapters.formats.checkpoint_shards import CheckpointTensors
 
 from .linear import BaseLinear, DenseLinear, NF4Linear
 from .lora_batch import LoraStack
@@ -37,33 +36,6 @@ def check_config(config) -> None:
         raise CheckpointError(f"rope_type {rope_type!r} changes with sequence length and is not served")
 
 
-class _Tensors:
-    """Reads named tensors from one or many safetensors files, each on demand."""
-
-    def __init__(self, directory: Path):
-        index = directory / "model.safetensors.index.json"
-        if index.is_file():
-            files = json.loads(index.read_text())["weight_map"]
-            self._file_of = {name: directory / f for name, f in files.items()}
-        elif (directory / "model.safetensors").is_file():
-            with safe_open(directory / "model.safetensors", framework="pt") as f:
-                self._file_of = {name: directory / "model.safetensors" for name in f.keys()}
-        else:
-            raise CheckpointError(f"{directory} holds no model.safetensors (pickled checkpoints are not loaded)")
-        self._open: dict[Path, object] = {}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._file_of
-
-    def get(self, name: str) -> torch.Tensor:
-        if name not in self._file_of:
-            raise CheckpointError(f"checkpoint has no tensor {name!r}")
-        path = self._file_of[name]
-        if path not in self._open:
-            self._open[path] = safe_open(path, framework="pt")
-        return self._open[path].get_tensor(name)
-
-
 def load_model(directory: Path, config, dtype: torch.dtype, device: torch.device, quantize: bool,
                num_lora_slots: int, max_lora_rank: int) -> tuple[Transformer, dict[tuple[int, str], LoraStack]]:
     """The model and its LoRA stacks, keyed (layer, projection); slot 0 of every stack is the base model's."""
@@ -72,15 +44,18 @@ def load_model(directory: Path, config, dtype: torch.dtype, device: torch.device
     check_config(config)
     args = ModelArgs.from_config(config)
     shape = BaseShape.from_config(config)
-    tensors = _Tensors(directory)
+    tensors = CheckpointTensors(directory)
+
+    def read(name: str) -> torch.Tensor:
+        if name not in tensors:
+            raise CheckpointError(f"{directory}: checkpoint has no tensor {name!r}")
+        return tensors.get(name).to(device)
 
     def weight(name: str) -> torch.Tensor:
-        return tensors.get(name).to(device=device, dtype=dtype)
+        return read(name).to(dtype)
 
     def base_linear(name: str) -> BaseLinear:
-        if quantize:
-            return NF4Linear(tensors.get(name).to(device), dtype)
-        return DenseLinear(weight(name))
+        return NF4Linear(read(name), dtype) if quantize else DenseLinear(weight(name))
 
     stacks: dict[tuple[int, str], LoraStack] = {}
     layers = []

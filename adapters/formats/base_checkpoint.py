@@ -83,3 +83,8 @@ def _convert_gguf(target: Path) -> None:
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def has_tokenizer(directory: Path) -> bool:
+    """Whether a transformers directory carries a tokenizer (transformers writes this file with every one)."""
+    return (directory / "tokenizer_config.json").is_file()
