@@ -105,11 +105,15 @@ def start_server(*flags: str) -> ServerProcess:
 
 
 @pytest.fixture(scope="module")
-def server(adapter_dirs):
-    """A CPU server with two adapters given at start-up; a third is registered by the tests."""
-    proc = start_server("--max-batch-size", "8", "--max-adapters", "4", "--max-lora-rank", "16",
-                        "--max-seq-len", "512", "--adapter", f"qv8={adapter_dirs['qv8']}",
-                        "--adapter", f"all16-rs={adapter_dirs['all16-rs']}")
+def server_flags(adapter_dirs) -> list[str]:
+    """A CPU server with two adapters given at start-up; a test module overrides this for its own set-up."""
+    return ["--max-batch-size", "8", "--max-adapters", "4", "--max-lora-rank", "16", "--max-seq-len", "512",
+            "--adapter", f"qv8={adapter_dirs['qv8']}", "--adapter", f"all16-rs={adapter_dirs['all16-rs']}"]
+
+
+@pytest.fixture(scope="module")
+def server(server_flags):
+    proc = start_server(*server_flags)
     yield proc
     proc.stop()
 

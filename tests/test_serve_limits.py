@@ -11,24 +11,15 @@ import pytest
 
 from client.client import CartridgeClient, CartridgeError
 
-from .conftest import PROMPT, start_server
+from .conftest import PROMPT
 
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"   # the base model keeps counting: a request that runs long
 
 
 @pytest.fixture(scope="module")
-def small_server(adapter_dirs):
-    proc = start_server("--max-batch-size", "1", "--max-queue", "1", "--max-adapters", "1",
-                        "--max-lora-rank", "16", "--max-seq-len", "400",
-                        "--adapter", f"qv8={adapter_dirs['qv8']}", "--adapter", f"mlp4={adapter_dirs['mlp4']}")
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture
-def client(small_server):
-    with CartridgeClient(small_server.address, timeout=120) as c:
-        yield c
+def server_flags(adapter_dirs) -> list[str]:
+    return ["--max-batch-size", "1", "--max-queue", "1", "--max-adapters", "1", "--max-lora-rank", "16",
+            "--max-seq-len", "400", "--adapter", f"qv8={adapter_dirs['qv8']}", "--adapter", f"mlp4={adapter_dirs['mlp4']}"]
 
 
 def cancelled_count(server) -> float:
@@ -42,14 +33,14 @@ def gauge(server, name: str) -> float:
     return float(re.search(rf"^{name} (\S+)", text, re.M)[1])
 
 
-def test_full_queue_is_resource_exhausted_and_a_cancel_frees_the_slot(client, small_server):
-    before = cancelled_count(small_server)
+def test_full_queue_is_resource_exhausted_and_a_cancel_frees_the_slot(client, server):
+    before = cancelled_count(server)
     running = client.generate_stream(COUNTING, max_tokens=350)
     next(running)                                       # holds the only decode slot
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(client.generate, COUNTING, max_tokens=5)
         deadline = time.monotonic() + 10
-        while gauge(small_server, "cartridge_requests_waiting") < 1:   # takes the one place in the queue
+        while gauge(server, "cartridge_requests_waiting") < 1:   # takes the one place in the queue
             assert time.monotonic() < deadline, "the second request never queued"
             time.sleep(0.02)
         with pytest.raises(CartridgeError) as err:
@@ -58,19 +49,19 @@ def test_full_queue_is_resource_exhausted_and_a_cancel_frees_the_slot(client, sm
         assert "queue is full" in err.value.message
         running.close()                                 # cancels the long request
         assert waiting.result().completion_tokens == 5  # got the freed slot long before 350 tokens
-    assert cancelled_count(small_server) == before + 1
+    assert cancelled_count(server) == before + 1
     assert client.generate(PROMPT, max_tokens=3).completion_tokens == 3
 
 
-def test_expired_deadline_frees_the_slot(small_server):
-    before = cancelled_count(small_server)
-    with CartridgeClient(small_server.address, timeout=0.5) as hurried:
+def test_expired_deadline_frees_the_slot(server):
+    before = cancelled_count(server)
+    with CartridgeClient(server.address, timeout=0.5) as hurried:
         with pytest.raises(CartridgeError) as err:
             hurried.generate(COUNTING, max_tokens=350)
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    with CartridgeClient(small_server.address, timeout=30) as patient:
+    with CartridgeClient(server.address, timeout=30) as patient:
         assert patient.generate(PROMPT, max_tokens=3).completion_tokens == 3
-    assert cancelled_count(small_server) == before + 1
+    assert cancelled_count(server) == before + 1
 
 
 def test_adapters_take_turns_in_one_device_slot(client):
