@@ -74,11 +74,12 @@ class ServerProcess:
     address: str
     metrics_url: str
     process: subprocess.Popen
+    log: list[str]               # everything the server printed, kept for failure reports
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
         try:
-            self.process.wait(timeout=30)
+            self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.process.kill()
 
@@ -89,7 +90,7 @@ def start_server(*flags: str) -> ServerProcess:
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines = []
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300   # a 7B base quantizes on load
     while time.monotonic() < deadline:
         line = process.stdout.readline()
         if not line:
@@ -97,9 +98,9 @@ def start_server(*flags: str) -> ServerProcess:
         lines.append(line)
         ready = re.search(r"serving gRPC on (\S+), metrics on (\S+)", line)
         if ready:
-            # Keep draining its log so the server never blocks on a full pipe.
-            threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()
-            return ServerProcess(ready[1], ready[2], process)
+            # Keep reading its log so the server never blocks on a full pipe.
+            threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+            return ServerProcess(ready[1], ready[2], process, lines)
     process.kill()
     raise RuntimeError("server did not start:\n" + "".join(lines))
 

@@ -13,12 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +24,7 @@ from safetensors.torch import save_file
 
 from adapters.formats.base_checkpoint import resolve_base
 from client.client import CartridgeClient
+from tests.conftest import start_server
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 SHAPES = {
@@ -82,29 +79,6 @@ def random_checkpoint(shape: str, root: Path) -> Path:
         words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
         PreTrainedTokenizerFast(tokenizer_object=words).save_pretrained(directory)
     return directory
-
-
-class Server:
-    def __init__(self, *flags: str):
-        command = [sys.executable, "-m", "client.cli", "serve", "--port", "0", "--metrics-port", "0", *flags]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.log: list[str] = []
-        for line in self.process.stdout:
-            self.log.append(line)
-            ready = re.search(r"serving gRPC on (\S+),", line)
-            if ready:
-                self.address = ready[1]
-                # Keep reading its log: a full pipe would block the server mid-step.
-                threading.Thread(target=lambda: self.log.extend(self.process.stdout), daemon=True).start()
-                return
-        raise RuntimeError("server did not start:\n" + "".join(self.log))
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
 
 
 def timed_stream(client: CartridgeClient, prompt: str, adapter: str, max_tokens: int) -> dict:
@@ -206,7 +180,7 @@ def main() -> None:
              "--max-lora-rank", str(args.rank), "--max-seq-len", str(args.prompt_tokens * 2 + args.max_tokens + 16)]
     flags += [f for i, d in enumerate(adapter_dirs) for f in ("--adapter", f"a{i}={d}")]
     started = time.perf_counter()
-    server = Server(*flags)
+    server = start_server(*flags)
     result["ours_start_s"] = round(time.perf_counter() - started, 1)
     result["quantization"] = "nf4" if quantize else "none"
     try:
