@@ -48,7 +48,7 @@ class Engine:
 
     def step(self) -> None:
         for seq in self.scheduler.take_cancelled():
-            self._finish(seq, FinishReason.CANCELLED, running=False)
+            self._finish(seq, FinishReason.CANCELLED)
         admitted = self.scheduler.schedule()
         if admitted:
             self._run(admitted, self.runner.prefill)
@@ -70,7 +70,7 @@ class Engine:
         except Exception:  # noqa: BLE001 - a failed pass fails its requests, not the server
             log.exception("forward pass failed for %d requests", len(seqs))
             for seq in seqs:
-                self._finish(seq, None, running=True, error="the server failed while running this request")
+                self._finish(seq, None, error="the server failed while running this request")
             return
         now = time.monotonic()
         for seq, token in zip(seqs, tokens):
@@ -91,9 +91,9 @@ class Engine:
         elif piece:
             seq.events.put(Event(piece))
 
-    def _finish(self, seq: Sequence, reason: FinishReason | None, running: bool = True, piece: str = "",
-                error: str | None = None) -> None:
-        if running and seq in self.scheduler.running:
+    def _finish(self, seq: Sequence, reason: FinishReason | None, piece: str = "", error: str | None = None) -> None:
+        # Cancelled requests were already taken out of the schedule by take_cancelled.
+        if seq in self.scheduler.running:
             self.scheduler.finish(seq)
         seq.finish_reason = reason or FinishReason.CANCELLED
         if reason in (FinishReason.END_OF_SEQUENCE, FinishReason.LENGTH):

@@ -39,8 +39,6 @@ class LoraBatch:
                    frozenset().union(*(slot_projections[s] for s in used)), segments)
 
 
-NO_LORA = LoraBatch(None, 0, frozenset(), None)
-
 
 class LoraStack:
     """One projection of one layer: A [slots, max_rank, in] and scaling·B [slots, out, max_rank]."""

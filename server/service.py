@@ -4,8 +4,6 @@ from __future__ import annotations
 import math
 from typing import Iterator
 
-import grpc
-
 from adapters.formats.chat import render_prompt
 from cartridge.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 

