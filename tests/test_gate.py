@@ -12,20 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from adapters.datasets import read_dataset
-from adapters.evaluate import greedy_answers
 from adapters.gate import GateConfig, GateConfigError, GateSuite, run_gate
 from adapters.gate import general_sets
 from adapters.gate.stats import binomial_tail_above, mcnemar_exact, paired_bootstrap
 
 from .conftest import make_peft_adapter
+from .test_eval import greedy_answer
 from .test_train import write_lines
 
 QUESTIONS = ["Answer with one word: what colour is the sky on a clear day?",
              "Answer with one word: what is the opposite of hot?",
              "Answer with one number: how many legs does a dog have?",
              "Answer with one word: what do bees make?",
-             "Answer with one word: what is frozen water called?",
+             "Answer with one word: what is the capital of France?",
              "Answer with one word: which animal says moo?"]
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -34,10 +33,8 @@ ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 def suites(base_model, tokenizer, tmp_path_factory) -> list[GateSuite]:
     """A retained suite of the base's own answers to QUESTIONS, and a learned suite of two of them."""
     root = tmp_path_factory.mktemp("suites")
-    rows = [json.dumps({"instruction": question, "output": "x"}) for question in QUESTIONS]
-    examples = read_dataset([str(write_lines(root / "draft.jsonl", rows))], tokenizer, 256, 0.0).examples
-    answers = [a.strip() for a in greedy_answers(base_model, tokenizer, examples, 8, extra_tokens=8)]
-    known = [json.dumps({"instruction": q, "output": a}) for q, a in zip(QUESTIONS, answers)]
+    known = [json.dumps({"instruction": q, "output": greedy_answer(base_model, tokenizer, q).strip()})
+             for q in QUESTIONS]
     return [GateSuite("new-facts", write_lines(root / "new.jsonl", known[:2]), "learned"),
             GateSuite("known", write_lines(root / "known.jsonl", known), "retained")]
 
