@@ -92,7 +92,7 @@ class AdapterSlots:
         weights = adapter.weights
         for (layer, projection), stack in self._stacks.items():
             stack.load(slot, weights.a.get((layer, projection)), weights.b.get((layer, projection)),
-                       weights.config.scaling)
+                       weights.config.scaling_of(layer, projection))
         self._slot_of[adapter] = slot
         self._adapter_in[slot] = adapter
         self.ranks[slot] = adapter.rank
