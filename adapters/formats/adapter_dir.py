@@ -189,7 +189,8 @@ def read_adapter(path: str | Path, base: BaseShape | None = None) -> LoraWeights
         # Parsed from bytes, not through safe_open: its get_tensor keeps a little host memory per tensor
         # (safetensors 0.8), which grew a server's RSS with every adapter registered and dropped.
         tensors = load_safetensors(weights_file.read_bytes())
-        for key, tensor in tensors.items():
+        for key in sorted(tensors):   # the order safe_open listed them in, so errors name the same module
+            tensor = tensors[key]
             match = _KEY.search(key)
             if match is None:
                 raise AdapterFormatError(f"{weights_file}: tensor {key!r} is not a LoRA A/B of a Llama projection")
