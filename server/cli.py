@@ -33,6 +33,8 @@ def register(commands) -> None:
     parser.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank (default: %(default)s)")
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                         help="run decode eagerly on CUDA (graphs are on by default there)")
+    parser.add_argument("--no-triton-kernels", dest="triton_kernels", action="store_false",
+                        help="on CUDA, use bitsandbytes and torch for NF4 and LoRA instead of our Triton kernels")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                         help="register an adapter at start-up (repeatable)")
     parser.set_defaults(run=run)

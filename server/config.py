@@ -25,6 +25,7 @@ class ServerConfig:
     max_adapters: int = 16                 # adapters resident in device memory at once
     max_lora_rank: int = 64
     cuda_graphs: bool = True               # replay decode as CUDA graphs (CUDA only)
+    triton_kernels: bool = True            # our NF4 matmul and multi-LoRA kernels for decode (CUDA only)
     adapters: tuple[tuple[str, str], ...] = ()   # (name, path) registered at start-up
 
     def __post_init__(self) -> None:
@@ -54,6 +55,10 @@ class ServerConfig:
     @property
     def quantize(self) -> bool:
         return (self.quantization or ("nf4" if self.on_cuda else "none")) == "nf4"
+
+    @property
+    def kernels(self) -> bool:
+        return self.on_cuda and self.triton_kernels
 
     @property
     def on_cuda(self) -> bool:

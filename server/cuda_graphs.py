@@ -2,12 +2,14 @@
 
 Decode of a 7B model is a few milliseconds of GPU work but tens of milliseconds of Python and
 launch overhead in eager mode (measured on an H100: BENCHMARKS.md). A graph is captured per
-(rows, context length) bucket on first use. Shapes inside are static, so a graph always applies
+(rows, context length) bucket, all of them at start-up (`capture_all`): a capture
+runs the step three times and once took 0.5 s at 7B, which would stall every running stream if it
+happened on first use of a bucket. Shapes inside are static, so a graph always applies
 LoRA to all seven projections at the server's largest rank (base-model rows read slot 0, which
 is zero), and attends over the bucket's whole context with a mask.
 
-Capture runs the real step first (warm-up) with the real inputs, so it only writes the KV
-entries the step writes anyway, and is safe while other requests are in flight.
+Capture runs the step first (warm-up) with the current inputs, so it only writes KV entries that
+step would write anyway (at start-up: position 0 of free slots, which prefill overwrites).
 """
 from __future__ import annotations
 
@@ -36,9 +38,10 @@ class DecodeGraphs:
         self.row_buckets = _buckets(cache.num_slots, 1)
         self.context_buckets = _buckets(cache.max_seq_len, min(_MIN_CONTEXT, cache.max_seq_len))
         rows = cache.num_slots
-        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
-        self.positions = torch.zeros(rows, dtype=torch.long, device=device)
-        self.lora_slots = torch.zeros(rows, dtype=torch.long, device=device)
+        # tokens, positions and LoRA slots of each row: one pinned host buffer, one copy a step.
+        self._host = torch.zeros(3, rows, dtype=torch.long, pin_memory=True)
+        self._inputs = torch.zeros(3, rows, dtype=torch.long, device=device)
+        self.tokens, self.positions, self.lora_slots = self._inputs[0, :, None], self._inputs[1], self._inputs[2]
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle()
 
@@ -49,14 +52,22 @@ class DecodeGraphs:
         context = next(b for b in self.context_buckets if b >= max(positions) + 1)
         # Rows past `used` are free cache slots: they decode a dummy token at position 0.
         pad = [0] * (rows - used)
-        self.tokens[:rows, 0].copy_(torch.tensor(tokens + pad), non_blocking=True)
-        self.positions[:rows].copy_(torch.tensor(positions + pad), non_blocking=True)
-        self.lora_slots[:rows].copy_(torch.tensor(lora_slots + pad), non_blocking=True)
+        # The previous step's copy has finished: its logits were read on the host.
+        self._host[:, :rows] = torch.tensor([tokens + pad, positions + pad, lora_slots + pad])
+        self._inputs[:, :rows].copy_(self._host[:, :rows], non_blocking=True)
         graph = self._graphs.get((rows, context))
         if graph is None:
             graph = self._graphs[(rows, context)] = self._capture(rows, context)
         graph[0].replay()
         return graph[1][:used]
+
+    def capture_all(self) -> int:
+        """Captures every (rows, context) bucket now; returns how many."""
+        for rows in self.row_buckets:
+            for context in self.context_buckets:
+                if (rows, context) not in self._graphs:
+                    self._graphs[(rows, context)] = self._capture(rows, context)
+        return len(self._graphs)
 
     def _forward(self, rows: int, context: int) -> torch.Tensor:
         lora = LoraBatch(self.lora_slots[:rows], self.max_lora_rank, frozenset(PROJECTIONS), None)

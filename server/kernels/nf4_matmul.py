@@ -1,0 +1,150 @@
+"""NF4 x bf16 matmul for decode-sized batches, reading bitsandbytes' packed layout in place.
+
+Semantics (W is the weight bitsandbytes' `dequantize_4bit` returns, in the compute dtype):
+
+    W[n, k] = dtype(code[q(n, k)] * absmax[n, k // 64])          (rounded once, as bnb rounds it)
+    q(n, k) = packed[(n*K + k) // 2] >> 4  if k is even, else  & 0xF   (high nibble = element 2j)
+    out[m, n] = sum_k x[m, k] * W[n, k]                           (fp32 accumulation)
+
+so `out` equals bnb's dequantize + cuBLAS up to the order of accumulation. Arguments:
+
+    x       [M, K]        compute dtype (bf16/fp16), rows contiguous
+    packed  [N * K // 2]  uint8, bitsandbytes' packing of the row-major [N, K] weight
+    absmax  [N * K // 64] float32, the block scales with double quantization already decoded
+            (done once at load by bnb's own code: exact, see `decode_absmax`)
+    code    [16]          float32, the NF4 values (bnb's quant_state.code)
+    out     [M, N]        compute dtype
+
+The weight is the only large operand, so the kernel is a stream over its bytes: each program
+takes BLOCK_N output features and one K-range (split-K, so that a 4096-wide output fills all
+multiprocessors even when M = 1), walks it one 64-wide scale block at a time, decodes the two
+nibbles of each byte through the 16-entry table against the even and odd columns of x, and
+either sums products on the FMA units (M of a few rows) or feeds the tensor cores with the weight
+tile as the left operand (out^T = W x^T: the "swap AB" of small-M GEMMs). With split-K each
+K-range writes fp32 partial sums that a second small kernel adds in a fixed order, so results
+do not depend on scheduling.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 64   # bitsandbytes' blocksize for NF4 (adapters.formats.nf4.BLOCK_SIZE)
+
+
+@dataclass(frozen=True, slots=True)
+class NF4Config:
+    """Launch shape: features per program, rows per program, K-ranges, 64-blocks per loop step."""
+    block_n: int
+    block_m: int
+    split_k: int
+    groups: int
+    use_dot: bool
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def decode_absmax(state) -> torch.Tensor:
+    """bnb QuantState -> float32 absmax [N*K/64], exactly as bnb's dequantize_4bit computes it."""
+    import bitsandbytes.functional as bnbf
+
+    if not state.nested:
+        return state.absmax.float().contiguous()
+    absmax = bnbf.dequantize_blockwise(state.absmax, state.state2)
+    return (absmax + state.offset).float().contiguous()
+
+
+@triton.jit
+def _nf4_matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, M, N, K, stride_xm, per_split,
+                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr,
+                       GROUPS: tl.constexpr, USE_DOT: tl.constexpr, PARTIAL: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_j = tl.arange(0, 32)                          # byte j of a 64-wide block holds columns 2j, 2j+1
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    k_blocks = K // 64
+    first = pid_k * per_split
+    row_bytes = (offs_n.to(tl.int64) * (K // 2))[:, None]
+    x_rows = x_ptr + (offs_m.to(tl.int64) * stride_xm)[:, None]
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(0, per_split, GROUPS):
+        for g in tl.static_range(GROUPS):
+            b = first + step + g
+            live = b < k_blocks
+            w_mask = n_mask[:, None] & live
+            q = tl.load(packed_ptr + row_bytes + b * 32 + offs_j[None, :], mask=w_mask, other=0)   # [BN, 32]
+            scale = tl.load(absmax_ptr + offs_n * k_blocks + b, mask=n_mask & live, other=0.0)     # [BN]
+            w_hi = (tl.load(code_ptr + (q >> 4)) * scale[:, None]).to(x_ptr.dtype.element_ty)
+            w_lo = (tl.load(code_ptr + (q & 15)) * scale[:, None]).to(x_ptr.dtype.element_ty)
+            x_mask = m_mask[:, None] & live
+            cols = b * 64 + 2 * offs_j[None, :]
+            x_even = tl.load(x_rows + cols, mask=x_mask, other=0.0)                                 # [BM, 32]
+            x_odd = tl.load(x_rows + cols + 1, mask=x_mask, other=0.0)
+            if USE_DOT:
+                acc += tl.dot(w_hi, tl.trans(x_even))
+                acc += tl.dot(w_lo, tl.trans(x_odd))
+            else:
+                prod = (w_hi.to(tl.float32)[None, :, :] * x_even.to(tl.float32)[:, None, :]
+                        + w_lo.to(tl.float32)[None, :, :] * x_odd.to(tl.float32)[:, None, :])
+                acc += tl.sum(prod, axis=2)
+    if USE_DOT:
+        acc = tl.trans(acc)                                                                          # [BM, BN]
+    out_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    if PARTIAL:
+        tl.store(out_ptr + pid_k * M * N + out_offs, acc, mask=mask)
+    else:
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sum_splits_kernel(partial_ptr, out_ptr, total, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """out[i] = sum over s of partial[s, i], s in order (deterministic), cast to out's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(partial_ptr + s * total + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def default_config(m: int, n: int, k: int) -> NF4Config:
+    """Launch shape by batch size; chosen from tests/bench/kernel_bench.py sweeps on an H200 (BENCHMARKS.md)."""
+    if m <= 2:
+        return NF4Config(block_n=32, block_m=max(1, m), split_k=4 if k <= 4096 else 8, groups=2, use_dot=False)
+    if m <= 16:
+        return NF4Config(block_n=64, block_m=16, split_k=4 if k <= 4096 else 8, groups=2, use_dot=True)
+    return NF4Config(block_n=64, block_m=32 if m <= 32 else 64, split_k=4 if k <= 4096 else 8, groups=2, use_dot=True)
+
+
+def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, n: int,
+               config: NF4Config | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ dequant(packed, absmax, code)^T -> out [M, n] (allocated unless given), see the module docstring."""
+    m, k = x.shape
+    if k % BLOCK:
+        raise ValueError(f"in_features {k} is not a multiple of {BLOCK}")
+    config = config or default_config(m, n, k)
+    split_k = max(1, min(config.split_k, k // BLOCK))
+    per_split = triton.cdiv(triton.cdiv(k // BLOCK, split_k), config.groups) * config.groups
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n, config.block_n), split_k, triton.cdiv(m, config.block_m))
+    target = out if split_k == 1 else torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
+    _nf4_matmul_kernel[grid](x, packed, absmax, code, target, m, n, k, x.stride(0), per_split,
+                             BLOCK_N=config.block_n, BLOCK_M=config.block_m, SPLIT_K=split_k,
+                             GROUPS=config.groups, USE_DOT=config.use_dot, PARTIAL=split_k > 1,
+                             num_warps=config.num_warps, num_stages=config.num_stages)
+    if split_k > 1:
+        total = m * n
+        _sum_splits_kernel[(triton.cdiv(total, 1024),)](target, out, total, SPLIT_K=split_k, BLOCK=1024)
+    return out
