@@ -62,7 +62,8 @@ def build_server(config: ServerConfig) -> RunningServer:
     tokenizer = AutoTokenizer.from_pretrained(directory)
     max_seq_len = min(config.max_seq_len, model_config.max_position_embeddings)
     model, stacks = load_model(directory, model_config, config.torch_dtype, device, config.quantize,
-                               config.max_adapters + 1, config.max_lora_rank, kernels=config.kernels)
+                               config.max_adapters + 1, config.max_lora_rank, kernels=config.kernels,
+                               nf4_kernel_max_rows=config.nf4_kernel_max_rows)
     cache = KVCache(model.args.n_layers, config.max_batch_size, max_seq_len, model.args.n_kv_heads,
                     model.args.head_dim, config.torch_dtype, device)
     adapter_slots = AdapterSlots(stacks, config.max_adapters)

@@ -26,6 +26,7 @@ class ServerConfig:
     max_lora_rank: int = 64
     cuda_graphs: bool = True               # replay decode as CUDA graphs (CUDA only)
     triton_kernels: bool = True            # our NF4 matmul and multi-LoRA kernels for decode (CUDA only)
+    nf4_kernel_max_rows: int = 64          # largest batch our NF4 kernel takes; above, bitsandbytes + cuBLAS
     adapters: tuple[tuple[str, str], ...] = ()   # (name, path) registered at start-up
 
     def __post_init__(self) -> None:
@@ -37,6 +38,7 @@ class ServerConfig:
                                  ("--max-batch-size", self.max_batch_size, 1), ("--max-seq-len", self.max_seq_len, 2),
                                  ("--max-queue", self.max_queue, 0), ("--max-adapters", self.max_adapters, 1),
                                  ("--max-lora-rank", self.max_lora_rank, 1),
+                                 ("--nf4-kernel-max-rows", self.nf4_kernel_max_rows, 0),
                                  ("--max-prefill-tokens", self.max_prefill_tokens, 1)):
             if value < low:
                 raise ValueError(f"{flag} must be at least {low}, got {value}")

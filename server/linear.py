@@ -28,15 +28,11 @@ class DenseLinear(BaseLinear):
         return F.linear(x, self.weight)
 
 
-# Up to this many rows (decode batches) our NF4 kernel streams the packed weight once; above it
-# (prefill) bitsandbytes dequantizes to the compute dtype and cuBLAS runs, which wins once the
-# matmul is compute-bound.
-KERNEL_MAX_ROWS = 64
-
-
 class NF4Linear(BaseLinear):
-    def __init__(self, weight: torch.Tensor, compute_dtype: torch.dtype, kernels: bool = False):
-        """kernels: use server.kernels.nf4_matmul for small batches (CUDA only)."""
+    def __init__(self, weight: torch.Tensor, compute_dtype: torch.dtype, kernel_max_rows: int = 0):
+        """kernel_max_rows: up to this many rows (decode batches) server.kernels.nf4_matmul streams the
+        packed weight once (CUDA only); above it (prefill) bitsandbytes dequantizes to the compute dtype
+        and cuBLAS runs, which wins once the matmul is compute-bound. 0: bitsandbytes always."""
         super().__init__()
         import bitsandbytes as bnb
 
@@ -44,8 +40,8 @@ class NF4Linear(BaseLinear):
         self.out_features, self.in_features = weight.shape
         packed, self.quant_state = nf4.quantize(weight, compute_dtype)
         self.register_buffer("packed", packed)                      # [out * in / 2, 1] uint8
-        self._kernel = None
-        if kernels:
+        self._kernel, self._kernel_max_rows = None, kernel_max_rows
+        if kernel_max_rows > 0:
             from .kernels.nf4_matmul import decode_absmax, nf4_matmul
 
             self._kernel = nf4_matmul
@@ -54,7 +50,7 @@ class NF4Linear(BaseLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if self._kernel is not None and rows <= KERNEL_MAX_ROWS:
+        if self._kernel is not None and rows <= self._kernel_max_rows:
             out = self._kernel(x.reshape(rows, self.in_features), self.packed.view(-1), self.absmax, self.code,
                                self.out_features)
             return out.view(*x.shape[:-1], self.out_features)

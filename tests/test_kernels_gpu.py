@@ -48,6 +48,22 @@ def test_nf4_matmul_matches_float64_reference(model):
             assert relative_error(out, want) < 4e-3, f"{model} {n}x{k} M={m}: {relative_error(out, want):.2e}"
 
 
+def test_nf4_matmul_every_launch_shape_computes_the_same():
+    """Launch shapes the benchmark sweeps: no split (direct bf16 store), uneven K-ranges, several blocks a step."""
+    from server.kernels.nf4_matmul import NF4Config, nf4_matmul
+
+    n, k = 1000, 4096 + 192                                   # N not a multiple of any block, K-ranges uneven
+    packed, absmax, code, weight = quantized(n, k)
+    for m, config in [(1, NF4Config(32, 1, 1, 1)), (1, NF4Config(128, 1, 8, 4)), (1, NF4Config(64, 1, 3, 2)),
+                      (5, NF4Config(64, 16, 1, 1)), (20, NF4Config(128, 32, 8, 2, num_stages=2)),
+                      (64, NF4Config(64, 64, 5, 2)), (40, NF4Config(128, 16, 2, 1))]:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        nf4_matmul(x, packed, absmax, code, n, config, out=out)
+        want = x.double() @ weight.double().T
+        assert relative_error(out, want) < 4e-3, f"M={m} {config}: {relative_error(out, want):.2e}"
+
+
 def test_nf4_matmul_decodes_exactly_what_bitsandbytes_dequantizes():
     """Unit rows pick single columns: out[i, n] = W[n, c + i] with no rounding in between."""
     from server.kernels.nf4_matmul import nf4_matmul

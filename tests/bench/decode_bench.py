@@ -1,6 +1,6 @@
 """Decode step benchmark: GPU time of one graph replay, and the host time a step adds on top.
 
-    python -m tests.bench.decode_bench --model 7b                 # our Triton kernels, then bnb + torch
+    python -m tests.bench.decode_bench --model 7b       # both our kernels, our LoRA kernel alone, bnb + torch
 
 Needs CUDA. Loads the model as the server does (random weights of a Llama shape, NF4), fills every
 adapter slot with a random rank-16 q/k/v/o adapter, and for 1, 8 and 32 rows, each on its own
@@ -21,6 +21,8 @@ import torch
 from tests.bench.serve_bench import SHAPES, random_checkpoint
 
 RANK = 16
+# (Triton kernels, largest batch for our NF4 kernel): both kernels, LoRA kernel only, neither
+VARIANTS = {"kernels": (True, 64), "lora_kernel": (True, 0), "bnb": (False, 0)}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -28,7 +30,7 @@ def median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
-def run(model_dir: Path, rows_list: list[int], context: int, kernels: bool) -> dict:
+def run(model_dir: Path, rows_list: list[int], context: int, kernels: bool, nf4_kernel_max_rows: int) -> dict:
     from transformers import AutoConfig
 
     from server.adapter_slots import AdapterSlots
@@ -44,7 +46,7 @@ def run(model_dir: Path, rows_list: list[int], context: int, kernels: bool) -> d
     config = AutoConfig.from_pretrained(model_dir)
     slots_needed = max(rows_list)
     model, stacks = load_model(model_dir, config, torch.bfloat16, device, True, slots_needed + 1, RANK,
-                               kernels=kernels)
+                               kernels=kernels, nf4_kernel_max_rows=nf4_kernel_max_rows)
     for (_, projection), stack in stacks.items():
         if projection in TARGETS:
             for slot in range(1, slots_needed + 1):
@@ -58,7 +60,7 @@ def run(model_dir: Path, rows_list: list[int], context: int, kernels: bool) -> d
     graphs = DecodeGraphs(model, cache, RANK, device)
     started = time.perf_counter()
     captured = graphs.capture_all()
-    result = {"kernels": kernels, "capture_all_s": round(time.perf_counter() - started, 1), "graphs": captured}
+    result = {"kernels": kernels, "nf4_kernel_max_rows": nf4_kernel_max_rows, "capture_all_s": round(time.perf_counter() - started, 1), "graphs": captured}
     runner = ModelRunner(model, cache, adapter_slots, device, graphs)
     for rows in rows_list:
         seqs = [Sequence(list(range(100, 164)), SamplingParams(max_tokens=context), None, TextStream(None))
@@ -88,7 +90,7 @@ def run(model_dir: Path, rows_list: list[int], context: int, kernels: bool) -> d
         step_ms, replay_ms = 1000 * median(steps[5:]), median(replays)
         result[f"rows_{rows}"] = {"replay_ms": round(replay_ms, 3), "step_ms": round(step_ms, 3),
                                   "host_ms": round(step_ms - replay_ms, 3)}
-        print(json.dumps({"kernels": kernels, "rows": rows, **result[f"rows_{rows}"]}), flush=True)
+        print(json.dumps({"kernels": kernels, "nf4_kernel_max_rows": nf4_kernel_max_rows, "rows": rows, **result[f"rows_{rows}"]}), flush=True)
     del model, stacks, graphs, runner, cache
     torch.cuda.empty_cache()
     return result
@@ -99,13 +101,13 @@ def main() -> None:
     parser.add_argument("--model", choices=SHAPES, default="7b")
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--context", type=int, default=256, help="KV-cache length per slot")
-    parser.add_argument("--variants", nargs="+", choices=("kernels", "bnb"), default=["kernels", "bnb"])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args()
     model_dir = random_checkpoint(args.model, Path("/tmp"))
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "model": args.model}
     for variant in args.variants:
-        results[variant] = run(model_dir, args.rows, args.context, variant == "kernels")
+        results[variant] = run(model_dir, args.rows, args.context, *VARIANTS[variant])
     print(json.dumps(results, indent=1))
     os.makedirs(args.out, exist_ok=True)
     Path(args.out, f"decode_bench_{args.model}.json").write_text(json.dumps(results, indent=1))

@@ -10,9 +10,9 @@ step() { local name=$1 limit=$2; shift 2; echo "== $name ($(date -u +%T))"
          timeout "$limit" "$@" > "$out/$name.log" 2>&1; echo "== $name rc=$? ($(date -u +%T))"; tail -n 25 "$out/$name.log"; }
 for s in "$@"; do case $s in
   tests)     step tests 240 python3 -m pytest -q -x tests/test_kernels_gpu.py tests/test_cuda_graphs.py ;;
-  sweep)     step sweep 300 python3 -m tests.bench.kernel_bench --shapes 7b --rows 1 8 16 32 64 --sweep --out "$out" ;;
+  sweep)     step sweep 240 python3 -m tests.bench.kernel_bench --shapes 7b --rows 1 8 32 --sweep --out "$out" ;;
   kernels)   step kernels 150 python3 -m tests.bench.kernel_bench --out "$out" ;;
-  decode)    step decode 200 python3 -m tests.bench.decode_bench --model 7b --out /tmp/bench ;;
+  decode)    step decode 260 python3 -m tests.bench.decode_bench --model 7b --out /tmp/bench ;;
   serve)     step serve 200 python3 -m tests.bench.serve_bench --model 7b --skip-peer --out /tmp/bench ;;
   serve_bnb) step serve_bnb 150 python3 -m tests.bench.serve_bench --model 7b --skip-peer --out /tmp/bench-bnb \
                   --server-flag=--no-triton-kernels ;;

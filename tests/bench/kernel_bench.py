@@ -54,12 +54,13 @@ def graph_time_us(calls) -> float:
 def sweep_configs(m: int):
     from server.kernels.nf4_matmul import NF4Config
 
-    if m <= 2:
-        for block_n, split_k, groups in itertools.product((16, 32, 64), (2, 4, 8), (1, 2, 4)):
-            yield NF4Config(block_n, m, split_k, groups, use_dot=False)
+    if m == 1:
+        for block_n, split_k, groups in itertools.product((32, 64, 128), (2, 4, 8), (1, 2, 4)):
+            yield NF4Config(block_n, 1, split_k, groups)
+        return
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    for block_n, split_k, groups, stages in itertools.product((64, 128), (1, 2, 4, 8), (1, 2), (2, 4)):
-        yield NF4Config(block_n, block_m, split_k, groups, use_dot=True, num_stages=stages)
+    for block_n, split_k, groups, stages in itertools.product((64, 128), (2, 4, 8), (1, 2), (2, 3)):
+        yield NF4Config(block_n, block_m, split_k, groups, num_stages=stages)
 
 
 def bench_shape(n: int, k: int, rows, sweep: bool) -> list[dict]:
