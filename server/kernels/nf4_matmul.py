@@ -173,8 +173,9 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     target = out if split_k == 1 else torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
     launch = dict(GROUPS=config.groups, PARTIAL=split_k > 1, num_warps=config.num_warps, num_stages=config.num_stages)
     if config.block_m == 1:
-        if m != 1 or x.dtype != torch.bfloat16 or x.stride(-1) != 1:
-            raise ValueError("the GEMV launch takes one contiguous bf16 row")
+        if m != 1 or x.dtype != torch.bfloat16:
+            raise ValueError("the GEMV launch takes one bf16 row")
+        x = x.contiguous()
         _nf4_gemv_kernel[(triton.cdiv(n, config.block_n), split_k)](
             x.view(torch.int32), packed.view(torch.int32), absmax, code.data_ptr(), target, n, k, per_split,
             BLOCK_N=config.block_n, **launch)
