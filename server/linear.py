@@ -30,9 +30,10 @@ class DenseLinear(BaseLinear):
 
 class NF4Linear(BaseLinear):
     def __init__(self, weight: torch.Tensor, compute_dtype: torch.dtype, kernel_max_rows: int = 0):
-        """kernel_max_rows: up to this many rows (decode batches) server.kernels.nf4_matmul streams the
-        packed weight once (CUDA only); above it (prefill) bitsandbytes dequantizes to the compute dtype
-        and cuBLAS runs, which wins once the matmul is compute-bound. 0: bitsandbytes always."""
+        """kernel_max_rows: from 2 up to this many rows (decode batches) server.kernels.nf4_matmul streams
+        the packed weight once (CUDA only); above it (prefill) bitsandbytes dequantizes to the compute
+        dtype and cuBLAS runs, which wins once the matmul is compute-bound, and a single row takes
+        bitsandbytes' GEMV, still faster than ours on the H200 (BENCHMARKS.md). 0: bitsandbytes always."""
         super().__init__()
         import bitsandbytes as bnb
 
@@ -50,7 +51,7 @@ class NF4Linear(BaseLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if self._kernel is not None and rows <= self._kernel_max_rows:
+        if self._kernel is not None and 1 < rows <= self._kernel_max_rows:
             out = self._kernel(x.reshape(rows, self.in_features), self.packed.view(-1), self.absmax, self.code,
                                self.out_features)
             return out.view(*x.shape[:-1], self.out_features)

@@ -70,7 +70,9 @@ def _code(code_addr, idx):
 @triton.jit
 def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_addr, out_ptr, N, K, per_split,
                      BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, PARTIAL: tl.constexpr):
-    """M = 1. x_ptr and packed_ptr are int32 views: a word of x is the bf16 pair (x[2i], x[2i+1]),
+    """M = 1. On the H200 it still trails bitsandbytes' own GEMV (0.59 against 0.78 TB/s at 4096x4096,
+    BENCHMARKS.md), so NF4Linear sends single rows to bitsandbytes; kept, tested and benchmarked as
+    the starting point of the next round. x_ptr and packed_ptr are int32 views: a word of x is the bf16 pair (x[2i], x[2i+1]),
     a word of the weight is 4 bytes = 8 elements; per-thread fp32 sums, one reduction at the end."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -103,8 +105,9 @@ def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_addr, out_ptr, N, K, pe
 @triton.jit
 def _nf4_mma_kernel(x_ptr, packed_ptr, absmax_ptr, code_addr, out_ptr, M, N, K, stride_xm, per_split,
                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, PARTIAL: tl.constexpr):
-    """M >= 2: out^T tile [BLOCK_N, BLOCK_M] = W tile x^T on the tensor cores, one 64-block at a time
-    as two K=32 products (high nibbles against even columns of x, low against odd)."""
+    """M >= 2: out^T tile [BLOCK_N, BLOCK_M] = W tile x^T on the tensor cores, one 64-block (K = 64)
+    a product: the two nibbles of each byte are interleaved back into columns 2j, 2j+1 in registers,
+    so x is read as contiguous rows."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -115,7 +118,7 @@ def _nf4_mma_kernel(x_ptr, packed_ptr, absmax_ptr, code_addr, out_ptr, M, N, K, 
     m_mask = offs_m < M
     k_blocks = K // 64
     row_bytes = (offs_n.to(tl.int64) * (K // 2))[:, None] + offs_j[None, :]
-    x_rows = x_ptr + (offs_m.to(tl.int64) * stride_xm)[:, None] + 2 * offs_j[None, :]
+    x_rows = x_ptr + (offs_m.to(tl.int64) * stride_xm)[:, None] + tl.arange(0, 64)[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for step in range(0, per_split, GROUPS):
         for g in tl.static_range(GROUPS):
@@ -125,11 +128,9 @@ def _nf4_mma_kernel(x_ptr, packed_ptr, absmax_ptr, code_addr, out_ptr, M, N, K, 
             scale = tl.load(absmax_ptr + offs_n * k_blocks + b, mask=n_mask & live, other=0.0)[:, None]
             w_hi = (_code(code_addr, q >> 4) * scale).to(x_ptr.dtype.element_ty)
             w_lo = (_code(code_addr, q & 15) * scale).to(x_ptr.dtype.element_ty)
-            x_mask = m_mask[:, None] & live
-            x_even = tl.load(x_rows + b * 64, mask=x_mask, other=0.0)                                 # [BM, 32]
-            x_odd = tl.load(x_rows + b * 64 + 1, mask=x_mask, other=0.0)
-            acc += tl.dot(w_hi, tl.trans(x_even))
-            acc += tl.dot(w_lo, tl.trans(x_odd))
+            w = tl.join(w_hi, w_lo).reshape(BLOCK_N, 64)                                              # [BN, 64]
+            x = tl.load(x_rows + b * 64, mask=m_mask[:, None] & live, other=0.0)                      # [BM, 64]
+            acc += tl.dot(w, tl.trans(x))
     acc = tl.trans(acc)                                                                                 # [BM, BN]
     out_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
@@ -152,11 +153,10 @@ def _sum_splits_kernel(partial_ptr, out_ptr, total, SPLIT_K: tl.constexpr, BLOCK
 
 def default_config(m: int, n: int, k: int) -> NF4Config:
     """Launch shape by batch size; from tests/bench/kernel_bench.py sweeps on an H200 (BENCHMARKS.md)."""
-    split_k = 4 if k <= 4096 else 8
     if m == 1:
-        return NF4Config(block_n=64, block_m=1, split_k=split_k, groups=2)
-    return NF4Config(block_n=128, block_m=16 if m <= 16 else 32 if m <= 32 else 64, split_k=split_k, groups=1,
-                     num_stages=2)
+        return NF4Config(block_n=64, block_m=1, split_k=8, groups=4)
+    return NF4Config(block_n=128, block_m=16 if m <= 16 else 32 if m <= 32 else 64, split_k=8 if n <= 4096 else 4,
+                     groups=1)
 
 
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, n: int,
