@@ -26,7 +26,7 @@ class ServerConfig:
     max_lora_rank: int = 64
     cuda_graphs: bool = True               # replay decode as CUDA graphs (CUDA only)
     triton_kernels: bool = True            # our NF4 matmul and multi-LoRA kernels for decode (CUDA only)
-    nf4_kernel_max_rows: int = 32          # largest batch our NF4 kernel takes; above, bitsandbytes + cuBLAS
+    nf4_kernel_max_rows: int = 64          # largest batch our NF4 kernel takes; above, bitsandbytes + cuBLAS
     adapters: tuple[tuple[str, str], ...] = ()   # (name, path) registered at start-up
 
     def __post_init__(self) -> None:

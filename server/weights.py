@@ -39,7 +39,7 @@ def check_config(config) -> None:
 def load_model(directory: Path, config, dtype: torch.dtype, device: torch.device, quantize: bool,
                num_lora_slots: int, max_lora_rank: int,
                kernels: bool = False,
-               nf4_kernel_max_rows: int = 32) -> tuple[Transformer, dict[tuple[int, str], LoraStack]]:
+               nf4_kernel_max_rows: int = 64) -> tuple[Transformer, dict[tuple[int, str], LoraStack]]:
     """The model and its LoRA stacks, keyed (layer, projection); slot 0 of every stack is the base model's.
     kernels: decode through server.kernels (CUDA only): multi-LoRA always, NF4 up to nf4_kernel_max_rows."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding

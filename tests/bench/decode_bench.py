@@ -22,7 +22,7 @@ from tests.bench.serve_bench import SHAPES, random_checkpoint
 
 RANK = 16
 # (Triton kernels, largest batch for our NF4 kernel): both kernels, LoRA kernel only, neither
-VARIANTS = {"kernels": (True, 32), "lora_kernel": (True, 0), "bnb": (False, 0)}
+VARIANTS = {"kernels": (True, 64), "lora_kernel": (True, 0), "bnb": (False, 0)}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 

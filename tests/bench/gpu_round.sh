@@ -5,6 +5,16 @@
 set -u
 out=$1; shift
 export PYTHONUNBUFFERED=1
+# The copy is not pip-installed there: publish its `cartridge.commands` entry points (serve, ...) from
+# pyproject.toml in a dist-info beside the carried wheels (first entry of PYTHONPATH).
+python3 - <<'PY'
+import os, pathlib, tomllib
+site = pathlib.Path(os.environ["PYTHONPATH"].split(":")[0], "cartridge-0.1.0.dist-info")
+site.mkdir(parents=True, exist_ok=True)
+(site / "METADATA").write_text("Metadata-Version: 2.1\nName: cartridge\nVersion: 0.1.0\n")
+commands = tomllib.load(open("pyproject.toml", "rb"))["project"]["entry-points"]["cartridge.commands"]
+(site / "entry_points.txt").write_text("[cartridge.commands]\n" + "".join(f"{k} = {v}\n" for k, v in commands.items()))
+PY
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
 step() { local name=$1 limit=$2; shift 2; echo "== $name ($(date -u +%T))"
          timeout "$limit" "$@" > "$out/$name.log" 2>&1; echo "== $name rc=$? ($(date -u +%T))"; tail -n 25 "$out/$name.log"; }
