@@ -60,7 +60,8 @@ def run(model_dir: Path, rows_list: list[int], context: int, kernels: bool, nf4_
     graphs = DecodeGraphs(model, cache, RANK, device)
     started = time.perf_counter()
     captured = graphs.capture_all()
-    result = {"kernels": kernels, "nf4_kernel_max_rows": nf4_kernel_max_rows, "capture_all_s": round(time.perf_counter() - started, 1), "graphs": captured}
+    result = {"kernels": kernels, "nf4_kernel_max_rows": nf4_kernel_max_rows,
+              "capture_all_s": round(time.perf_counter() - started, 1), "graphs": captured}
     runner = ModelRunner(model, cache, adapter_slots, device, graphs)
     for rows in rows_list:
         seqs = [Sequence(list(range(100, 164)), SamplingParams(max_tokens=context), None, TextStream(None))
@@ -90,7 +91,8 @@ def run(model_dir: Path, rows_list: list[int], context: int, kernels: bool, nf4_
         step_ms, replay_ms = 1000 * median(steps[5:]), median(replays)
         result[f"rows_{rows}"] = {"replay_ms": round(replay_ms, 3), "step_ms": round(step_ms, 3),
                                   "host_ms": round(step_ms - replay_ms, 3)}
-        print(json.dumps({"kernels": kernels, "nf4_kernel_max_rows": nf4_kernel_max_rows, "rows": rows, **result[f"rows_{rows}"]}), flush=True)
+        print(json.dumps({"kernels": kernels, "nf4_kernel_max_rows": nf4_kernel_max_rows, "rows": rows,
+                          **result[f"rows_{rows}"]}), flush=True)
     del model, stacks, graphs, runner, cache
     torch.cuda.empty_cache()
     return result

@@ -86,7 +86,8 @@ def bench_shape(n: int, k: int, rows, sweep: bool) -> list[dict]:
         row["bnb_us"] = graph_time_us([
             (lambda p=p, s=s: bnb.matmul_4bit(x, p.t(), quant_state=s)) for p, s in
             (weights[i % copies] for i in range(CALLS))])
-        row["cublas_bf16_us"] = graph_time_us([(lambda w=dense[i % dense_copies]: F.linear(x, w)) for i in range(CALLS)])
+        row["cublas_bf16_us"] = graph_time_us([(lambda w=dense[i % dense_copies]: F.linear(x, w))
+                                               for i in range(CALLS)])
         if sweep:
             best = None
             for config in sweep_configs(m):
