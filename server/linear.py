@@ -28,12 +28,17 @@ class DenseLinear(BaseLinear):
         return F.linear(x, self.weight)
 
 
+# Below this many rows bitsandbytes is as fast or faster than our kernel on the H200 (its GEMV at one
+# row, dequantize + cuBLAS at two: tests/bench/kernel_bench.py, BENCHMARKS.md).
+KERNEL_MIN_ROWS = 4
+
+
 class NF4Linear(BaseLinear):
     def __init__(self, weight: torch.Tensor, compute_dtype: torch.dtype, kernel_max_rows: int = 0):
-        """kernel_max_rows: from 2 up to this many rows (decode batches) server.kernels.nf4_matmul streams
-        the packed weight once (CUDA only); above it (prefill) bitsandbytes dequantizes to the compute
-        dtype and cuBLAS runs, which wins once the matmul is compute-bound, and a single row takes
-        bitsandbytes' GEMV, still faster than ours on the H200 (BENCHMARKS.md). 0: bitsandbytes always."""
+        """kernel_max_rows: from KERNEL_MIN_ROWS up to this many rows (decode batches)
+        server.kernels.nf4_matmul streams the packed weight once (CUDA only); above it (prefill)
+        bitsandbytes dequantizes to the compute dtype and cuBLAS runs, which wins once the matmul is
+        compute-bound. 0: bitsandbytes always."""
         super().__init__()
         import bitsandbytes as bnb
 
@@ -51,7 +56,7 @@ class NF4Linear(BaseLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if self._kernel is not None and 1 < rows <= self._kernel_max_rows:
+        if self._kernel is not None and KERNEL_MIN_ROWS <= rows <= self._kernel_max_rows:
             out = self._kernel(x.reshape(rows, self.in_features), self.packed.view(-1), self.absmax, self.code,
                                self.out_features)
             return out.view(*x.shape[:-1], self.out_features)
