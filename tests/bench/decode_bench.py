@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from tests.bench.kernel_bench import median_replay_ms
 from tests.bench.serve_bench import SHAPES, random_checkpoint
 
 RANK = 16
@@ -80,15 +81,7 @@ def run(model_dir: Path, rows_list: list[int], context: int, kernels: bool, nf4_
             steps.append(time.perf_counter() - start)
         bucket = next(b for b in graphs.context_buckets if b >= max(s.num_tokens for s in seqs))
         graph = graphs._graphs[(rows, bucket, frozenset(TARGETS))][0]
-        replays = []
-        for _ in range(20):
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            replays.append(begin.elapsed_time(end))
-        step_ms, replay_ms = 1000 * median(steps[5:]), median(replays)
+        step_ms, replay_ms = 1000 * median(steps[5:]), median_replay_ms(graph, 20)
         result[f"rows_{rows}"] = {"replay_ms": round(replay_ms, 3), "step_ms": round(step_ms, 3),
                                   "host_ms": round(step_ms - replay_ms, 3)}
         print(json.dumps({"kernels": kernels, "nf4_kernel_max_rows": nf4_kernel_max_rows, "rows": rows,

@@ -40,14 +40,19 @@ def graph_time_us(calls) -> float:
         for call in calls:
             call()
     graph.replay()
+    return 1000 * median_replay_ms(graph, 10) / len(calls)
+
+
+def median_replay_ms(graph: torch.cuda.CUDAGraph, repeats: int) -> float:
+    """Median GPU time of one replay, from device events around each."""
     times = []
-    for _ in range(10):
+    for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / len(calls))
+        times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
 
 
