@@ -17,9 +17,10 @@ from .general_sets import SOURCES
 
 MATCHES = ("exact", "contains", "regex")
 QUANTIZATIONS = ("auto", "nf4", "none")
-# Sets on which the default SmolLM2-135M-Instruct scores clearly above chance (README, "The gate":
-# measured with `cartridge gate-data measure`); the others sit at chance and would gate on noise.
-SEPARATING_SETS = ("piqa", "boolq", "siqa", "commonsenseqa", "openbookqa")
+# Sets on which the default SmolLM2-135M-Instruct scores above chance (`cartridge gate-data measure
+# --items 150`: PIQA 58.7 % vs 50, SIQA 41.3 % vs 33.3, CommonsenseQA 30.7 % vs 20; README, "The gate").
+# BoolQ, MMLU and OpenBookQA sit at chance for it and would gate on noise.
+SEPARATING_SETS = ("piqa", "siqa", "commonsenseqa")
 
 
 class GateConfigError(ConfigError):
@@ -47,7 +48,7 @@ class GeneralText:
 @dataclass(frozen=True, slots=True)
 class GeneralSets:
     sets: tuple[str, ...] = SEPARATING_SETS
-    items: int = 200                  # per set, sampled with the seed; 0 = all
+    items: int = 150                  # per set, sampled with the seed; 0 = all (150: the gate's CPU budget)
     max_drop: float = 2.0             # accuracy points against live (the base for a first version), when the
                                       # drop's 95% interval also lies below zero
 

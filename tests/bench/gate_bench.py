@@ -5,7 +5,7 @@
 The live and candidate adapters are random (r=16 on all seven projections, B ~ N(0, 0.02)): the gate's
 cost does not depend on what the weights learned. Suites are the shipped sample test sets: records
 (80 rows, learned) and facts (60 rows, retained); everything else is the default gate file: 4,096
-tokens of general text and 200 items of each default general set. The cold run computes the base's,
+tokens of general text and 150 items of each default general set. The cold run computes the base's,
 the live version's and the candidate's choices on the general sets; the warm run gates a new candidate
 against the same live version and finds the other two in the cache, as every gate after a domain's
 first does. Prints one JSON object.
