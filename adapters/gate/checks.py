@@ -10,7 +10,7 @@ from typing import Sequence
 
 from .config import GateConfig
 from .general_sets import ChoiceSet
-from .scoring import BASE, CANDIDATE, ItemScores, TextFigures
+from .scoring import BASE, CANDIDATE, LIVE, ItemScores, TextFigures
 from .stats import mcnemar_exact, paired_bootstrap
 from .suites import SuiteItems
 
@@ -136,7 +136,7 @@ def general_text_checks(figures: dict[str, TextFigures], reference: str, config:
     kl_limit = "reported only" if limits.max_kl is None else f"may reach {limits.max_kl:g}"
     kl = Check("general-text:kl", "general_text", limits.max_kl is None or after.kl_from_base <= limits.max_kl,
                f"mean per-token KL from the base {after.kl_from_base:.4f} nats"
-               + (f" (live {figures['live'].kl_from_base:.4f})" if "live" in figures else "") + f" ({kl_limit})",
+               + (f" (live {figures[LIVE].kl_from_base:.4f})" if LIVE in figures else "") + f" ({kl_limit})",
                after.tokens)
     return [perplexity, kl]
 
