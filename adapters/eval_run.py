@@ -9,7 +9,8 @@ from .evaluate import compare
 from .formats.base_checkpoint import resolve_base
 from .general_text import general_text
 from .lora_model import load_base, pick_device, with_saved_lora
-from .report import base_fingerprint, comparison_summary, data_summary, general_summary, library_versions
+from .formats.base_fingerprint import base_fingerprint
+from .report import comparison_summary, data_summary, general_summary, library_versions
 
 
 @dataclass(frozen=True, slots=True)

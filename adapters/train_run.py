@@ -15,7 +15,8 @@ from .formats.adapter_dir import CONFIG_FILE, BaseShape, read_adapter
 from .formats.base_checkpoint import resolve_base
 from .general_text import general_text
 from .lora_model import load_base, pick_device, with_new_lora
-from .report import base_fingerprint, write_training_report
+from .formats.base_fingerprint import base_fingerprint
+from .report import write_training_report
 from .train_config import ConfigError, TrainConfig
 from .trainer import Trainer, TrainState, fit, steps_per_epoch, total_steps
 

@@ -1,15 +1,19 @@
 """Registered adapters by name: read and checked whole before they become visible, or not at all."""
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from adapters.formats.adapter_dir import BaseShape, LoraWeights, read_adapter
+from adapters.formats.base_fingerprint import check_made_for
 
 from .errors import AlreadyExists, InvalidArgument, NotFound
 
+log = logging.getLogger(__name__)
 NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -32,8 +36,10 @@ def check_name(name: str, field: str = "name") -> str:
 
 
 class AdapterRegistry:
-    def __init__(self, base: BaseShape, max_rank: int):
-        self._base, self._max_rank = base, max_rank
+    def __init__(self, base: BaseShape, max_rank: int, base_fingerprint: Callable[[], str]):
+        """`base_fingerprint` hashes the base's weights; it is called (once, cached by the caller) only when
+        an adapter records the base it was trained on."""
+        self._base, self._max_rank, self._base_fingerprint = base, max_rank, base_fingerprint
         self._adapters: dict[str, RegisteredAdapter] = {}
         self._lock = threading.Lock()
 
@@ -48,6 +54,9 @@ class AdapterRegistry:
                 raise AlreadyExists(f"adapter {name!r} is already registered; set replace to swap its weights")
         # Read and check outside the lock: a large adapter must not stall lookups for requests.
         adapter = RegisteredAdapter(name, read_adapter(path, self._base))
+        if not check_made_for(Path(path), self._base_fingerprint):
+            log.warning("adapter %r (%s) does not record which base it was trained on: its shapes fit this base, "
+                        "but whether it was made for it cannot be checked", name, path)
         if adapter.rank > self._max_rank:
             raise InvalidArgument(f"adapter {name!r} has rank {adapter.rank}, above this server's "
                                   f"--max-lora-rank {self._max_rank}")

@@ -1,6 +1,7 @@
 """Assembles the server from a ServerConfig: model, cache, adapters, engine, gRPC and metrics."""
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from concurrent import futures
@@ -14,6 +15,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from adapters.formats.adapter_dir import BaseShape
 from adapters.formats.base_checkpoint import resolve_base
+from adapters.formats.base_fingerprint import base_fingerprint
 from cartridge.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 from .adapter_registry import AdapterRegistry
@@ -26,7 +28,7 @@ from .kv_cache import KVCache
 from .metrics import ServerMetrics
 from .runner import ModelRunner
 from .scheduler import Scheduler
-from .service import AdaptersService, InferenceService
+from .service import MAX_REQUEST_BYTES, AdaptersService, InferenceService
 from .weights import load_model
 
 log = logging.getLogger("cartridge")
@@ -66,7 +68,8 @@ def build_server(config: ServerConfig) -> RunningServer:
     cache = KVCache(model.args.n_layers, config.max_batch_size, max_seq_len, model.args.n_kv_heads,
                     model.args.head_dim, config.torch_dtype, device)
     adapter_slots = AdapterSlots(stacks, config.max_adapters)
-    registry = AdapterRegistry(BaseShape.from_config(model_config), config.max_lora_rank)
+    registry = AdapterRegistry(BaseShape.from_config(model_config), config.max_lora_rank,
+                               functools.cache(lambda: base_fingerprint(directory)))
     for name, path in config.adapters:
         registry.register(name, path)
     metrics = ServerMetrics(device)
@@ -80,7 +83,8 @@ def build_server(config: ServerConfig) -> RunningServer:
     # answers RESOURCE_EXHAUSTED.
     workers = config.max_batch_size + config.max_queue + 8
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[StatusInterceptor()],
-                         maximum_concurrent_rpcs=workers)
+                         maximum_concurrent_rpcs=workers,
+                         options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
     inference_pb2_grpc.add_InferenceServicer_to_server(
         InferenceService(engine, registry, tokenizer, max_seq_len), server)
     adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersService(registry), server)

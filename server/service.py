@@ -15,6 +15,12 @@ from .text_stream import TextStream
 
 DEFAULT_MAX_TOKENS = 256
 MAX_STOP_STRINGS = 16
+# Bounds on what one request may make the server hold or tokenize, far above anything a context fits,
+# so a huge request is refused in microseconds instead of costing memory (README: Limits).
+MAX_REQUEST_BYTES = 2 * 2**20        # gRPC refuses larger messages with RESOURCE_EXHAUSTED
+MAX_PROMPT_CHARS = 262_144           # prompt, or all messages' content together
+MAX_MESSAGES = 256
+MAX_PATH_CHARS = 4096
 _ROLES = ("system", "user", "assistant")
 _FINISH = {
     FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
@@ -87,6 +93,11 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     def _prompt_ids(self, request) -> list[int]:
         if bool(request.prompt) == bool(request.messages):
             raise InvalidArgument("give exactly one of prompt and messages")
+        if len(request.messages) > MAX_MESSAGES:
+            raise InvalidArgument(f"messages has {len(request.messages)} entries; at most {MAX_MESSAGES}")
+        chars = len(request.prompt) + sum(len(m.content) for m in request.messages)
+        if chars > MAX_PROMPT_CHARS:
+            raise InvalidArgument(f"the prompt is {chars} characters; at most {MAX_PROMPT_CHARS}")
         if request.prompt:
             return self.tokenizer.encode(request.prompt)
         for i, message in enumerate(request.messages):
@@ -94,7 +105,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 raise InvalidArgument(f"messages[{i}].role is {message.role!r}; expected one of {_ROLES}")
         try:
             return render_prompt(self.tokenizer, [{"role": m.role, "content": m.content} for m in request.messages])
-        except ValueError as err:
+        except Exception as err:  # noqa: BLE001 - a chat template is the model's own Jinja code and raises what it likes
             raise InvalidArgument(f"messages: {err}") from None
 
 
@@ -124,6 +135,8 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
         self.registry = registry
 
     def RegisterAdapter(self, request, context) -> adapters_pb2.AdapterInfo:
+        if len(request.path) > MAX_PATH_CHARS or "\0" in request.path:
+            raise InvalidArgument(f"path must be at most {MAX_PATH_CHARS} characters, without NUL")
         return adapter_info(self.registry.register(request.name, request.path, request.replace))
 
     def UnregisterAdapter(self, request, context) -> adapters_pb2.UnregisterAdapterResponse:
