@@ -23,7 +23,7 @@ from .trainer import TrainState
 
 REPORT_FILE = TRAINING_REPORT_FILE
 PLOT_FILE = "loss_curves.png"
-_LIBRARIES = ("cartridge", "torch", "transformers", "peft", "bitsandbytes", "safetensors", "accelerate")
+_LIBRARIES = ("cartridge-lora", "torch", "transformers", "peft", "bitsandbytes", "safetensors", "accelerate")
 
 
 def library_versions() -> dict[str, str]:
