@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,10 +42,20 @@ def _evaluating(model):
         model.train(was_training)
 
 
-def measure_loss(model, examples: Sequence[Example], batch_size: int, pad_id: int) -> Measurement:
+def _progress(items: Iterable, label: str | None, total: int) -> Iterable:
+    """A progress bar on stderr when `label` names the pass: base and adapter passes take minutes on a CPU."""
+    if label is None:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=label, total=total, unit="batch", leave=False, dynamic_ncols=True)
+
+
+def measure_loss(model, examples: Sequence[Example], batch_size: int, pad_id: int,
+                 label: str | None = None) -> Measurement:
     total, tokens = 0.0, 0
     with _evaluating(model):
-        for batch in batches(examples, batch_size, pad_id):
+        for batch in _progress(batches(examples, batch_size, pad_id), label, math.ceil(len(examples) / batch_size)):
             batch = batch.to(model.device)
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # [B, S, V]
             # Summed, not averaged per batch, so every answer token weighs the same across batches.
@@ -56,7 +66,8 @@ def measure_loss(model, examples: Sequence[Example], batch_size: int, pad_id: in
     return Measurement(loss, math.exp(loss), tokens)
 
 
-def exact_match(model, tokenizer, examples: Sequence[Example], batch_size: int) -> float | None:
+def exact_match(model, tokenizer, examples: Sequence[Example], batch_size: int,
+                label: str | None = None) -> float | None:
     """Share of rows with a reference answer whose greedy answer equals it (surrounding spaces aside)."""
     checkable = [example for example in examples if example.answer is not None]
     if not checkable:
@@ -64,7 +75,7 @@ def exact_match(model, tokenizer, examples: Sequence[Example], batch_size: int) 
     pad_id = tokenizer.pad_token_id
     hits = 0
     with _evaluating(model):
-        for start in range(0, len(checkable), batch_size):
+        for start in _progress(range(0, len(checkable), batch_size), label, math.ceil(len(checkable) / batch_size)):
             group = checkable[start:start + batch_size]
             width = max(len(example.prompt_ids) for example in group)
             # Left padding, so every row's answer starts right after its own prompt.
@@ -84,15 +95,19 @@ def exact_match(model, tokenizer, examples: Sequence[Example], batch_size: int) 
     return hits / len(checkable)
 
 
-def measure(model, tokenizer, examples: Sequence[Example], batch_size: int, with_exact_match: bool) -> Measurement:
-    loss = measure_loss(model, examples, batch_size, tokenizer.pad_token_id)
+def measure(model, tokenizer, examples: Sequence[Example], batch_size: int, with_exact_match: bool,
+            label: str | None = None) -> Measurement:
+    loss = measure_loss(model, examples, batch_size, tokenizer.pad_token_id, label and f"{label}: loss")
     if not with_exact_match:
         return loss
-    return Measurement(loss.loss, loss.perplexity, loss.tokens, exact_match(model, tokenizer, examples, batch_size))
+    return Measurement(loss.loss, loss.perplexity, loss.tokens,
+                       exact_match(model, tokenizer, examples, batch_size, label and f"{label}: exact match"))
 
 
-def compare(model, tokenizer, examples: Sequence[Example], batch_size: int, with_exact_match: bool) -> Comparison:
-    """The same figures for the base alone and for the base with the model's adapter."""
+def compare(model, tokenizer, examples: Sequence[Example], batch_size: int, with_exact_match: bool,
+            label: str | None = None) -> Comparison:
+    """The same figures for the base alone and for the base with the model's adapter; with `label`, with progress."""
     with model.disable_adapter():
-        base = measure(model, tokenizer, examples, batch_size, with_exact_match)
-    return Comparison(base, measure(model, tokenizer, examples, batch_size, with_exact_match))
+        base = measure(model, tokenizer, examples, batch_size, with_exact_match, label and f"{label}, base")
+    return Comparison(base, measure(model, tokenizer, examples, batch_size, with_exact_match,
+                                    label and f"{label}, adapter"))
