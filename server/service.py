@@ -10,11 +10,13 @@ from cartridge.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inferen
 from .adapter_registry import AdapterRegistry, RegisteredAdapter, check_name
 from .engine import Engine
 from .errors import InvalidArgument, ServingError
+from .metrics import ServerMetrics
 from .sequence import Event, FinishReason, SamplingParams, Sequence
 from .text_stream import TextStream
 
 DEFAULT_MAX_TOKENS = 256
 MAX_STOP_STRINGS = 16
+PIN_WAIT_S = 30.0   # how long RegisterAdapter waits for a device slot to pin into
 # Bounds on what one request may make the server hold or tokenize, far above anything a context fits,
 # so a huge request is refused in microseconds instead of costing memory (README: Limits).
 MAX_REQUEST_BYTES = 2 * 2**20        # gRPC refuses larger messages with RESOURCE_EXHAUSTED
@@ -50,7 +52,14 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     def _start(self, request, context) -> Sequence:
         seq = self._sequence(request)
-        self.engine.submit(seq)
+        if seq.adapter is not None:
+            self.registry.hold(seq.adapter)      # released by the engine when the request ends
+        try:
+            self.engine.submit(seq)
+        except ServingError:
+            if seq.adapter is not None:
+                self.registry.release(seq.adapter)
+            raise
         # Fires on cancellation and on an expired deadline: the slot is freed at the next step.
         context.add_callback(lambda: self.engine.cancel(seq))
         return seq
@@ -60,7 +69,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         while True:
             event = seq.events.get()
             if event.error:
-                raise ServingError(event.error)
+                raise event.error
             yield event
             if event.finish_reason is not None:
                 return
@@ -131,25 +140,39 @@ def _stop(values) -> tuple[str, ...]:
 
 
 class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
-    def __init__(self, registry: AdapterRegistry):
-        self.registry = registry
+    def __init__(self, registry: AdapterRegistry, engine: Engine, metrics: ServerMetrics):
+        self.registry, self.engine, self.metrics = registry, engine, metrics
 
     def RegisterAdapter(self, request, context) -> adapters_pb2.AdapterInfo:
         if len(request.path) > MAX_PATH_CHARS or "\0" in request.path:
             raise InvalidArgument(f"path must be at most {MAX_PATH_CHARS} characters, without NUL")
-        return adapter_info(self.registry.register(request.name, request.path, request.replace))
+        adapter, replaced = self.registry.register(request.name, request.path, request.replace, request.pin)
+        if replaced is not None:
+            self.engine.discard(replaced)
+        if adapter.pinned:
+            try:
+                self.engine.pin(adapter).result(timeout=PIN_WAIT_S)
+            except TimeoutError:
+                pass   # every slot is busy with running requests: it is pinned as soon as one is free
+        return self.adapter_info(adapter)
 
     def UnregisterAdapter(self, request, context) -> adapters_pb2.UnregisterAdapterResponse:
-        self.registry.unregister(check_name(request.name))
+        name = check_name(request.name)
+        self.engine.discard(self.registry.unregister(name))
+        self.metrics.forget_adapter(name)
         return adapters_pb2.UnregisterAdapterResponse()
 
     def ListAdapters(self, request, context) -> adapters_pb2.ListAdaptersResponse:
-        return adapters_pb2.ListAdaptersResponse(adapters=[adapter_info(a) for a in self.registry.list()])
+        return adapters_pb2.ListAdaptersResponse(adapters=[self.adapter_info(a) for a in self.registry.list()])
 
-
-def adapter_info(adapter: RegisteredAdapter) -> adapters_pb2.AdapterInfo:
-    config = adapter.weights.config
-    return adapters_pb2.AdapterInfo(
-        name=adapter.name, path=str(adapter.weights.path), rank=adapter.rank, lora_alpha=config.lora_alpha,
-        use_rslora=config.use_rslora, target_modules=list(config.target_modules),
-        size_bytes=adapter.weights.size_bytes)
+    def adapter_info(self, adapter: RegisteredAdapter) -> adapters_pb2.AdapterInfo:
+        config = adapter.config
+        slot = self.engine.scheduler.adapter_slots.slot_of(adapter)
+        location = (adapters_pb2.ADAPTER_LOCATION_DEVICE if slot is not None else
+                    adapters_pb2.ADAPTER_LOCATION_HOST if adapter.weights is not None else
+                    adapters_pb2.ADAPTER_LOCATION_DISK)
+        return adapters_pb2.AdapterInfo(
+            name=adapter.name, path=adapter.path, rank=adapter.rank, lora_alpha=config.lora_alpha,
+            use_rslora=config.use_rslora, target_modules=list(config.target_modules), size_bytes=adapter.size_bytes,
+            location=location, device_slot=slot or 0, pinned=adapter.pinned, sha256=adapter.weights_sha256,
+            problem=adapter.problem or "")
