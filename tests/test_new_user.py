@@ -65,7 +65,10 @@ def test_stream_json_gives_json_lines(server):
 def test_ctrl_c_during_a_stream_exits_130_without_a_traceback(server):
     process = subprocess.Popen([sys.executable, "-c", NO_TORCH, "generate", "Tell me a long story", "--stream",
                                 "--max-tokens", "200", "--server", server.address],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               # A test run started in the background inherits SIGINT ignored, and Python
+                               # then never turns it into KeyboardInterrupt: give the user's terminal default.
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert process.stdout.read(1)          # the stream has started
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
