@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from adapters.datasets import DataError, read_dataset
 from client.client import CartridgeClient, CartridgeError
 
 from .conftest import start_server
@@ -107,3 +108,11 @@ def test_training_checks_its_optional_packages_before_loading_anything(tmp_path)
     assert "cartridge train needs matplotlib (for the loss plot, loss_curves.png)" in result.stderr
     assert "pip install 'cartridge-lora[engine]'" in result.stderr
     assert result.stdout == "" and not out.exists()
+
+
+def test_a_broken_json_row_is_named_in_plain_words(tokenizer, tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"text": "unterminated\n')
+    with pytest.raises(DataError) as refused:
+        read_dataset([str(data)], tokenizer, 64, 0.0)
+    assert f"{data}, line 1: not valid JSON (column 10: Unterminated string starting at" in str(refused.value)
