@@ -100,6 +100,8 @@ requests = st.builds(
     stop=st.one_of(st.lists(texts, max_size=3), st.just(["s"] * 17), st.just(["y" * 257])))
 
 
+# Hypothesis describes each drawn value; for the megabyte prompts that description is what it warns about.
+@pytest.mark.filterwarnings("ignore:Generating overly large repr")
 @settings(max_examples=GENERATED, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
 @given(request=requests, stream=st.booleans())
