@@ -7,7 +7,6 @@ hashes with the base, the settings, the seed and the library versions.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 from .datasets import Example
@@ -18,7 +17,6 @@ from .store.refs import StoreError, VersionRef, default_store_dir, parse_ref
 from .store.versions import AdapterStore, StoredVersion, VersionDraft
 from .train_config import ConfigError, TrainConfig
 
-GATE_FILE = "gate.yaml"
 _SHAPE = ("r", "lora_alpha", "target_modules", "use_rslora")
 
 
@@ -66,8 +64,6 @@ def commit_version(draft: VersionDraft, config: TrainConfig, report: dict, paren
     if replay is not None and replay.rows:
         draft.add_data_lines("replay", "replay.jsonl", list(replay.rows),
                              source=", ".join(s["version"] for s in replay.summary["sources"]))
-    if config.gate_file:
-        shutil.copyfile(config.gate_file, draft.path / GATE_FILE)
     record = {"base": report["base"], "train_config": report["hyperparameters"], "seed": config.seed,
               "libraries": report["libraries"], "continued": report.get("continued")}
     return draft.commit(parent=parent.number if parent else None, record=record)

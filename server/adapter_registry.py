@@ -19,6 +19,12 @@ class RegisteredAdapter:
     started on a replaced or unregistered version keep it until they finish."""
     name: str
     weights: LoraWeights
+    version: int | None = None   # a store version (`cartridge serve --store`); None when registered by path
+    live: bool = False           # served as the name's live version, not pinned as name@vN
+
+    @property
+    def store_name(self) -> str:
+        return self.name.split("@")[0]
 
     @property
     def rank(self) -> int:
@@ -46,15 +52,23 @@ class AdapterRegistry:
         with self._lock:
             if name in self._adapters and not replace:
                 raise AlreadyExists(f"adapter {name!r} is already registered; set replace to swap its weights")
-        # Read and check outside the lock: a large adapter must not stall lookups for requests.
-        adapter = RegisteredAdapter(name, read_adapter(path, self._base))
+        return self.install(self.read(name, path), replace)
+
+    def read(self, name: str, path: str | Path, version: int | None = None, live: bool = False) -> RegisteredAdapter:
+        """The adapter at `path`, read and checked against the base and --max-lora-rank, not yet visible.
+        Called outside the lock: a large adapter must not stall lookups for requests."""
+        adapter = RegisteredAdapter(name, read_adapter(path, self._base), version, live)
         if adapter.rank > self._max_rank:
             raise InvalidArgument(f"adapter {name!r} has rank {adapter.rank}, above this server's "
                                   f"--max-lora-rank {self._max_rank}")
+        return adapter
+
+    def install(self, adapter: RegisteredAdapter, replace: bool) -> RegisteredAdapter:
+        """Makes a checked adapter visible under its name; requests already running keep the one they had."""
         with self._lock:
-            if name in self._adapters and not replace:
-                raise AlreadyExists(f"adapter {name!r} is already registered; set replace to swap its weights")
-            self._adapters[name] = adapter
+            if adapter.name in self._adapters and not replace:
+                raise AlreadyExists(f"adapter {adapter.name!r} is already registered; set replace to swap its weights")
+            self._adapters[adapter.name] = adapter
         return adapter
 
     def unregister(self, name: str) -> None:

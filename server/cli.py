@@ -35,6 +35,9 @@ def register(commands) -> None:
                         help="run decode eagerly on CUDA (graphs are on by default there)")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                         help="register an adapter at start-up (repeatable)")
+    parser.add_argument("--store", nargs="?", const="", metavar="DIR",
+                        help="serve every live version of the adapter store DIR (alone: $CARTRIDGE_STORE or the "
+                        "cache's store/) as NAME, any version as NAME@vN, and follow releases and rollbacks")
     parser.set_defaults(run=run)
 
 
@@ -48,6 +51,10 @@ def _config(args: argparse.Namespace):
             raise ValueError(f"--adapter {item!r}: expected NAME=PATH")
         adapters.append((name, path))
     fields = {k: v for k, v in vars(args).items() if k not in ("command", "run", "adapter") and v is not None}
+    if args.store == "":
+        from adapters.store.refs import default_store_dir
+
+        fields["store"] = str(default_store_dir())
     return ServerConfig(**fields, adapters=tuple(adapters))
 
 

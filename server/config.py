@@ -26,6 +26,7 @@ class ServerConfig:
     max_lora_rank: int = 64
     cuda_graphs: bool = True               # replay decode as CUDA graphs (CUDA only)
     adapters: tuple[tuple[str, str], ...] = ()   # (name, path) registered at start-up
+    store: str | None = None               # adapter store whose live versions are served (and followed)
 
     def __post_init__(self) -> None:
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:

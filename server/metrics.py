@@ -60,6 +60,15 @@ class ServerMetrics:
         self.decode_batch = Histogram("cartridge_decode_batch_size", "Requests advanced together by one decode pass",
                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.adapters_resident = Gauge("cartridge_adapters_resident", "Adapters loaded in device slots", registry=r)
+        # The adapter store (serve --store): the version label takes live and pinned versions only, so it stays bounded.
+        self.version_requests = Counter("cartridge_version_requests", "Finished requests per stored adapter version",
+                                        ["adapter", "version"], registry=r)
+        self.live_version = Gauge("cartridge_live_version", "Store version served as the adapter's live version",
+                                  ["adapter"], registry=r)
+        self.releases = Counter("cartridge_releases", "Releases seen in the store's log", ["adapter"], registry=r)
+        self.rollbacks = Counter("cartridge_rollbacks", "Rollbacks seen in the store's log", ["adapter"], registry=r)
+        self.store_load_failures = Counter("cartridge_store_load_failures", "Live versions that failed to load "
+                                           "(the previous one kept serving)", ["adapter"], registry=r)
         r.register(_MemoryCollector(device))
 
     def serve(self, host: str, port: int) -> int:
@@ -68,7 +77,11 @@ class ServerMetrics:
         return server.server_port
 
     def finished(self, seq: Sequence) -> None:
+        if seq.warmup:
+            return
         now, adapter = time.monotonic(), seq.adapter_name
+        if seq.adapter is not None and seq.adapter.version is not None:
+            self.version_requests.labels(seq.adapter.store_name, f"v{seq.adapter.version}").inc()
         self.latency.labels(adapter).observe(now - seq.arrival_time)
         self.requests.labels(adapter, seq.finish_reason.value).inc()
         self.prompt_tokens.labels(adapter).inc(len(seq.prompt_ids))

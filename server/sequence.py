@@ -56,6 +56,7 @@ class Sequence:
     first_token_time: float | None = None
     finish_reason: FinishReason | None = None
     cancelled: bool = False
+    warmup: bool = False         # the server's own warm-up of a new adapter version, kept out of the metrics
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
 
     def __post_init__(self) -> None:

@@ -11,6 +11,7 @@ from .adapter_registry import AdapterRegistry, RegisteredAdapter, check_name
 from .engine import Engine
 from .errors import InvalidArgument, ServingError
 from .sequence import Event, FinishReason, SamplingParams, Sequence
+from .store_adapters import StoreAdapters
 from .text_stream import TextStream
 
 DEFAULT_MAX_TOKENS = 256
@@ -24,8 +25,10 @@ _FINISH = {
 
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, engine: Engine, registry: AdapterRegistry, tokenizer, max_seq_len: int):
+    def __init__(self, engine: Engine, registry: AdapterRegistry, tokenizer, max_seq_len: int,
+                 store: StoreAdapters | None = None):
         self.engine, self.registry, self.tokenizer, self.max_seq_len = engine, registry, tokenizer, max_seq_len
+        self.store = store
 
     def Generate(self, request, context) -> inference_pb2.GenerateResponse:
         seq = self._start(request, context)
@@ -82,6 +85,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         return Sequence(prompt_ids, params, adapter, TextStream(self.tokenizer, params.stop))
 
     def _adapter(self, name: str) -> RegisteredAdapter | None:
+        if self.store is not None and "@" in name:
+            return self.store.pinned(name)
         return self.registry.get(check_name(name, "adapter")) if name else None
 
     def _prompt_ids(self, request) -> list[int]:
@@ -120,8 +125,8 @@ def _stop(values) -> tuple[str, ...]:
 
 
 class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
-    def __init__(self, registry: AdapterRegistry):
-        self.registry = registry
+    def __init__(self, registry: AdapterRegistry, store: StoreAdapters | None = None):
+        self.registry, self.store = registry, store
 
     def RegisterAdapter(self, request, context) -> adapters_pb2.AdapterInfo:
         return adapter_info(self.registry.register(request.name, request.path, request.replace))
@@ -131,7 +136,12 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
         return adapters_pb2.UnregisterAdapterResponse()
 
     def ListAdapters(self, request, context) -> adapters_pb2.ListAdaptersResponse:
-        return adapters_pb2.ListAdaptersResponse(adapters=[adapter_info(a) for a in self.registry.list()])
+        listed = [adapter_info(a) for a in self.registry.list()]
+        if self.store is not None:
+            for info in listed:
+                if info.live:
+                    info.store_versions.extend(self.store.versions(info.name))
+        return adapters_pb2.ListAdaptersResponse(adapters=listed)
 
 
 def adapter_info(adapter: RegisteredAdapter) -> adapters_pb2.AdapterInfo:
@@ -139,4 +149,4 @@ def adapter_info(adapter: RegisteredAdapter) -> adapters_pb2.AdapterInfo:
     return adapters_pb2.AdapterInfo(
         name=adapter.name, path=str(adapter.weights.path), rank=adapter.rank, lora_alpha=config.lora_alpha,
         use_rslora=config.use_rslora, target_modules=list(config.target_modules),
-        size_bytes=adapter.weights.size_bytes)
+        size_bytes=adapter.weights.size_bytes, version=adapter.version or 0, live=adapter.live)

@@ -1,0 +1,132 @@
+"""`cartridge serve --store DIR`: every name's live version served under the name, any version on
+request as `name@vN`, and releases and rollbacks followed while serving.
+
+A thread polls each name's live pointer (a small file replaced by rename) every POLL_S seconds. When
+it moves, the new version is read and checked against its manifest and the base, and warmed (one
+token through the engine, which puts it in a device slot) before the name switches to it; requests
+already running finish on the version they started with. If anything fails the old version keeps
+serving and the failure is logged and counted. On start the same path restores every live version,
+so a restart, after kill -9 too, serves what the store says is live.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+from adapters.store.live import live_file, read_live, release_log
+from adapters.store.refs import StoreError, VersionRef, parse_ref
+from adapters.store.versions import AdapterStore
+
+from .adapter_registry import AdapterRegistry, RegisteredAdapter
+from .engine import Engine
+from .errors import NotFound
+from .metrics import ServerMetrics
+from .sequence import SamplingParams, Sequence
+from .text_stream import TextStream
+
+log = logging.getLogger("cartridge.store")
+
+POLL_S = 0.2        # a release reaches the server within this plus the load, well under a second
+WARM_TIMEOUT_S = 5  # a full server may not find a slot for the warm-up token at once; the switch then goes ahead
+
+
+class StoreAdapters:
+    def __init__(self, store: AdapterStore, registry: AdapterRegistry, engine: Engine, tokenizer,
+                 metrics: ServerMetrics):
+        self.store, self.registry, self.engine, self.tokenizer, self.metrics = store, registry, engine, tokenizer, metrics
+        self._seen: dict[str, int] = {}          # name -> mtime_ns of the live pointer last acted on
+        self._logged: dict[str, int] = {}        # name -> release-log lines already counted
+        self._pin_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="store-watch", daemon=True)
+
+    def start(self) -> None:
+        """Serves every live version now (before the server says it is ready), then follows the pointers."""
+        for name in self.store.names():
+            self._logged[name] = len(release_log(self.store, name))
+            self._follow(name)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def versions(self, name: str) -> list[int]:
+        return self.store.version_numbers(name)
+
+    def pinned(self, text: str) -> RegisteredAdapter:
+        """The adapter for a request naming `name@vN`, read and checked on first use, then kept."""
+        try:
+            ref = parse_ref(text)
+        except StoreError as err:
+            raise NotFound(f"adapter: {err}") from None
+        with self._pin_lock:  # one read per version, however many requests ask for it at once
+            try:
+                return self.registry.get(str(ref))
+            except NotFound:
+                version = self.store.open(ref)
+                adapter = self.registry.read(str(ref), version.path, ref.number)
+                log.info("pinned %s", ref)
+                return self.registry.install(adapter, replace=True)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(POLL_S):
+            for name in self.store.names():
+                try:
+                    self._follow(name)
+                except Exception:  # noqa: BLE001 - a bad store entry must not stop the watcher
+                    log.exception("following %s failed", name)
+
+    def _follow(self, name: str) -> None:
+        try:
+            stamp = live_file(self.store, name).stat().st_mtime_ns
+        except FileNotFoundError:
+            return
+        if self._seen.get(name) == stamp:
+            return
+        self._seen[name] = stamp
+        self._count_moves(name)
+        move = read_live(self.store, name)
+        try:
+            current = self.registry.get(name)
+        except NotFound:
+            current = None
+        if current is not None and current.version == move.to_version:
+            return
+        ref = VersionRef(name, move.to_version)
+        try:
+            version = self.store.open(ref)
+            adapter = self.registry.read(name, version.path, ref.number, live=True)
+            warm_up(self.engine, self.tokenizer, adapter)
+        except Exception as err:  # noqa: BLE001 - whatever went wrong, the old version keeps serving
+            self.metrics.store_load_failures.labels(name).inc()
+            kept = f"v{current.version}" if current is not None and current.version else "nothing"
+            log.error("not switching %s to %s (%s keeps serving): %s", name, ref, kept, err)
+            return
+        self.registry.install(adapter, replace=True)
+        self.metrics.live_version.labels(name).set(ref.number)
+        log.info("%s: now serving %s (%s)", name, ref, move.action)
+
+    def _count_moves(self, name: str) -> None:
+        moves = release_log(self.store, name)
+        for move in moves[self._logged.get(name, 0):]:
+            (self.metrics.rollbacks if move.action == "rollback" else self.metrics.releases).labels(name).inc()
+        self._logged[name] = len(moves)
+
+
+def warm_up(engine: Engine, tokenizer, adapter: RegisteredAdapter) -> None:
+    """One token through the engine on `adapter`: loads it into a device slot and runs it once."""
+    seq = Sequence(tokenizer.encode("Hello"), SamplingParams(max_tokens=1), adapter, TextStream(tokenizer, ()),
+                   warmup=True)
+    engine.submit(seq)
+    try:
+        event = seq.events.get(timeout=WARM_TIMEOUT_S)
+    except queue.Empty:  # the server is full; the checked weights switch anyway
+        engine.cancel(seq)
+        log.warning("warm-up of %s@v%s found no free slot in %d s; switching without it", adapter.name,
+                    adapter.version, WARM_TIMEOUT_S)
+        return
+    if event.error:
+        raise RuntimeError(f"warm-up failed: {event.error}")
+
