@@ -43,14 +43,19 @@ def store(tmp_path_factory) -> Path:
     data = {name: write_lines(root / f"{name}.jsonl", lines) for name, lines in
             (("v1", rows[:40]), ("v1-test", tests[:8]), ("v2", rows[40:]), ("v2-test", tests[8:]))}
     store = root / "store"
+    # A small gate: 8 items a suite, one window of general text, no multiple-choice sets.
+    gate_file = root / "gate.yaml"
+    gate_file.write_text("items: 8\nbootstrap_resamples: 200\nbatch_size: 8\nmax_seq_len: 128\n"
+                         "general_text: {tokens: 256}\ngeneral_sets: {sets: []}\n")
     first = cartridge("train", "--name", "facts", "--data", str(data["v1"]), "--test-data", str(data["v1-test"]),
-                      "--max-steps", "10", "--learning-rate", "3e-3", *QUICK, store=store)
+                      "--max-steps", "6", "--learning-rate", "3e-3", *QUICK, store=store)
     assert first.returncode == 0, first.stderr
     assert "wrote facts@v1" in first.stdout
     released = cartridge("release", "facts@v1", "--force", "--reason", "first version", store=store)
     assert released.returncode == 0, released.stderr
     second = cartridge("train", "--name", "facts", "--from", "facts", "--data", str(data["v2"]), "--test-data",
-                       str(data["v2-test"]), "--max-steps", "8", "--learning-rate", "2e-3", *QUICK, store=store)
+                       str(data["v2-test"]), "--gate-file", str(gate_file), "--max-steps", "4", "--learning-rate", "2e-3",
+                       *QUICK, store=store)
     assert second.returncode == 0, second.stderr
     assert "continuing from facts@v1" in second.stdout and "wrote facts@v2" in second.stdout
     return store
@@ -90,7 +95,7 @@ def test_versions_record_what_they_were_made_from(store):
     assert replay["general_text"]["windows"] >= 1
     held_out = {line for f in v1.held_out_files() for line in f.path.read_text().splitlines()}
     assert not held_out & set(v2.data_files("replay")[0].path.read_text().splitlines()), "held-out rows replayed"
-    assert report["training"]["kept"] == "last step" and report["training"]["kept_step"] == 8
+    assert report["training"]["kept"] == "last step" and report["training"]["kept_step"] == 4
     assert report["final"]["train_recall"]["items"] == 8
 
     listing = cartridge("versions", "facts", store=store)
