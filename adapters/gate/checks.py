@@ -115,10 +115,13 @@ def general_set_check(choice_set: ChoiceSet, reference: str, chosen: dict[str, t
     flips = tuple(Flip(name, item.context, item.options[item.gold], item.options[chosen[reference][i]],
                        item.options[chosen[CANDIDATE][i]])
                   for i, item in enumerate(items) if correct[reference][i] and not correct[CANDIDATE][i])
-    passed = -gated.change <= config.general_sets.max_drop
+    # A few hundred items of a hard set move by chance: a drop fails only when it is over the limit and
+    # its whole 95% interval lies below zero.
+    passed = -gated.change <= config.general_sets.max_drop or gated.interval[1] >= 0
     also = "".join(f"; vs {c.against} {c.change:+.1f} points ({_stats(c)})" for c in changes[1:])
     verdict = (f"log-likelihood accuracy {gated.before:.1%} -> {gated.after:.1%} vs {reference} "
-               f"({gated.change:+.1f} points, may drop {config.general_sets.max_drop:g}; {_stats(gated)}){also}")
+               f"({gated.change:+.1f} points, fails below -{config.general_sets.max_drop:g} with the interval below 0; "
+               f"{_stats(gated)}){also}")
     return Check(name, "general_set", passed, verdict, len(items), changes, _size_warning(len(items), config), flips)
 
 

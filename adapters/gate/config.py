@@ -48,7 +48,8 @@ class GeneralText:
 class GeneralSets:
     sets: tuple[str, ...] = SEPARATING_SETS
     items: int = 200                  # per set, sampled with the seed; 0 = all
-    max_drop: float = 2.0             # accuracy points against live (against the base for a first version)
+    max_drop: float = 2.0             # accuracy points against live (the base for a first version), when the
+                                      # drop's 95% interval also lies below zero
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +77,7 @@ class GateConfig:
     pattern: str | None = None
     quantization: str = "auto"        # auto: as the candidate was trained (its training_report.json)
     device: str = "auto"              # auto, cpu, cuda or cuda:N
+    reuse_choices: bool = True        # general-set choices of unchanged models come from the cache
     learned: Learned = Learned()
     retained: Retained = Retained()
     general_text: GeneralText = GeneralText()
@@ -186,6 +188,8 @@ def _value(kind, value, key: str, base: Path):
         return kind(**_parse(kind, value, f"{key}.", base))
     if kind is Path:
         return base / str(value)
+    if kind is bool and isinstance(value, bool):
+        return value
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if kind is int and isinstance(value, int) and not isinstance(value, bool):

@@ -42,7 +42,8 @@ def _measure(args: argparse.Namespace) -> int:
     from .separation import measure_separation
 
     try:
-        figures = measure_separation(args.base_model, args.items, args.seed, args.batch_size)
+        figures = measure_separation(args.base_model, args.items, args.seed, args.batch_size,
+                                     progress=lambda line: print(line, flush=True))
     except ValueError as err:
         print(f"cartridge gate-data: {err}", file=sys.stderr)
         return 2

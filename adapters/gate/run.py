@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..formats.base_checkpoint import resolve_base
+from ..formats.base_checkpoint import cache_root, resolve_base
 from ..general_text import general_text
 from ..lora_model import pick_device
 from ..report import REPORT_FILE, base_fingerprint, library_versions
@@ -17,6 +17,7 @@ from . import general_sets
 from .checks import general_set_check, general_text_checks, suite_check
 from .config import SEPARATING_SETS, GateConfig, GateConfigError
 from .report import GateReport
+from .score_cache import ChoiceCache, model_identity
 from .scoring import (BASE, CANDIDATE, LIVE, GateModels, ItemScores, choose, decode_answers, general_text_figures,
                       score_suite)
 from .suites import GateSuite, read_suite
@@ -43,6 +44,11 @@ def run_gate(candidate: Path, live: Path | None, base_model: str | None, suites:
     quantized = _quantized(candidate, config)
 
     models = GateModels(base_dir, candidate, live, quantized, device)
+    fingerprint = base_fingerprint(base_dir)
+    identities = {BASE: model_identity(fingerprint, None, quantized),
+                  CANDIDATE: model_identity(fingerprint, candidate, quantized)}
+    if live is not None:
+        identities[LIVE] = model_identity(fingerprint, live, quantized)
     reference = LIVE if live is not None else BASE
     checks = []
     for suite_items in items:
@@ -54,21 +60,30 @@ def run_gate(candidate: Path, live: Path | None, base_model: str | None, suites:
         checks.append(suite_check(suite_items, reference, _with_flip_answers(models, tokenizer, suite_items, scores,
                                                                              reference, config), config))
     checks += general_text_checks(general_text_figures(models, general, _GENERAL_TEXT_BATCH), reference, config)
+    cache = ChoiceCache(cache_root() / "gate-scores")
+    from_cache = {}
     for choice_set in choice_sets:
         chosen = {}
         for name in models.names:
-            with models.use(name) as model:
-                chosen[name] = choose(model, tokenizer, choice_set.items, config.batch_size, config.max_seq_len)
+            key = cache.key(identities[name], choice_set, config.max_seq_len)
+            chosen[name] = cache.get(key) if config.reuse_choices else None
+            if chosen[name] is None:
+                with models.use(name) as model:
+                    chosen[name] = choose(model, tokenizer, choice_set.items, config.batch_size, config.max_seq_len)
+                cache.put(key, chosen[name])
+            else:
+                from_cache.setdefault(choice_set.source.name, []).append(name)
         checks.append(general_set_check(choice_set, reference, chosen, config))
 
     data = ([{"file": str(s.suite.path), "sha256": s.sha256, "role": s.suite.role, "items": len(s.examples),
               "rows_usable": s.rows} for s in items]
-            + [{**s.provenance, "items": len(s.items)} for s in choice_sets]
+            + [{**s.provenance, "items": len(s.items), "choices_from_cache": from_cache.get(s.source.name, [])}
+               for s in choice_sets]
             + [{"file": general.source, "sha256": general.fingerprint, "licence": "Python Software Foundation "
                 "License (Python's own standard library)", "items": len(general.examples)}])
     report = GateReport(
         candidate=str(candidate), live=str(live) if live is not None else None,
-        base={"path": str(base_dir), "fingerprint": base_fingerprint(base_dir),
+        base={"path": str(base_dir), "fingerprint": fingerprint,
               "quantization": "nf4" if quantized else "none", "device": str(device)},
         checks=tuple(checks), data=tuple(data), settings=_settings(config), warnings=tuple(warnings),
         duration_s=time.monotonic() - started, libraries=library_versions())

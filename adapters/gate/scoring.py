@@ -7,6 +7,7 @@ their own names and switched with `set_adapter`; the base is the same weights un
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -122,19 +123,67 @@ def choose(model, tokenizer, items: Sequence[ChoiceItem], batch_size: int, max_s
 
 def option_loglikelihoods(model, tokenizer, items: Sequence[ChoiceItem], batch_size: int,
                           max_seq_len: int) -> list[list[float]]:
-    examples, owners = [], []
-    for index, item in enumerate(items):
-        context = tokenizer(item.context, add_special_tokens=False)["input_ids"]
-        for option in item.options:
-            option_ids = tokenizer(" " + option, add_special_tokens=False)["input_ids"][:max_seq_len // 2]
-            # A long passage loses its start, never the question or the option at its end.
-            kept = context[-(max_seq_len - len(option_ids)):]
-            examples.append(Example(tuple(kept), tuple(option_ids), None, ("choice", index)))
-            owners.append(index)
-    scores: list[list[float]] = [[] for _ in items]
-    for owner, score in zip(owners, answer_scores(model, examples, batch_size, tokenizer.pad_token_id)):
-        scores[owner].append(-score.nll)
-    return scores
+    """Summed log-probability of each option's tokens after its item's context.
+
+    The context runs once per item and its KV cache is shared by the item's options, so an item
+    costs its context plus its options rather than (options x context): 2-4x fewer tokens on these sets."""
+    encoded = []
+    for item in items:
+        options = [tokenizer(" " + option, add_special_tokens=False)["input_ids"][:max_seq_len // 2]
+                   for option in item.options]
+        # A long passage loses its start, never the question at its end.
+        room = max_seq_len - max(map(len, options))
+        context = tokenizer(item.context, add_special_tokens=False)["input_ids"][-room:]
+        encoded.append((context, options))
+    order = sorted(range(len(items)), key=lambda i: len(encoded[i][0]))
+    per_batch = max(1, batch_size // max(len(item.options) for item in items))
+    found: dict[int, list[float]] = {}
+    with torch.no_grad():
+        for start in range(0, len(order), per_batch):
+            chosen = order[start:start + per_batch]
+            for i, scores in zip(chosen, _score_options(model, [encoded[i] for i in chosen], tokenizer.pad_token_id)):
+                found[i] = scores
+    return [found[i] for i in range(len(items))]
+
+
+def _score_options(model, group: list[tuple[list[int], list[list[int]]]], pad_id: int) -> list[list[float]]:
+    device = model.device
+    width = max(len(context) for context, _ in group)
+    # Contexts left-padded, so each one's last token sits in the last column and its cache ends there.
+    context_ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+    context_mask = torch.zeros((len(group), width), dtype=torch.long)
+    for row, (context, _) in enumerate(group):
+        context_ids[row, width - len(context):] = torch.tensor(context)
+        context_mask[row, width - len(context):] = 1
+    positions = (context_mask.cumsum(dim=1) - 1).clamp(min=0)
+    # Only the last context position's logits are needed: skipping the others saves a fifth of the pass.
+    out = model(input_ids=context_ids.to(device), attention_mask=context_mask.to(device),
+                position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
+    first = F.log_softmax(out.logits[:, -1].float(), dim=-1)                                   # [G, V]
+    owners = [row for row, (_, options) in enumerate(group) for _ in options]
+    options = [option for _, opts in group for option in opts]
+    cache = out.cache
+    cache.batch_select_indices(torch.tensor(owners, device=device))                              # [R, ...]
+    option_width = max(len(option) for option in options)
+    option_ids = torch.full((len(options), option_width), pad_id, dtype=torch.long)
+    option_mask = torch.zeros((len(options), option_width), dtype=torch.long)
+    for row, option in enumerate(options):
+        option_ids[row, :len(option)] = torch.tensor(option)
+        option_mask[row, :len(option)] = 1
+    lengths = context_mask.sum(dim=1)[owners]                                                    # [R]
+    scores = [first[owner, option[0]].item() for owner, option in zip(owners, options)]
+    if option_width > 1:
+        logits = model(input_ids=option_ids[:, :-1].to(device),
+                       attention_mask=torch.cat([context_mask[owners], option_mask[:, :-1]], dim=1).to(device),
+                       position_ids=(lengths[:, None] + torch.arange(option_width - 1)).to(device),
+                       cache=cache, use_cache=True).logits                             # [R, O-1, V]
+        logp = F.log_softmax(logits.float(), dim=-1).gather(-1, option_ids[:, 1:, None].to(device))[..., 0]
+        rest = (logp * option_mask[:, 1:].to(device)).sum(dim=1).tolist()                        # [R]
+        scores = [head + tail for head, tail in zip(scores, rest)]
+    grouped: list[list[float]] = [[] for _ in group]
+    for owner, score in zip(owners, scores):
+        grouped[owner].append(score)
+    return grouped
 
 
 def pick(scores: list[float], item: ChoiceItem, normalized: bool) -> int:
@@ -152,8 +201,6 @@ class TextFigures:
 
 def general_text_figures(models: GateModels, general: GeneralText, batch_size: int) -> dict[str, TextFigures]:
     """Loss, perplexity and KL from the base on the general text, for every model, from one base pass per batch."""
-    import math
-
     totals = {name: [0.0, 0.0] for name in models.names}  # name -> [summed nll, summed kl]
     tokens = 0
     with torch.no_grad():
@@ -161,16 +208,16 @@ def general_text_figures(models: GateModels, general: GeneralText, batch_size: i
             ids = torch.tensor([example.answer_ids for example in general.examples[start:start + batch_size]],
                                device=models.model.device)                                      # [B, S]
             targets = ids[:, 1:]                                                                 # [B, S-1]
-            with models.use(BASE) as model:
-                base_logp = F.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), dim=-1)  # [B, S-1, V]
+            base_logp = _next_token_logprobs(models, BASE, ids)                                 # [B, S-1, V]
             for name in models.names:
-                if name == BASE:
-                    logp = base_logp
-                else:
-                    with models.use(name) as model:
-                        logp = F.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), dim=-1)
+                logp = base_logp if name == BASE else _next_token_logprobs(models, name, ids)
                 totals[name][0] -= logp.gather(-1, targets.unsqueeze(-1)).sum().item()
                 totals[name][1] += (base_logp.exp() * (base_logp - logp)).sum().item()
             tokens += targets.numel()
     return {name: TextFigures(nll / tokens, math.exp(nll / tokens), kl / tokens, tokens)
             for name, (nll, kl) in totals.items()}
+
+
+def _next_token_logprobs(models: GateModels, name: str, ids: torch.Tensor) -> torch.Tensor:
+    with models.use(name) as model:
+        return F.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), dim=-1)

@@ -18,7 +18,7 @@ MAX_P = 1e-3
 _MAX_SEQ_LEN = 512
 
 
-def measure_separation(base_model: str | None, items: int, seed: int, batch_size: int) -> dict:
+def measure_separation(base_model: str | None, items: int, seed: int, batch_size: int, progress=print) -> dict:
     from transformers import AutoTokenizer
 
     started = time.monotonic()
@@ -37,4 +37,6 @@ def measure_separation(base_model: str | None, items: int, seed: int, batch_size
                      "accuracy": plain / len(chosen), "accuracy_norm": normed / len(chosen), "p_above_chance": p,
                      "separates": normed / len(chosen) - chance >= MIN_MARGIN and p < MAX_P,
                      **choice_set.provenance})
+        progress(f"{choice_set.source.name}: {normed}/{len(chosen)} right, chance {chance:.1%} "
+                 f"({time.monotonic() - started:.0f} s)")
     return {"base": str(base_dir), "seed": seed, "seconds": time.monotonic() - started, "sets": rows}
