@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
@@ -18,12 +19,14 @@ from adapters.formats.base_checkpoint import resolve_base
 from adapters.store.versions import AdapterStore
 from cartridge.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
+from .adapter_files import AdapterFilePolicy
 from .adapter_registry import AdapterRegistry
 from .adapter_slots import AdapterSlots
 from .config import ServerConfig
 from .cuda_graphs import DecodeGraphs
 from .engine import Engine
-from .errors import StatusInterceptor
+from .errors import StatusInterceptor, Unavailable
+from .gate import CallGate
 from .kv_cache import KVCache
 from .metrics import ServerMetrics
 from .runner import ModelRunner
@@ -35,16 +38,43 @@ from .weights import load_model
 log = logging.getLogger("cartridge")
 
 
+@dataclass(frozen=True, slots=True)
+class DrainReport:
+    seconds: float
+    in_flight: int    # calls running when the drain began
+    cut_off: int      # of those and later queued ones, still running at the timeout
+
+
 @dataclass
 class RunningServer:
     grpc_server: grpc.Server
     engine: Engine
+    gate: CallGate
+    health: health.HealthServicer
     port: int
     metrics_port: int
 
-    def stop(self, grace: float | None = 5.0) -> None:
-        self.grpc_server.stop(grace).wait()
+    def drain(self, timeout: float, hurry: threading.Event | None = None) -> DrainReport:
+        """Graceful stop: NOT_SERVING and UNAVAILABLE for new calls at once, running calls get up to
+        `timeout` s (or until `hurry` is set), then whatever still runs ends with UNAVAILABLE."""
+        started = time.monotonic()
+        self.health.enter_graceful_shutdown()
+        self.gate.begin_drain()
+        in_flight = self.gate.in_flight
+        deadline = started + timeout
+        while not (finished := self.gate.wait_idle(0.05)):
+            if time.monotonic() >= deadline or (hurry is not None and hurry.is_set()):
+                break
+        cut_off = 0 if finished else self.gate.in_flight
+        if not finished:
+            self.engine.abort_all(Unavailable(
+                f"the server shut down before this request finished: it waited {time.monotonic() - started:.1f} s "
+                f"(--drain-timeout {timeout:g}) after SIGTERM; retry on another instance"))
+            self.gate.wait_idle(5.0)   # the ended calls send their status
+        seconds = time.monotonic() - started
+        self.grpc_server.stop(1.0).wait()
         self.engine.stop()
+        return DrainReport(seconds, in_flight, cut_off)
 
 
 def eos_ids(directory, tokenizer) -> frozenset[int]:
@@ -69,34 +99,42 @@ def build_server(config: ServerConfig) -> RunningServer:
     cache = KVCache(model.args.n_layers, config.max_batch_size, max_seq_len, model.args.n_kv_heads,
                     model.args.head_dim, config.torch_dtype, device)
     adapter_slots = AdapterSlots(stacks, config.max_adapters)
-    registry = AdapterRegistry(BaseShape.from_config(model_config), config.max_lora_rank)
+    registry = AdapterRegistry(BaseShape.from_config(model_config), config.max_lora_rank,
+                               AdapterFilePolicy(config.adapter_root, config.max_adapter_bytes),
+                               config.max_adapters, config.max_host_adapter_bytes)
     for name, path in config.adapters:
         registry.register(name, path)
     metrics = ServerMetrics(device)
     scheduler = Scheduler(config.max_batch_size, config.max_queue, config.max_prefill_tokens, adapter_slots)
     graphs = DecodeGraphs(model, cache, config.max_lora_rank, device) if config.on_cuda and config.cuda_graphs else None
     runner = ModelRunner(model, cache, adapter_slots, device, graphs)
-    engine = Engine(runner, scheduler, eos_ids(directory, tokenizer), metrics)
+    engine = Engine(runner, scheduler, eos_ids(directory, tokenizer), metrics, registry)
     engine.start()
     store = None
     if config.store is not None:
-        store = StoreAdapters(AdapterStore(Path(config.store).resolve()), registry, engine, tokenizer, metrics)
+        store = StoreAdapters(AdapterStore(Path(config.store).resolve()), registry, engine, metrics)
         store.start()
 
     # Threads beyond the batch serve queued and streaming calls; past the limit gRPC itself
     # answers RESOURCE_EXHAUSTED.
     workers = config.max_batch_size + config.max_queue + 8
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[StatusInterceptor()],
+    gate = CallGate(config.admin_token, config.inference_token)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[gate, StatusInterceptor()],
                          maximum_concurrent_rpcs=workers)
     inference_pb2_grpc.add_InferenceServicer_to_server(
         InferenceService(engine, registry, tokenizer, max_seq_len, store), server)
-    adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersService(registry, store), server)
+    adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersService(registry, engine, metrics, store), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
              adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name]
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    if config.tls_cert:
+        key_pair = (Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())
+        port = server.add_secure_port(address, grpc.ssl_server_credentials([key_pair]))
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {config.host}:{config.port}")
     server.start()
@@ -106,4 +144,4 @@ def build_server(config: ServerConfig) -> RunningServer:
     log.info("base %s on %s (%s, %s): weights+cache ready in %.1f s; KV cache %.0f MiB for %d x %d tokens",
              directory.name, device, "nf4" if config.quantize else "dense", str(config.torch_dtype).split(".")[-1],
              time.monotonic() - started, cache.size_bytes / 2**20, config.max_batch_size, max_seq_len)
-    return RunningServer(server, engine, port, metrics_port)
+    return RunningServer(server, engine, gate, health_servicer, port, metrics_port)

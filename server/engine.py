@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
+from concurrent.futures import Future
+from typing import Callable
 
+from .adapter_registry import AdapterRegistry, RegisteredAdapter
+from .errors import ServingError
 from .metrics import ServerMetrics
 from .runner import ModelRunner
 from .sampler import sample
@@ -15,10 +20,15 @@ log = logging.getLogger(__name__)
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, eos_ids: frozenset[int], metrics: ServerMetrics):
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, eos_ids: frozenset[int], metrics: ServerMetrics,
+                 registry: AdapterRegistry):
         self.runner, self.scheduler, self.eos_ids, self.metrics = runner, scheduler, eos_ids, metrics
+        self.registry = registry
         self._wake = threading.Event()
         self._stopping = False
+        self._abort: ServingError | None = None
+        # Work on the adapter slots from other threads, run between steps; a job returns False to run again.
+        self._jobs: queue.SimpleQueue[Callable[[], bool]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
     def start(self) -> None:
@@ -38,15 +48,55 @@ class Engine:
         seq.cancel()
         self._wake.set()
 
+    def abort_all(self, error: ServingError) -> None:
+        """Ends every queued and running request, now and from now on, with `error` (drain timeout)."""
+        self._abort = error
+        self._wake.set()
+
+    def pin(self, adapter: RegisteredAdapter) -> Future:
+        """Resolves once `adapter` holds a device slot for good (at once, or when a running request frees one)."""
+        done: Future = Future()
+
+        def job() -> bool:
+            if not self.scheduler.adapter_slots.pin(adapter):
+                return False
+            done.set_result(None)
+            return True
+        self._on_engine_thread(job)
+        return done
+
+    def discard(self, adapter: RegisteredAdapter) -> None:
+        """A replaced or unregistered version gives up its pin and, once idle, its slot."""
+        self._on_engine_thread(lambda: self.scheduler.adapter_slots.discard(adapter) or True)
+
+    def _on_engine_thread(self, job: Callable[[], bool]) -> None:
+        self._jobs.put(job)
+        self._wake.set()
+
+    def _run_jobs(self) -> bool:
+        """Runs queued jobs; True if some must run again."""
+        again = []
+        while not self._jobs.empty():
+            job = self._jobs.get()
+            if not job():
+                again.append(job)
+        for job in again:
+            self._jobs.put(job)
+        return bool(again)
+
     def _loop(self) -> None:
         while not self._stopping:
+            retry = self._run_jobs()
             if not self.scheduler.running and not self.scheduler.waiting:
-                self._wake.wait()
+                self._wake.wait(0.005 if retry else None)
                 self._wake.clear()
                 continue
             self.step()
 
     def step(self) -> None:
+        if self._abort is not None:
+            for seq in self.scheduler.take_all():
+                self._finish(seq, None, error=self._abort)
         for seq in self.scheduler.take_cancelled():
             self._finish(seq, FinishReason.CANCELLED)
         admitted = self.scheduler.schedule()
@@ -70,7 +120,7 @@ class Engine:
         except Exception:  # noqa: BLE001 - a failed pass fails its requests, not the server
             log.exception("forward pass failed for %d requests", len(seqs))
             for seq in seqs:
-                self._finish(seq, None, error="the server failed while running this request")
+                self._finish(seq, None, error=ServingError("the server failed while running this request"))
             return
         now = time.monotonic()
         for seq, token in zip(seqs, tokens):
@@ -91,7 +141,8 @@ class Engine:
         elif piece:
             seq.events.put(Event(piece))
 
-    def _finish(self, seq: Sequence, reason: FinishReason | None, piece: str = "", error: str | None = None) -> None:
+    def _finish(self, seq: Sequence, reason: FinishReason | None, piece: str = "",
+                error: ServingError | None = None) -> None:
         # Cancelled requests were already taken out of the schedule by take_cancelled.
         if seq in self.scheduler.running:
             self.scheduler.finish(seq)
@@ -100,3 +151,7 @@ class Engine:
             piece += seq.text.flush()
         seq.events.put(Event(piece, seq.finish_reason, len(seq.output_ids), error))
         self.metrics.finished(seq)
+        if seq.adapter is not None:
+            self.registry.release(seq.adapter)
+            if not self.registry.contains(seq.adapter.name):
+                self.metrics.forget_adapter(seq.adapter.name)   # it finished after its name was unregistered

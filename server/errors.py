@@ -27,6 +27,22 @@ class ResourceExhausted(ServingError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class FailedPrecondition(ServingError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unauthenticated(ServingError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ServingError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unavailable(ServingError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
 def status_of(error: Exception) -> tuple[grpc.StatusCode, str] | None:
     """The status a handler's exception stands for; None for a bug (left to gRPC as UNKNOWN)."""
     if isinstance(error, ServingError):
@@ -56,7 +72,8 @@ class StatusInterceptor(grpc.ServerInterceptor):
         return handler
 
 
-def _abort(context: grpc.ServicerContext, error: Exception) -> None:
+def abort(context: grpc.ServicerContext, error: Exception) -> None:
+    """Ends the call with the error's status; an error that stands for no status is re-raised."""
     status = status_of(error)
     if status is None:
         raise error
@@ -68,7 +85,7 @@ def _wrap_unary(behaviour):
         try:
             return behaviour(request, context)
         except Exception as error:  # noqa: BLE001 - re-raised unless it maps to a status
-            _abort(context, error)
+            abort(context, error)
     return handle
 
 
@@ -77,5 +94,5 @@ def _wrap_stream(behaviour):
         try:
             yield from behaviour(request, context)
         except Exception as error:  # noqa: BLE001 - re-raised unless it maps to a status
-            _abort(context, error)
+            abort(context, error)
     return handle

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
 import time
+from http.server import ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 import psutil
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, MetricsHandler
 from prometheus_client.core import GaugeMetricFamily
 
 from .sequence import Sequence
@@ -41,6 +45,23 @@ class _MemoryCollector:
         yield reserved
 
 
+class _MetricsOnly(MetricsHandler):
+    """Prometheus text at /metrics, 404 on every other path (the stock handler answers any path)."""
+
+    def do_GET(self) -> None:
+        if urlsplit(self.path).path != "/metrics":
+            self.send_error(404, "only /metrics is served on this port")
+            return
+        super().do_GET()
+
+    def log_message(self, *args) -> None:
+        pass   # one line per scrape would drown the server's log
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+
 class ServerMetrics:
     def __init__(self, device: torch.device):
         self.registry = CollectorRegistry()
@@ -60,7 +81,7 @@ class ServerMetrics:
         self.decode_batch = Histogram("cartridge_decode_batch_size", "Requests advanced together by one decode pass",
                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.adapters_resident = Gauge("cartridge_adapters_resident", "Adapters loaded in device slots", registry=r)
-        # The adapter store (serve --store): the version label takes live and pinned versions only, so it stays bounded.
+        # The adapter store (serve --store): versions served live or asked for as name@vN only, so labels stay bounded.
         self.version_requests = Counter("cartridge_version_requests", "Finished requests per stored adapter version",
                                         ["adapter", "version"], registry=r)
         self.live_version = Gauge("cartridge_live_version", "Store version served as the adapter's live version",
@@ -70,15 +91,23 @@ class ServerMetrics:
         self.store_load_failures = Counter("cartridge_store_load_failures", "Live versions that failed to load "
                                            "(the previous one kept serving)", ["adapter"], registry=r)
         r.register(_MemoryCollector(device))
+        self._per_adapter = (self.latency, self.ttft, self.tpot, self.requests, self.prompt_tokens,
+                             self.generated_tokens)
 
     def serve(self, host: str, port: int) -> int:
         """Starts the HTTP endpoint; returns the bound port (useful with port 0)."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        handler = type("Handler", (_MetricsOnly,), {"registry": self.registry})
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server = type("HTTPServer", (_HTTPServer,), {"address_family": family})((host, port), handler)
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         return server.server_port
 
+    def forget_adapter(self, name: str) -> None:
+        """Removes every series labelled with an unregistered adapter, so labels stay bounded."""
+        for metric in self._per_adapter:
+            metric.remove_by_labels({"adapter": name})
+
     def finished(self, seq: Sequence) -> None:
-        if seq.warmup:
-            return
         now, adapter = time.monotonic(), seq.adapter_name
         if seq.adapter is not None and seq.adapter.version is not None:
             self.version_requests.labels(seq.adapter.store_name, f"v{seq.adapter.version}").inc()

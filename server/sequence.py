@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from .adapter_registry import RegisteredAdapter
+from .errors import ServingError
 from .text_stream import TextStream
 
 
@@ -36,7 +37,7 @@ class Event:
     text: str
     finish_reason: FinishReason | None = None
     completion_tokens: int = 0
-    error: str | None = None     # set when the server failed the request
+    error: ServingError | None = None     # set when the server ended the request with an error status
 
 
 _ids = itertools.count()
@@ -56,7 +57,6 @@ class Sequence:
     first_token_time: float | None = None
     finish_reason: FinishReason | None = None
     cancelled: bool = False
-    warmup: bool = False         # the server's own warm-up of a new adapter version, kept out of the metrics
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
 
     def __post_init__(self) -> None:

@@ -10,12 +10,14 @@ from cartridge.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inferen
 from .adapter_registry import AdapterRegistry, RegisteredAdapter, check_name
 from .engine import Engine
 from .errors import InvalidArgument, ServingError
+from .metrics import ServerMetrics
 from .sequence import Event, FinishReason, SamplingParams, Sequence
 from .store_adapters import StoreAdapters
 from .text_stream import TextStream
 
 DEFAULT_MAX_TOKENS = 256
 MAX_STOP_STRINGS = 16
+PIN_WAIT_S = 30.0   # how long RegisterAdapter waits for a device slot to pin into
 _ROLES = ("system", "user", "assistant")
 _FINISH = {
     FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
@@ -47,7 +49,14 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     def _start(self, request, context) -> Sequence:
         seq = self._sequence(request)
-        self.engine.submit(seq)
+        if seq.adapter is not None:
+            self.registry.hold(seq.adapter)      # released by the engine when the request ends
+        try:
+            self.engine.submit(seq)
+        except ServingError:
+            if seq.adapter is not None:
+                self.registry.release(seq.adapter)
+            raise
         # Fires on cancellation and on an expired deadline: the slot is freed at the next step.
         context.add_callback(lambda: self.engine.cancel(seq))
         return seq
@@ -57,7 +66,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         while True:
             event = seq.events.get()
             if event.error:
-                raise ServingError(event.error)
+                raise event.error
             yield event
             if event.finish_reason is not None:
                 return
@@ -86,7 +95,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     def _adapter(self, name: str) -> RegisteredAdapter | None:
         if self.store is not None and "@" in name:
-            return self.store.pinned(name)
+            return self.store.by_version(name)
         return self.registry.get(check_name(name, "adapter")) if name else None
 
     def _prompt_ids(self, request) -> list[int]:
@@ -125,28 +134,43 @@ def _stop(values) -> tuple[str, ...]:
 
 
 class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
-    def __init__(self, registry: AdapterRegistry, store: StoreAdapters | None = None):
-        self.registry, self.store = registry, store
+    def __init__(self, registry: AdapterRegistry, engine: Engine, metrics: ServerMetrics,
+                 store: StoreAdapters | None = None):
+        self.registry, self.engine, self.metrics, self.store = registry, engine, metrics, store
 
     def RegisterAdapter(self, request, context) -> adapters_pb2.AdapterInfo:
-        return adapter_info(self.registry.register(request.name, request.path, request.replace))
+        adapter, replaced = self.registry.register(request.name, request.path, request.replace, request.pin)
+        if replaced is not None:
+            self.engine.discard(replaced)
+        if adapter.pinned:
+            try:
+                self.engine.pin(adapter).result(timeout=PIN_WAIT_S)
+            except TimeoutError:
+                pass   # every slot is busy with running requests: it is pinned as soon as one is free
+        return self.adapter_info(adapter)
 
     def UnregisterAdapter(self, request, context) -> adapters_pb2.UnregisterAdapterResponse:
-        self.registry.unregister(check_name(request.name))
+        name = check_name(request.name)
+        self.engine.discard(self.registry.unregister(name))
+        self.metrics.forget_adapter(name)
         return adapters_pb2.UnregisterAdapterResponse()
 
     def ListAdapters(self, request, context) -> adapters_pb2.ListAdaptersResponse:
-        listed = [adapter_info(a) for a in self.registry.list()]
+        listed = [self.adapter_info(a) for a in self.registry.list()]
         if self.store is not None:
             for info in listed:
                 if info.live:
                     info.store_versions.extend(self.store.versions(info.name))
         return adapters_pb2.ListAdaptersResponse(adapters=listed)
 
-
-def adapter_info(adapter: RegisteredAdapter) -> adapters_pb2.AdapterInfo:
-    config = adapter.weights.config
-    return adapters_pb2.AdapterInfo(
-        name=adapter.name, path=str(adapter.weights.path), rank=adapter.rank, lora_alpha=config.lora_alpha,
-        use_rslora=config.use_rslora, target_modules=list(config.target_modules),
-        size_bytes=adapter.weights.size_bytes, version=adapter.version or 0, live=adapter.live)
+    def adapter_info(self, adapter: RegisteredAdapter) -> adapters_pb2.AdapterInfo:
+        config = adapter.config
+        slot = self.engine.scheduler.adapter_slots.slot_of(adapter)
+        location = (adapters_pb2.ADAPTER_LOCATION_DEVICE if slot is not None else
+                    adapters_pb2.ADAPTER_LOCATION_HOST if adapter.weights is not None else
+                    adapters_pb2.ADAPTER_LOCATION_DISK)
+        return adapters_pb2.AdapterInfo(
+            name=adapter.name, path=adapter.path, rank=adapter.rank, lora_alpha=config.lora_alpha,
+            use_rslora=config.use_rslora, target_modules=list(config.target_modules), size_bytes=adapter.size_bytes,
+            location=location, device_slot=slot or 0, pinned=adapter.pinned, sha256=adapter.weights_sha256,
+            problem=adapter.problem or "", version=adapter.version or 0, live=adapter.live)

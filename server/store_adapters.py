@@ -2,16 +2,15 @@
 request as `name@vN`, and releases and rollbacks followed while serving.
 
 A thread polls each name's live pointer (a small file replaced by rename) every POLL_S seconds. When
-it moves, the new version is read and checked against its manifest and the base, and warmed (one
-token through the engine, which puts it in a device slot) before the name switches to it; requests
-already running finish on the version they started with. If anything fails the old version keeps
+it moves, the new version is read into host memory and checked (its manifest's hashes, then the
+server's own adapter checks) before the name switches to it; requests already running finish on
+the version they started with. Its device slot is filled by the first request that uses it. If anything fails the old version keeps
 serving and the failure is logged and counted. On start the same path restores every live version,
 so a restart, after kill -9 too, serves what the store says is live.
 """
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 
 from adapters.store.live import live_file, read_live, release_log
@@ -22,19 +21,15 @@ from .adapter_registry import AdapterRegistry, RegisteredAdapter
 from .engine import Engine
 from .errors import NotFound
 from .metrics import ServerMetrics
-from .sequence import SamplingParams, Sequence
-from .text_stream import TextStream
 
 log = logging.getLogger("cartridge.store")
 
-POLL_S = 0.2        # a release reaches the server within this plus the load, well under a second
-WARM_TIMEOUT_S = 5  # a full server may not find a slot for the warm-up token at once; the switch then goes ahead
+POLL_S = 0.2  # a release reaches the server within this plus the read, well under a second
 
 
 class StoreAdapters:
-    def __init__(self, store: AdapterStore, registry: AdapterRegistry, engine: Engine, tokenizer,
-                 metrics: ServerMetrics):
-        self.store, self.registry, self.engine, self.tokenizer, self.metrics = store, registry, engine, tokenizer, metrics
+    def __init__(self, store: AdapterStore, registry: AdapterRegistry, engine: Engine, metrics: ServerMetrics):
+        self.store, self.registry, self.engine, self.metrics = store, registry, engine, metrics
         self._seen: dict[str, int] = {}          # name -> mtime_ns of the live pointer last acted on
         self._logged: dict[str, int] = {}        # name -> release-log lines already counted
         self._pin_lock = threading.Lock()
@@ -55,7 +50,7 @@ class StoreAdapters:
     def versions(self, name: str) -> list[int]:
         return self.store.version_numbers(name)
 
-    def pinned(self, text: str) -> RegisteredAdapter:
+    def by_version(self, text: str) -> RegisteredAdapter:
         """The adapter for a request naming `name@vN`, read and checked on first use, then kept."""
         try:
             ref = parse_ref(text)
@@ -66,9 +61,9 @@ class StoreAdapters:
                 return self.registry.get(str(ref))
             except NotFound:
                 version = self.store.open(ref)
-                adapter = self.registry.read(str(ref), version.path, ref.number)
-                log.info("pinned %s", ref)
-                return self.registry.install(adapter, replace=True)
+                adapter = self.registry.read(str(ref), str(version.path), version=ref.number)
+                log.info("serving %s on request", ref)
+                return self.registry.install(adapter, replace=True)[0]
 
     def _watch(self) -> None:
         while not self._stop.wait(POLL_S):
@@ -97,14 +92,15 @@ class StoreAdapters:
         ref = VersionRef(name, move.to_version)
         try:
             version = self.store.open(ref)
-            adapter = self.registry.read(name, version.path, ref.number, live=True)
-            warm_up(self.engine, self.tokenizer, adapter)
+            adapter = self.registry.read(name, str(version.path), version=ref.number, live=True)
         except Exception as err:  # noqa: BLE001 - whatever went wrong, the old version keeps serving
             self.metrics.store_load_failures.labels(name).inc()
             kept = f"v{current.version}" if current is not None and current.version else "nothing"
             log.error("not switching %s to %s (%s keeps serving): %s", name, ref, kept, err)
             return
-        self.registry.install(adapter, replace=True)
+        _, replaced = self.registry.install(adapter, replace=True)
+        if replaced is not None:
+            self.engine.discard(replaced)
         self.metrics.live_version.labels(name).set(ref.number)
         log.info("%s: now serving %s (%s)", name, ref, move.action)
 
@@ -113,20 +109,4 @@ class StoreAdapters:
         for move in moves[self._logged.get(name, 0):]:
             (self.metrics.rollbacks if move.action == "rollback" else self.metrics.releases).labels(name).inc()
         self._logged[name] = len(moves)
-
-
-def warm_up(engine: Engine, tokenizer, adapter: RegisteredAdapter) -> None:
-    """One token through the engine on `adapter`: loads it into a device slot and runs it once."""
-    seq = Sequence(tokenizer.encode("Hello"), SamplingParams(max_tokens=1), adapter, TextStream(tokenizer, ()),
-                   warmup=True)
-    engine.submit(seq)
-    try:
-        event = seq.events.get(timeout=WARM_TIMEOUT_S)
-    except queue.Empty:  # the server is full; the checked weights switch anyway
-        engine.cancel(seq)
-        log.warning("warm-up of %s@v%s found no free slot in %d s; switching without it", adapter.name,
-                    adapter.version, WARM_TIMEOUT_S)
-        return
-    if event.error:
-        raise RuntimeError(f"warm-up failed: {event.error}")
 
