@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from adapters.store.live import live_file, read_live, release_log
 from adapters.store.refs import StoreError, VersionRef, parse_ref
@@ -32,8 +33,7 @@ class StoreAdapters:
         self.store, self.registry, self.engine, self.metrics = store, registry, engine, metrics
         self._seen: dict[str, int] = {}          # name -> mtime_ns of the live pointer last acted on
         self._logged: dict[str, int] = {}        # name -> release-log lines already counted
-        self._pin_lock = threading.Lock()
-        self._stop = threading.Event()
+        self._read_lock = threading.Lock()
         self._thread = threading.Thread(target=self._watch, name="store-watch", daemon=True)
 
     def start(self) -> None:
@@ -42,10 +42,6 @@ class StoreAdapters:
             self._logged[name] = len(release_log(self.store, name))
             self._follow(name)
         self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
     def versions(self, name: str) -> list[int]:
         return self.store.version_numbers(name)
@@ -56,7 +52,7 @@ class StoreAdapters:
             ref = parse_ref(text)
         except StoreError as err:
             raise NotFound(f"adapter: {err}") from None
-        with self._pin_lock:  # one read per version, however many requests ask for it at once
+        with self._read_lock:  # one read per version, however many requests ask for it at once
             try:
                 return self.registry.get(str(ref))
             except NotFound:
@@ -66,7 +62,8 @@ class StoreAdapters:
                 return self.registry.install(adapter, replace=True)[0]
 
     def _watch(self) -> None:
-        while not self._stop.wait(POLL_S):
+        while True:
+            time.sleep(POLL_S)
             for name in self.store.names():
                 try:
                     self._follow(name)
