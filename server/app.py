@@ -95,7 +95,8 @@ def build_server(config: ServerConfig) -> RunningServer:
     tokenizer = AutoTokenizer.from_pretrained(directory)
     max_seq_len = min(config.max_seq_len, model_config.max_position_embeddings)
     model, stacks = load_model(directory, model_config, config.torch_dtype, device, config.quantize,
-                               config.max_adapters + 1, config.max_lora_rank)
+                               config.max_adapters + 1, config.max_lora_rank, kernels=config.kernels,
+                               nf4_kernel_max_rows=config.nf4_kernel_max_rows)
     cache = KVCache(model.args.n_layers, config.max_batch_size, max_seq_len, model.args.n_kv_heads,
                     model.args.head_dim, config.torch_dtype, device)
     adapter_slots = AdapterSlots(stacks, config.max_adapters)
@@ -107,6 +108,10 @@ def build_server(config: ServerConfig) -> RunningServer:
     metrics = ServerMetrics(device)
     scheduler = Scheduler(config.max_batch_size, config.max_queue, config.max_prefill_tokens, adapter_slots)
     graphs = DecodeGraphs(model, cache, config.max_lora_rank, device) if config.on_cuda and config.cuda_graphs else None
+    if graphs is not None:
+        captured = time.monotonic()
+        count = graphs.capture_all()
+        log.info("captured %d decode graphs in %.1f s", count, time.monotonic() - captured)
     runner = ModelRunner(model, cache, adapter_slots, device, graphs)
     engine = Engine(runner, scheduler, eos_ids(directory, tokenizer), metrics, registry)
     engine.start()

@@ -36,6 +36,10 @@ def register(commands) -> None:
     parser.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank (default: %(default)s)")
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                         help="run decode eagerly on CUDA (graphs are on by default there)")
+    parser.add_argument("--no-triton-kernels", dest="triton_kernels", action="store_false",
+                        help="on CUDA, use bitsandbytes and torch for NF4 and LoRA instead of our Triton kernels")
+    parser.add_argument("--nf4-kernel-max-rows", type=int, default=64,
+                        help="largest batch our NF4 kernel takes; 0 = bitsandbytes always (default: %(default)s)")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                         help="register an adapter at start-up (repeatable)")
     safety = parser.add_argument_group("drain, access and limits")
