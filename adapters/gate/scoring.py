@@ -135,7 +135,8 @@ def option_loglikelihoods(model, tokenizer, items: Sequence[ChoiceItem], batch_s
         room = max_seq_len - max(map(len, options))
         context = tokenizer(item.context, add_special_tokens=False)["input_ids"][-room:]
         encoded.append((context, options))
-    order = sorted(range(len(items)), key=lambda i: len(encoded[i][0]))
+    # Sorted by context plus longest option, so neither pass of a group pads much.
+    order = sorted(range(len(items)), key=lambda i: len(encoded[i][0]) + max(map(len, encoded[i][1])))
     per_batch = max(1, batch_size // max(len(item.options) for item in items))
     found: dict[int, list[float]] = {}
     with torch.no_grad():
@@ -177,7 +178,8 @@ def _score_options(model, group: list[tuple[list[int], list[list[int]]]], pad_id
                        attention_mask=torch.cat([context_mask[owners], option_mask[:, :-1]], dim=1).to(device),
                        position_ids=(lengths[:, None] + torch.arange(option_width - 1)).to(device),
                        cache=cache, use_cache=True).logits                             # [R, O-1, V]
-        logp = F.log_softmax(logits.float(), dim=-1).gather(-1, option_ids[:, 1:, None].to(device))[..., 0]
+        logits = logits.float()
+        logp = logits.gather(-1, option_ids[:, 1:, None].to(device))[..., 0] - logits.logsumexp(dim=-1)  # [R, O-1]
         rest = (logp * option_mask[:, 1:].to(device)).sum(dim=1).tolist()                        # [R]
         scores = [head + tail for head, tail in zip(scores, rest)]
     grouped: list[list[float]] = [[] for _ in group]
