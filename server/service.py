@@ -12,6 +12,7 @@ from .engine import Engine
 from .errors import InvalidArgument, ServingError
 from .metrics import ServerMetrics
 from .sequence import Event, FinishReason, SamplingParams, Sequence
+from .store_adapters import StoreAdapters
 from .text_stream import TextStream
 
 DEFAULT_MAX_TOKENS = 256
@@ -32,8 +33,10 @@ _FINISH = {
 
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, engine: Engine, registry: AdapterRegistry, tokenizer, max_seq_len: int):
+    def __init__(self, engine: Engine, registry: AdapterRegistry, tokenizer, max_seq_len: int,
+                 store: StoreAdapters | None = None):
         self.engine, self.registry, self.tokenizer, self.max_seq_len = engine, registry, tokenizer, max_seq_len
+        self.store = store
 
     def Generate(self, request, context) -> inference_pb2.GenerateResponse:
         seq = self._start(request, context)
@@ -97,6 +100,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         return Sequence(prompt_ids, params, adapter, TextStream(self.tokenizer, params.stop))
 
     def _adapter(self, name: str) -> RegisteredAdapter | None:
+        if self.store is not None and "@" in name:
+            return self.store.by_version(name)
         return self.registry.get(check_name(name, "adapter")) if name else None
 
     def _prompt_ids(self, request) -> list[int]:
@@ -140,8 +145,9 @@ def _stop(values) -> tuple[str, ...]:
 
 
 class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
-    def __init__(self, registry: AdapterRegistry, engine: Engine, metrics: ServerMetrics):
-        self.registry, self.engine, self.metrics = registry, engine, metrics
+    def __init__(self, registry: AdapterRegistry, engine: Engine, metrics: ServerMetrics,
+                 store: StoreAdapters | None = None):
+        self.registry, self.engine, self.metrics, self.store = registry, engine, metrics, store
 
     def RegisterAdapter(self, request, context) -> adapters_pb2.AdapterInfo:
         if len(request.path) > MAX_PATH_CHARS or "\0" in request.path:
@@ -163,7 +169,12 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
         return adapters_pb2.UnregisterAdapterResponse()
 
     def ListAdapters(self, request, context) -> adapters_pb2.ListAdaptersResponse:
-        return adapters_pb2.ListAdaptersResponse(adapters=[self.adapter_info(a) for a in self.registry.list()])
+        listed = [self.adapter_info(a) for a in self.registry.list()]
+        if self.store is not None:
+            for info in listed:
+                if info.live:
+                    info.store_versions.extend(self.store.versions(info.name))
+        return adapters_pb2.ListAdaptersResponse(adapters=listed)
 
     def adapter_info(self, adapter: RegisteredAdapter) -> adapters_pb2.AdapterInfo:
         config = adapter.config
@@ -175,4 +186,4 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
             name=adapter.name, path=adapter.path, rank=adapter.rank, lora_alpha=config.lora_alpha,
             use_rslora=config.use_rslora, target_modules=list(config.target_modules), size_bytes=adapter.size_bytes,
             location=location, device_slot=slot or 0, pinned=adapter.pinned, sha256=adapter.weights_sha256,
-            problem=adapter.problem or "")
+            problem=adapter.problem or "", version=adapter.version or 0, live=adapter.live)
