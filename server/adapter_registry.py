@@ -7,16 +7,20 @@ registered. An adapter held by a request (queued or running) or pinned is never 
 """
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Callable
 
 from adapters.formats.adapter_dir import WEIGHTS_FILE, BaseShape, LoraConfig, LoraWeights, read_adapter
+from adapters.formats.base_fingerprint import check_made_for
 
 from .adapter_files import AdapterFilePolicy, AdapterFiles
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServingError
 
+log = logging.getLogger(__name__)
 NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -38,6 +42,12 @@ class RegisteredAdapter:
     problem: str | None = None        # why it can no longer be served
     users: int = 0                    # requests holding it
     reread_lock: threading.Lock = field(default_factory=threading.Lock)
+    version: int | None = None        # a store version (`cartridge serve --store`); None when registered by path
+    live: bool = False                # served as the name's live version, not requested as name@vN
+
+    @property
+    def store_name(self) -> str:
+        return self.name.split("@")[0]
 
 
 def check_name(name: str, field: str = "name") -> str:
@@ -48,9 +58,12 @@ def check_name(name: str, field: str = "name") -> str:
 
 class AdapterRegistry:
     def __init__(self, base: BaseShape, max_rank: int, files: AdapterFilePolicy, max_pinned: int,
-                 host_budget: int | None = None):
+                 host_budget: int | None = None, *, base_fingerprint: Callable[[], str]):
+        """`base_fingerprint` hashes the base's weights; it is called (once, cached by the caller) only when
+        an adapter records the base it was trained on."""
         self._base, self._max_rank, self._files = base, max_rank, files
         self._max_pinned, self._host_budget = max_pinned, host_budget
+        self._base_fingerprint = base_fingerprint
         self._adapters: dict[str, RegisteredAdapter] = {}
         self._on_host: OrderedDict[RegisteredAdapter, None] = OrderedDict()   # least recently used first
         self._lock = threading.Lock()
@@ -59,18 +72,31 @@ class AdapterRegistry:
                  pin: bool = False) -> tuple[RegisteredAdapter, RegisteredAdapter | None]:
         """The new version, and the one it replaced (None if the name was free)."""
         check_name(name)
-        files = self._files.check(path)
         with self._lock:
             self._check_free(name, replace, pin)
-        # Read and check outside the lock: a large adapter must not stall lookups for requests.
+        return self.install(self.read(name, path, pin), replace)
+
+    def read(self, name: str, path: str, pin: bool = False, version: int | None = None,
+             live: bool = False) -> RegisteredAdapter:
+        """The adapter at `path`, read and checked whole, not yet visible to requests.
+        Called outside the lock: a large adapter must not stall lookups for requests."""
+        files = self._files.check(path)
         config_sha256, weights_sha256 = files.sha256()
         weights = read_adapter(files.directory, self._base)
+        if not check_made_for(files.directory, self._base_fingerprint):
+            log.warning("adapter %r (%s) does not record which base it was trained on: its shapes fit this base, "
+                        "but whether it was made for it cannot be checked", name, path)
         rank = max(a.shape[0] for a in weights.a.values())
         if rank > self._max_rank:
             raise InvalidArgument(f"adapter {name!r} has rank {rank}, above this server's "
                                   f"--max-lora-rank {self._max_rank}")
-        adapter = RegisteredAdapter(name, path, files, weights.config, rank, weights.size_bytes, config_sha256,
-                                    weights_sha256, pin, weights)
+        return RegisteredAdapter(name, path, files, weights.config, rank, weights.size_bytes, config_sha256,
+                                 weights_sha256, pin, weights, version=version, live=live)
+
+    def install(self, adapter: RegisteredAdapter,
+                replace: bool) -> tuple[RegisteredAdapter, RegisteredAdapter | None]:
+        """Makes a read adapter visible under its name: the new version, and the one it replaced."""
+        name, pin = adapter.name, adapter.pinned
         with self._lock:
             self._check_free(name, replace, pin)
             old = self._adapters.get(name)

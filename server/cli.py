@@ -58,6 +58,9 @@ def register(commands) -> None:
     safety.add_argument("--max-host-adapter-bytes", type=byte_count, metavar="BYTES",
                         help="host memory for adapter weights; idle ones past it are dropped and read again "
                         "when used (default: no limit)")
+    parser.add_argument("--store", nargs="?", const="", metavar="DIR",
+                        help="serve every live version of the adapter store DIR (alone: $CARTRIDGE_STORE or the "
+                        "cache's store/) as NAME, any version as NAME@vN, and follow releases and rollbacks")
     parser.set_defaults(run=run)
 
 
@@ -86,6 +89,10 @@ def _config(args: argparse.Namespace):
                        if args.inference_token_file else None)
     skip = ("command", "run", "adapter", "admin_token_file", "inference_token_file")
     fields = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+    if args.store == "":
+        from adapters.store.refs import default_store_dir
+
+        fields["store"] = str(default_store_dir())
     return ServerConfig(**fields, adapters=tuple(adapters), admin_token=admin_token, inference_token=inference_token)
 
 

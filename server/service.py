@@ -12,11 +12,18 @@ from .engine import Engine
 from .errors import InvalidArgument, ServingError
 from .metrics import ServerMetrics
 from .sequence import Event, FinishReason, SamplingParams, Sequence
+from .store_adapters import StoreAdapters
 from .text_stream import TextStream
 
 DEFAULT_MAX_TOKENS = 256
 MAX_STOP_STRINGS = 16
 PIN_WAIT_S = 30.0   # how long RegisterAdapter waits for a device slot to pin into
+# Bounds on what one request may make the server hold or tokenize, far above anything a context fits,
+# so a huge request is refused in microseconds instead of costing memory (README: Limits).
+MAX_REQUEST_BYTES = 2 * 2**20        # gRPC refuses larger messages with RESOURCE_EXHAUSTED
+MAX_PROMPT_CHARS = 262_144           # prompt, or all messages' content together
+MAX_MESSAGES = 256
+MAX_PATH_CHARS = 4096
 _ROLES = ("system", "user", "assistant")
 _FINISH = {
     FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
@@ -26,8 +33,10 @@ _FINISH = {
 
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, engine: Engine, registry: AdapterRegistry, tokenizer, max_seq_len: int):
+    def __init__(self, engine: Engine, registry: AdapterRegistry, tokenizer, max_seq_len: int,
+                 store: StoreAdapters | None = None):
         self.engine, self.registry, self.tokenizer, self.max_seq_len = engine, registry, tokenizer, max_seq_len
+        self.store = store
 
     def Generate(self, request, context) -> inference_pb2.GenerateResponse:
         seq = self._start(request, context)
@@ -91,11 +100,18 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         return Sequence(prompt_ids, params, adapter, TextStream(self.tokenizer, params.stop))
 
     def _adapter(self, name: str) -> RegisteredAdapter | None:
+        if self.store is not None and "@" in name:
+            return self.store.by_version(name)
         return self.registry.get(check_name(name, "adapter")) if name else None
 
     def _prompt_ids(self, request) -> list[int]:
         if bool(request.prompt) == bool(request.messages):
             raise InvalidArgument("give exactly one of prompt and messages")
+        if len(request.messages) > MAX_MESSAGES:
+            raise InvalidArgument(f"messages has {len(request.messages)} entries; at most {MAX_MESSAGES}")
+        chars = len(request.prompt) + sum(len(m.content) for m in request.messages)
+        if chars > MAX_PROMPT_CHARS:
+            raise InvalidArgument(f"the prompt is {chars} characters; at most {MAX_PROMPT_CHARS}")
         if request.prompt:
             return self.tokenizer.encode(request.prompt)
         for i, message in enumerate(request.messages):
@@ -103,7 +119,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 raise InvalidArgument(f"messages[{i}].role is {message.role!r}; expected one of {_ROLES}")
         try:
             return render_prompt(self.tokenizer, [{"role": m.role, "content": m.content} for m in request.messages])
-        except ValueError as err:
+        except Exception as err:  # noqa: BLE001 - a chat template is the model's own Jinja code and raises what it likes
             raise InvalidArgument(f"messages: {err}") from None
 
 
@@ -129,10 +145,13 @@ def _stop(values) -> tuple[str, ...]:
 
 
 class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
-    def __init__(self, registry: AdapterRegistry, engine: Engine, metrics: ServerMetrics):
-        self.registry, self.engine, self.metrics = registry, engine, metrics
+    def __init__(self, registry: AdapterRegistry, engine: Engine, metrics: ServerMetrics,
+                 store: StoreAdapters | None = None):
+        self.registry, self.engine, self.metrics, self.store = registry, engine, metrics, store
 
     def RegisterAdapter(self, request, context) -> adapters_pb2.AdapterInfo:
+        if len(request.path) > MAX_PATH_CHARS or "\0" in request.path:
+            raise InvalidArgument(f"path must be at most {MAX_PATH_CHARS} characters, without NUL")
         adapter, replaced = self.registry.register(request.name, request.path, request.replace, request.pin)
         if replaced is not None:
             self.engine.discard(replaced)
@@ -150,7 +169,12 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
         return adapters_pb2.UnregisterAdapterResponse()
 
     def ListAdapters(self, request, context) -> adapters_pb2.ListAdaptersResponse:
-        return adapters_pb2.ListAdaptersResponse(adapters=[self.adapter_info(a) for a in self.registry.list()])
+        listed = [self.adapter_info(a) for a in self.registry.list()]
+        if self.store is not None:
+            for info in listed:
+                if info.live:
+                    info.store_versions.extend(self.store.versions(info.name))
+        return adapters_pb2.ListAdaptersResponse(adapters=listed)
 
     def adapter_info(self, adapter: RegisteredAdapter) -> adapters_pb2.AdapterInfo:
         config = adapter.config
@@ -162,4 +186,4 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
             name=adapter.name, path=adapter.path, rank=adapter.rank, lora_alpha=config.lora_alpha,
             use_rslora=config.use_rslora, target_modules=list(config.target_modules), size_bytes=adapter.size_bytes,
             location=location, device_slot=slot or 0, pinned=adapter.pinned, sha256=adapter.weights_sha256,
-            problem=adapter.problem or "")
+            problem=adapter.problem or "", version=adapter.version or 0, live=adapter.live)
