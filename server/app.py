@@ -1,4 +1,4 @@
-"""Assembles the server from a ServerConfig: model, cache, adapters, engine, gRPC and metrics."""
+"""Assembles the server from a ServerConfig: model, cache, adapters, engine, gRPC, HTTP and metrics."""
 from __future__ import annotations
 
 import logging
@@ -22,6 +22,8 @@ from .config import ServerConfig
 from .cuda_graphs import DecodeGraphs
 from .engine import Engine
 from .errors import StatusInterceptor
+from .generate_request import RequestValidator
+from .http_edge import EngineBackend, HttpServer, openai_app
 from .kv_cache import KVCache
 from .metrics import ServerMetrics
 from .runner import ModelRunner
@@ -33,14 +35,28 @@ log = logging.getLogger("cartridge")
 
 
 @dataclass
+class ServingCore:
+    """One engine with its adapters, before any edge: what each front door (and each Ray replica) wraps."""
+    engine: Engine
+    registry: AdapterRegistry
+    validator: RequestValidator
+    metrics: ServerMetrics
+    base_name: str
+
+
+@dataclass
 class RunningServer:
     grpc_server: grpc.Server
     engine: Engine
     port: int
     metrics_port: int
+    http: HttpServer | None = None
 
     def stop(self, grace: float | None = 5.0) -> None:
+        self.engine.draining = True
         self.grpc_server.stop(grace).wait()
+        if self.http is not None:
+            self.http.stop()
         self.engine.stop()
 
 
@@ -54,7 +70,7 @@ def eos_ids(directory, tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
-def build_server(config: ServerConfig) -> RunningServer:
+def build_core(config: ServerConfig) -> ServingCore:
     started = time.monotonic()
     device = torch.device(config.device)
     directory = resolve_base(config.base_model)
@@ -75,15 +91,21 @@ def build_server(config: ServerConfig) -> RunningServer:
     runner = ModelRunner(model, cache, adapter_slots, device, graphs)
     engine = Engine(runner, scheduler, eos_ids(directory, tokenizer), metrics)
     engine.start()
+    log.info("base %s on %s (%s, %s): weights+cache ready in %.1f s; KV cache %.0f MiB for %d x %d tokens",
+             directory.name, device, "nf4" if config.quantize else "dense", str(config.torch_dtype).split(".")[-1],
+             time.monotonic() - started, cache.size_bytes / 2**20, config.max_batch_size, max_seq_len)
+    return ServingCore(engine, registry, RequestValidator(registry, tokenizer, max_seq_len), metrics, directory.name)
 
+
+def build_server(config: ServerConfig) -> RunningServer:
+    core = build_core(config)
     # Threads beyond the batch serve queued and streaming calls; past the limit gRPC itself
     # answers RESOURCE_EXHAUSTED.
     workers = config.max_batch_size + config.max_queue + 8
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[StatusInterceptor()],
                          maximum_concurrent_rpcs=workers)
-    inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceService(engine, registry, tokenizer, max_seq_len), server)
-    adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersService(registry), server)
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(core.engine, core.validator), server)
+    adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersService(core.registry), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
@@ -93,10 +115,12 @@ def build_server(config: ServerConfig) -> RunningServer:
     if port == 0:
         raise OSError(f"cannot listen on {config.host}:{config.port}")
     server.start()
-    metrics_port = metrics.serve(config.host, config.metrics_port)
+    metrics_port = core.metrics.serve(config.host, config.metrics_port)
+    http = None
+    if config.http_port is not None:
+        backend = EngineBackend(core.engine, core.validator, core.registry, core.base_name)
+        http = HttpServer(openai_app(backend), config.host, config.http_port)
+        http.start()
     for name in ("", *names):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("base %s on %s (%s, %s): weights+cache ready in %.1f s; KV cache %.0f MiB for %d x %d tokens",
-             directory.name, device, "nf4" if config.quantize else "dense", str(config.torch_dtype).split(".")[-1],
-             time.monotonic() - started, cache.size_bytes / 2**20, config.max_batch_size, max_seq_len)
-    return RunningServer(server, engine, port, metrics_port)
+    return RunningServer(server, core.engine, port, metrics_port, http)

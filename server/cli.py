@@ -22,6 +22,8 @@ def register(commands) -> None:
     parser.add_argument("--port", type=int, default=50051, help="gRPC port, 0 picks a free one (default: %(default)s)")
     parser.add_argument("--metrics-port", type=int, default=9464,
                         help="Prometheus HTTP port, 0 picks a free one (default: %(default)s)")
+    parser.add_argument("--http-port", type=int, help="also serve the OpenAI-compatible HTTP API on this port, "
+                        "0 picks a free one (default: off)")
     parser.add_argument("--max-batch-size", type=int, default=16, help="requests decoding at once (default: %(default)s)")
     parser.add_argument("--max-seq-len", type=int, default=2048, help="prompt + answer tokens (default: %(default)s)")
     parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before RESOURCE_EXHAUSTED "
@@ -63,8 +65,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"cartridge serve: {err}", file=sys.stderr)
         return 2
     # The one line scripts and tests wait for; ports are the bound ones (0 picks free ports).
+    http = f", OpenAI HTTP on http://{config.host}:{server.http.port}/v1" if server.http else ""
     print(f"cartridge: serving gRPC on {config.host}:{server.port}, metrics on "
-          f"http://{config.host}:{server.metrics_port}/metrics", flush=True)
+          f"http://{config.host}:{server.metrics_port}/metrics{http}", flush=True)
     done = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: done.set())

@@ -5,6 +5,7 @@ import logging
 import threading
 import time
 
+from .errors import Unavailable
 from .metrics import ServerMetrics
 from .runner import ModelRunner
 from .sampler import sample
@@ -19,6 +20,9 @@ class Engine:
         self.runner, self.scheduler, self.eos_ids, self.metrics = runner, scheduler, eos_ids, metrics
         self._wake = threading.Event()
         self._stopping = False
+        # Set when the server starts to stop: new requests are refused on every edge (UNAVAILABLE,
+        # HTTP 503, /health 503) while running ones finish.
+        self.draining = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
     def start(self) -> None:
@@ -30,7 +34,10 @@ class Engine:
         self._thread.join()
 
     def submit(self, seq: Sequence) -> None:
-        """Queues a request (RESOURCE_EXHAUSTED when the queue is full); events arrive on seq.events."""
+        """Queues a request (RESOURCE_EXHAUSTED when the queue is full, UNAVAILABLE while draining);
+        events arrive on seq.events."""
+        if self.draining:
+            raise Unavailable("the server is draining: it finishes running requests and takes no new ones")
         self.scheduler.add(seq)
         self._wake.set()
 

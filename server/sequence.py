@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from .adapter_registry import RegisteredAdapter
+from .errors import ServingError
 from .text_stream import TextStream
 
 
@@ -21,7 +22,7 @@ class FinishReason(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """Validated at the gRPC edge; temperature 0 means greedy."""
+    """Validated at the edge (generate_request.py); temperature 0 means greedy."""
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
@@ -37,6 +38,12 @@ class Event:
     finish_reason: FinishReason | None = None
     completion_tokens: int = 0
     error: str | None = None     # set when the server failed the request
+
+    def checked(self) -> "Event":
+        """The event, or the server's failure raised for the edge to report."""
+        if self.error:
+            raise ServingError(self.error)
+        return self
 
 
 _ids = itertools.count()

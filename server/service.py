@@ -1,21 +1,15 @@
 """The gRPC edge: checks each request once, into typed values, and hands it to the engine."""
 from __future__ import annotations
 
-import math
 from typing import Iterator
 
-from adapters.formats.chat import render_prompt
 from cartridge.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 from .adapter_registry import AdapterRegistry, RegisteredAdapter, check_name
 from .engine import Engine
-from .errors import InvalidArgument, ServingError
-from .sequence import Event, FinishReason, SamplingParams, Sequence
-from .text_stream import TextStream
+from .generate_request import GenerateRequest, RequestValidator
+from .sequence import Event, FinishReason, Sequence
 
-DEFAULT_MAX_TOKENS = 256
-MAX_STOP_STRINGS = 16
-_ROLES = ("system", "user", "assistant")
 _FINISH = {
     FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
     FinishReason.STOP: inference_pb2.FINISH_REASON_STOP,
@@ -24,8 +18,8 @@ _FINISH = {
 
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, engine: Engine, registry: AdapterRegistry, tokenizer, max_seq_len: int):
-        self.engine, self.registry, self.tokenizer, self.max_seq_len = engine, registry, tokenizer, max_seq_len
+    def __init__(self, engine: Engine, validator: RequestValidator):
+        self.engine, self.validator = engine, validator
 
     def Generate(self, request, context) -> inference_pb2.GenerateResponse:
         seq = self._start(request, context)
@@ -43,7 +37,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 yield self._response(seq, event.text, event)
 
     def _start(self, request, context) -> Sequence:
-        seq = self._sequence(request)
+        seq = self.validator.sequence(from_proto(request))
         self.engine.submit(seq)
         # Fires on cancellation and on an expired deadline: the slot is freed at the next step.
         context.add_callback(lambda: self.engine.cancel(seq))
@@ -53,9 +47,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     def _events(seq: Sequence) -> Iterator[Event]:
         while True:
             event = seq.events.get()
-            if event.error:
-                raise ServingError(event.error)
-            yield event
+            yield event.checked()
             if event.finish_reason is not None:
                 return
 
@@ -65,58 +57,13 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             text=text, finish_reason=_FINISH.get(last.finish_reason, inference_pb2.FINISH_REASON_UNSPECIFIED),
             prompt_tokens=len(seq.prompt_ids), completion_tokens=last.completion_tokens, adapter=seq.adapter_name)
 
-    def _sequence(self, request) -> Sequence:
-        adapter = self._adapter(request.adapter)
-        prompt_ids = self._prompt_ids(request)
-        room = self.max_seq_len - len(prompt_ids)
-        if room <= 0:
-            raise InvalidArgument(f"prompt is {len(prompt_ids)} tokens; this server's context holds "
-                                  f"{self.max_seq_len} tokens with the answer")
-        max_tokens = request.max_tokens or min(DEFAULT_MAX_TOKENS, room)
-        if max_tokens > room:
-            raise InvalidArgument(f"max_tokens {max_tokens} with a {len(prompt_ids)}-token prompt does not fit the "
-                                  f"context of {self.max_seq_len} tokens; at most {room} fit")
-        params = SamplingParams(max_tokens=max_tokens, temperature=_temperature(request.temperature),
-                                top_p=_top_p(request.top_p), top_k=request.top_k,
-                                seed=request.seed if request.HasField("seed") else None, stop=_stop(request.stop))
-        return Sequence(prompt_ids, params, adapter, TextStream(self.tokenizer, params.stop))
 
-    def _adapter(self, name: str) -> RegisteredAdapter | None:
-        return self.registry.get(check_name(name, "adapter")) if name else None
-
-    def _prompt_ids(self, request) -> list[int]:
-        if bool(request.prompt) == bool(request.messages):
-            raise InvalidArgument("give exactly one of prompt and messages")
-        if request.prompt:
-            return self.tokenizer.encode(request.prompt)
-        for i, message in enumerate(request.messages):
-            if message.role not in _ROLES:
-                raise InvalidArgument(f"messages[{i}].role is {message.role!r}; expected one of {_ROLES}")
-        try:
-            return render_prompt(self.tokenizer, [{"role": m.role, "content": m.content} for m in request.messages])
-        except ValueError as err:
-            raise InvalidArgument(f"messages: {err}") from None
-
-
-def _temperature(value: float) -> float:
-    if not math.isfinite(value) or value < 0 or value > 100:
-        raise InvalidArgument(f"temperature must be between 0 (greedy) and 100, got {value}")
-    return value
-
-
-def _top_p(value: float) -> float:
-    if not math.isfinite(value) or value < 0 or value > 1:
-        raise InvalidArgument(f"top_p must be between 0 and 1 (0 means 1), got {value}")
-    return value or 1.0
-
-
-def _stop(values) -> tuple[str, ...]:
-    if len(values) > MAX_STOP_STRINGS:
-        raise InvalidArgument(f"stop has {len(values)} strings; at most {MAX_STOP_STRINGS}")
-    for i, value in enumerate(values):
-        if not value or len(value) > 256:
-            raise InvalidArgument(f"stop[{i}] must be 1 to 256 characters")
-    return tuple(values)
+def from_proto(request: inference_pb2.GenerateRequest) -> GenerateRequest:
+    return GenerateRequest(
+        prompt=request.prompt, messages=tuple((m.role, m.content) for m in request.messages),
+        adapter=request.adapter, max_tokens=request.max_tokens, temperature=request.temperature,
+        top_p=request.top_p, top_k=request.top_k, seed=request.seed if request.HasField("seed") else None,
+        stop=tuple(request.stop))
 
 
 class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
