@@ -18,7 +18,7 @@ COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"   # the base model keeps counting: a
 
 @pytest.fixture(scope="module")
 def server_flags(adapter_dirs) -> list[str]:
-    return ["--max-batch-size", "1", "--max-queue", "1", "--max-adapters", "1", "--max-lora-rank", "16",
+    return ["--http-port", "0", "--max-batch-size", "1", "--max-queue", "1", "--max-adapters", "1", "--max-lora-rank", "16",
             "--max-seq-len", "400", "--adapter", f"qv8={adapter_dirs['qv8']}", "--adapter", f"mlp4={adapter_dirs['mlp4']}"]
 
 
@@ -51,6 +51,33 @@ def test_full_queue_is_resource_exhausted_and_a_cancel_frees_the_slot(client, se
         assert waiting.result().completion_tokens == 5  # got the freed slot long before 350 tokens
     assert cancelled_count(server) == before + 1
     assert client.generate(PROMPT, max_tokens=3).completion_tokens == 3
+
+
+def test_http_full_queue_is_429_and_a_client_timeout_frees_the_slot(client, server):
+    import openai
+
+    api = openai.OpenAI(base_url=server.http_url, api_key="unused", max_retries=0, timeout=120)
+    running = client.generate_stream(COUNTING, max_tokens=350)
+    next(running)                                       # holds the only decode slot
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(api.completions.create, model="base", prompt=COUNTING, max_tokens=5, temperature=0)
+        deadline = time.monotonic() + 10
+        while gauge(server, "cartridge_requests_waiting") < 1:
+            assert time.monotonic() < deadline, "the HTTP request never queued"
+            time.sleep(0.02)
+        with pytest.raises(openai.RateLimitError) as err:
+            api.completions.create(model="base", prompt=PROMPT, max_tokens=2)
+        assert err.value.status_code == 429 and "queue is full" in err.value.body["message"]
+        running.close()
+        assert waiting.result().usage.completion_tokens == 5
+    before = cancelled_count(server)
+    with pytest.raises(openai.APITimeoutError):
+        api.with_options(timeout=0.5).completions.create(model="base", prompt=COUNTING, max_tokens=350)
+    deadline = time.monotonic() + 10
+    while cancelled_count(server) < before + 1:        # the server saw the caller leave and freed the slot
+        assert time.monotonic() < deadline, "the abandoned HTTP request was never cancelled"
+        time.sleep(0.05)
+    assert api.completions.create(model="base", prompt=PROMPT, max_tokens=3).usage.completion_tokens == 3
 
 
 def test_expired_deadline_frees_the_slot(server):
