@@ -29,7 +29,7 @@ from .metrics import ServerMetrics
 from .runner import ModelRunner
 from .scheduler import Scheduler
 from .service import AdaptersService, InferenceService
-from .weights import load_model
+from .weights import base_weight_bytes, load_model
 
 log = logging.getLogger("cartridge")
 
@@ -85,7 +85,10 @@ def build_core(config: ServerConfig) -> ServingCore:
     registry = AdapterRegistry(BaseShape.from_config(model_config), config.max_lora_rank)
     for name, path in config.adapters:
         registry.register(name, path)
-    metrics = ServerMetrics(device)
+    metrics = ServerMetrics(device, config.max_adapters)
+    for part, size in (("base_weights", base_weight_bytes(model)), ("kv_cache", cache.size_bytes),
+                       ("lora_slots", sum(stack.size_bytes for stack in stacks.values()))):
+        metrics.device_memory.labels(part).set(size)
     scheduler = Scheduler(config.max_batch_size, config.max_queue, config.max_prefill_tokens, adapter_slots)
     graphs = DecodeGraphs(model, cache, config.max_lora_rank, device) if config.on_cuda and config.cuda_graphs else None
     runner = ModelRunner(model, cache, adapter_slots, device, graphs)

@@ -63,9 +63,7 @@ class Engine:
         if decoding:
             self.metrics.decode_batch.observe(len(decoding))
             self._run(decoding, self.runner.decode)
-        self.metrics.running.set(len(self.scheduler.running))
-        self.metrics.waiting.set(self.scheduler.num_waiting)
-        self.metrics.adapters_resident.set(self.scheduler.adapter_slots.num_resident)
+        self.metrics.observe_schedule(self.scheduler)
         if not admitted and not decoding and self.scheduler.waiting:
             # Everyone waiting needs an adapter slot that running requests still hold.
             self._wake.wait(0.005)

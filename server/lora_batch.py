@@ -49,6 +49,10 @@ class LoraStack:
         self.a = torch.zeros(num_slots, max_rank, in_features, dtype=dtype, device=device)
         self.b = torch.zeros(num_slots, out_features, max_rank, dtype=dtype, device=device)
 
+    @property
+    def size_bytes(self) -> int:
+        return self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()
+
     def load(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float) -> None:
         """Puts one adapter's A [r, in] and B [out, r] in `slot`; None clears the slot (not targeted)."""
         self.a[slot].zero_()

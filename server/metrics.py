@@ -9,6 +9,7 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
+from .scheduler import Scheduler
 from .sequence import Sequence
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
@@ -41,8 +42,26 @@ class _MemoryCollector:
         yield reserved
 
 
+class _LoraInfoCollector:
+    """vLLM's lora_requests_info under our name: the adapters of running and waiting requests and the
+    device slot limit, as labels (what the Gateway API Inference Extension's endpoint picker reads).
+    The value is when the engine last looked, as vLLM's is."""
+
+    def __init__(self, max_lora: int):
+        self.max_lora = str(max_lora)
+        self.snapshot: tuple[float, str, str] = (time.time(), "", "")   # replaced whole by the engine thread
+
+    def collect(self):
+        at, running, waiting = self.snapshot
+        info = GaugeMetricFamily("cartridge_lora_requests_info", "Adapters of running and waiting requests "
+                                 "(comma-separated) and the adapters a device holds at once",
+                                 labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+        info.add_metric([running, waiting, self.max_lora], at)
+        yield info
+
+
 class ServerMetrics:
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, max_lora: int):
         self.registry = CollectorRegistry()
         r = self.registry
         self.latency = Histogram("cartridge_request_latency_seconds", "Arrival to last token of a request",
@@ -60,12 +79,29 @@ class ServerMetrics:
         self.decode_batch = Histogram("cartridge_decode_batch_size", "Requests advanced together by one decode pass",
                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.adapters_resident = Gauge("cartridge_adapters_resident", "Adapters loaded in device slots", registry=r)
+        self.kv_cache_usage = Gauge("cartridge_kv_cache_usage_ratio",
+                                    "Share of KV-cache slots held by running requests (0 to 1); each request "
+                                    "reserves a whole slot, so at 1 new requests wait", registry=r)
+        self.device_memory = Gauge("cartridge_device_memory_bytes", "Device memory reserved at start, by part: "
+                                   "base_weights, lora_slots (every adapter slot), kv_cache", ["part"], registry=r)
+        self._lora_info = _LoraInfoCollector(max_lora)
         r.register(_MemoryCollector(device))
+        r.register(self._lora_info)
 
     def serve(self, host: str, port: int) -> int:
         """Starts the HTTP endpoint; returns the bound port (useful with port 0)."""
         server, _ = start_http_server(port, addr=host, registry=self.registry)
         return server.server_port
+
+    def observe_schedule(self, scheduler: Scheduler) -> None:
+        """Called by the engine after every step."""
+        self.running.set(len(scheduler.running))
+        self.waiting.set(scheduler.num_waiting)
+        self.kv_cache_usage.set(len(scheduler.running) / scheduler.num_kv_slots)
+        self.adapters_resident.set(scheduler.adapter_slots.num_resident)
+        running, waiting = scheduler.adapter_names()
+        if (running, waiting) != self._lora_info.snapshot[1:]:
+            self._lora_info.snapshot = (time.time(), running, waiting)
 
     def finished(self, seq: Sequence) -> None:
         now, adapter = time.monotonic(), seq.adapter_name

@@ -105,3 +105,28 @@ def test_replace_swaps_weights_for_new_requests(client, adapter_dirs):
     assert info.rank == 4
     assert client.generate(PROMPT, adapter="qv8", max_tokens=12).text == mlp4
     client.register_adapter("qv8", str(adapter_dirs["qv8"]), replace=True)
+
+
+def test_router_metrics_show_running_and_waiting_adapters(client, server):
+    """What the endpoint picker reads: queue, KV-cache use, and which adapters run and wait."""
+    running = client.generate_stream(COUNTING, adapter="qv8", max_tokens=350)
+    next(running)                                       # qv8 holds the only decode slot and adapter slot
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(client.generate, PROMPT, adapter="mlp4", max_tokens=2)
+        deadline = time.monotonic() + 10
+        while gauge(server, "cartridge_requests_waiting") < 1:
+            assert time.monotonic() < deadline, "the mlp4 request never queued"
+            time.sleep(0.02)
+        text = urllib.request.urlopen(server.metrics_url).read().decode()
+        running.close()
+        assert waiting.result().completion_tokens == 2
+    assert re.search(r"^cartridge_requests_running 1\.0$", text, re.M)
+    assert re.search(r"^cartridge_kv_cache_usage_ratio 1\.0$", text, re.M)
+    info = re.search(r"^cartridge_lora_requests_info\{(.*)\} (\S+)$", text, re.M)
+    assert dict(re.findall(r'(\w+)="([^"]*)"', info[1])) == \
+        {"running_lora_adapters": "qv8", "waiting_lora_adapters": "mlp4", "max_lora": "1"}
+    assert abs(float(info[2]) - time.time()) < 60      # when the engine last saw a change, as vLLM's
+    deadline = time.monotonic() + 10
+    while gauge(server, "cartridge_kv_cache_usage_ratio") != 0:   # all finished: the cache is free again
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
