@@ -122,7 +122,7 @@ def build_server(config: ServerConfig) -> RunningServer:
     http = None
     if config.http_port is not None:
         backend = EngineBackend(core.engine, core.validator, core.registry, core.base_name)
-        http = HttpServer(openai_app(backend), config.host, config.http_port)
+        http = HttpServer(openai_app(backend, core.metrics.registry), config.host, config.http_port)
         http.start()
     for name in ("", *names):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

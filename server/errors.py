@@ -14,6 +14,10 @@ class ServingError(Exception):
         super().__init__(message)
         self.field = field       # the request field at fault, when one is (OpenAI's "param")
 
+    def __reduce__(self):
+        # Crosses processes whole (a Ray replica's refusal reaches the ingress with its field).
+        return type(self), (str(self), self.field)
+
 
 class InvalidArgument(ServingError):
     code = grpc.StatusCode.INVALID_ARGUMENT

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Protocol
 
 import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -97,7 +98,8 @@ class EngineBackend:
                 self.engine.cancel(seq)
 
 
-def openai_app(backend: Backend) -> Starlette:
+def openai_app(backend: Backend, metrics: CollectorRegistry | None = None) -> Starlette:
+    """`metrics`: also serve them at /metrics, the path and port an endpoint picker scrapes by default."""
     async def health(_: Request) -> Response:
         if backend.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
@@ -115,9 +117,15 @@ def openai_app(backend: Backend) -> Starlette:
     async def completions(request: Request) -> Response:
         return await _complete(backend, request, chat=False)
 
-    return Starlette(routes=[Route("/health", health), Route("/v1/models", models),
-                             Route("/v1/chat/completions", chat, methods=["POST"]),
-                             Route("/v1/completions", completions, methods=["POST"])],
+    async def prometheus(_: Request) -> Response:
+        return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
+
+    routes = [Route("/health", health), Route("/v1/models", models),
+              Route("/v1/chat/completions", chat, methods=["POST"]),
+              Route("/v1/completions", completions, methods=["POST"])]
+    if metrics is not None:
+        routes.append(Route("/metrics", prometheus))
+    return Starlette(routes=routes,
                      # ServingError and format errors are answered quietly; anything else is a bug, logged.
                      exception_handlers={ServingError: _error_response, AdapterFormatError: _error_response,
                                          Exception: _error_response})

@@ -26,7 +26,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         pieces = []
         for event in self._events(seq):
             pieces.append(event.text)
-        return self._response(seq, "".join(pieces), event)
+        return response_proto("".join(pieces), event, len(seq.prompt_ids), seq.adapter_name)
 
     def GenerateStream(self, request, context) -> Iterator[inference_pb2.GenerateResponse]:
         seq = self._start(request, context)
@@ -34,7 +34,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             if event.finish_reason is None:
                 yield inference_pb2.GenerateResponse(text=event.text)
             else:
-                yield self._response(seq, event.text, event)
+                yield response_proto(event.text, event, len(seq.prompt_ids), seq.adapter_name)
 
     def _start(self, request, context) -> Sequence:
         seq = self.validator.sequence(from_proto(request))
@@ -51,11 +51,14 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             if event.finish_reason is not None:
                 return
 
-    @staticmethod
-    def _response(seq: Sequence, text: str, last: Event) -> inference_pb2.GenerateResponse:
-        return inference_pb2.GenerateResponse(
-            text=text, finish_reason=_FINISH.get(last.finish_reason, inference_pb2.FINISH_REASON_UNSPECIFIED),
-            prompt_tokens=len(seq.prompt_ids), completion_tokens=last.completion_tokens, adapter=seq.adapter_name)
+
+
+def response_proto(text: str, last: Event, prompt_tokens: int, adapter: str) -> inference_pb2.GenerateResponse:
+    """The answer (or a stream's last message) once `last` carries the outcome; a stream's other pieces
+    are just their text."""
+    return inference_pb2.GenerateResponse(
+        text=text, finish_reason=_FINISH.get(last.finish_reason, inference_pb2.FINISH_REASON_UNSPECIFIED),
+        prompt_tokens=prompt_tokens, completion_tokens=last.completion_tokens, adapter=adapter)
 
 
 def from_proto(request: inference_pb2.GenerateRequest) -> GenerateRequest:

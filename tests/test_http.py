@@ -101,9 +101,13 @@ def test_models_lists_the_base_and_every_adapter_with_the_base_as_parent(api, cl
     assert "mlp4" not in {m.id for m in api.models.list()}
 
 
-def test_health(server):
-    with urllib.request.urlopen(server.http_url.removesuffix("/v1") + "/health") as reply:
+def test_health_and_metrics_on_the_http_port(server):
+    root = server.http_url.removesuffix("/v1")
+    with urllib.request.urlopen(root + "/health") as reply:
         assert (reply.status, json.load(reply)) == (200, {"status": "ok"})
+    # An endpoint picker scrapes the serving port's /metrics by default: the same registry is there.
+    text = urllib.request.urlopen(root + "/metrics").read().decode()
+    assert "cartridge_lora_requests_info{" in text and "cartridge_kv_cache_usage_ratio" in text
 
 
 @pytest.mark.parametrize("fields, error, param, words", [
