@@ -8,10 +8,9 @@ holds its adapter and keeps at most --max-adapters of them per replica (its LRU 
 Ray's LRU counts nothing in flight, so an adapter it evicts stays registered until the last
 request using it on that replica has finished.
 
-Requests come in two ways, both through Ray's proxies: gRPC with our own proto (the adapter in the
-`multiplexed_model_id` metadata, so Ray can route on it, and optionally in the request too), and the
-OpenAI HTTP API through `OpenAIIngress`, which reads `model` from the body and routes the same way.
-Each answer says which replica served it and whether the adapter was already there ("hit") or had
+Requests come in through Ray's proxies to `Ingress`, two ways: gRPC with our own proto (the adapter
+in the `multiplexed_model_id` metadata and/or the request), and the OpenAI HTTP API (`model` in the
+body). Ingress hands each to a replica chosen by its adapter as the multiplexed model id. Each answer says which replica served it and whether the adapter was already there ("hit") or had
 to be loaded ("miss"): HTTP headers x-cartridge-replica / x-cartridge-adapter-cache, gRPC trailing
 metadata of the same names. No `@serve.batch`: the engine batches mixed adapters itself.
 """
@@ -26,7 +25,10 @@ from typing import AsyncIterator
 
 from ray import serve
 
+from cartridge.v1 import inference_pb2
+
 from .errors import InvalidArgument, ServingError, status_of
+from .service import from_proto, response_proto
 
 APP_NAME = "cartridge"
 
@@ -97,61 +99,25 @@ class CartridgeReplica:
             self.core.registry.unregister(adapter.name)
 
     async def generate(self, request) -> AsyncIterator[Started | object]:
-        """For OpenAIIngress: Started, then the engine's events, the last with the outcome."""
+        """Started, then the engine's events, the last with the outcome. `request` is a GenerateRequest
+        whose adapter is the multiplexed model id the ingress routed it by."""
         started, events = await self._start(request)
         yield started
         async for event in events:
             yield event
 
-    async def Generate(self, request, grpc_context):
-        from .service import from_proto, response_proto
-
-        try:
-            started, events = await self._start(from_proto(request))
-            pieces = [event async for event in events]
-        except ServingError as error:
-            return _refuse(grpc_context, error)
-        _trailers(grpc_context, started)
-        return response_proto("".join(e.text for e in pieces), pieces[-1], started.prompt_tokens,
-                              self._adapter_of(request))
-
-    async def GenerateStream(self, request, grpc_context):
-        from cartridge.v1 import inference_pb2
-
-        from .service import from_proto, response_proto
-
-        try:
-            started, events = await self._start(from_proto(request))
-            _trailers(grpc_context, started)
-            async for event in events:
-                if event.finish_reason is None:
-                    yield inference_pb2.GenerateResponse(text=event.text)
-                else:
-                    yield response_proto(event.text, event, started.prompt_tokens, self._adapter_of(request))
-        except ServingError as error:
-            yield _refuse(grpc_context, error)
-
-    @staticmethod
-    def _adapter_of(request) -> str:
-        return request.adapter or serve.get_multiplexed_model_id()
-
     async def _start(self, request) -> tuple[Started, AsyncIterator]:
         from .adapter_registry import check_name
 
-        routed = serve.get_multiplexed_model_id()
-        if routed and request.adapter and routed != request.adapter:
-            raise InvalidArgument(f"adapter {request.adapter!r} differs from the multiplexed_model_id "
-                                  f"{routed!r} the request was routed by")
-        name = request.adapter or routed
-        if not name:
+        if not request.adapter:
             generation = await self.backend.generate(request)
             return Started(generation.prompt_tokens, self.replica, ""), generation.events
-        check_name(name, request.adapter_field)      # before it becomes a path under the store
-        cache = "hit" if name in self._resident else "miss"
-        adapter = await self._load(name)
+        check_name(request.adapter, request.adapter_field)      # before it becomes a path under the store
+        cache = "hit" if request.adapter in self._resident else "miss"
+        adapter = await self._load(request.adapter)
         adapter.acquire()
         try:
-            generation = await self.backend.generate(dataclasses.replace(request, adapter=name))
+            generation = await self.backend.generate(request)
         except BaseException:
             adapter.done()
             raise
@@ -164,20 +130,6 @@ async def _releasing(events: AsyncIterator, adapter: ResidentAdapter) -> AsyncIt
             yield event
     finally:
         adapter.done()
-
-
-def _refuse(grpc_context, error: ServingError):
-    from cartridge.v1 import inference_pb2
-
-    code, message = status_of(error)
-    grpc_context.set_code(code)
-    grpc_context.set_details(message)
-    return inference_pb2.GenerateResponse()
-
-
-def _trailers(grpc_context, started: Started) -> None:
-    grpc_context.set_trailing_metadata([("x-cartridge-replica", started.replica),
-                                        ("x-cartridge-adapter-cache", started.cache)])
 
 
 class RayBackend:
@@ -222,9 +174,12 @@ async def _unwrapped(pending):
         raise
 
 
-@serve.deployment(name="OpenAIIngress")
+@serve.deployment(name="Ingress")
 @serve.ingress()
-class OpenAIIngress:
+class Ingress:
+    """The application's front: Ray's proxies send every request here, HTTP (the OpenAI app) and gRPC
+    (our Inference service), and it routes each to a replica by its adapter."""
+
     def __init__(self, replicas, base_name: str, adapter_root: str):
         self.backend = RayBackend(replicas, base_name, adapter_root)
 
@@ -233,12 +188,49 @@ class OpenAIIngress:
 
         return openai_app(self.backend)
 
+    async def Generate(self, request, grpc_context):
+        try:
+            generation, adapter = await self._start(request)
+            pieces = [event async for event in generation.events]
+        except ServingError as error:
+            return _refuse(grpc_context, error)
+        grpc_context.set_trailing_metadata(list(generation.headers.items()))
+        return response_proto("".join(e.text for e in pieces), pieces[-1], generation.prompt_tokens, adapter)
+
+    async def GenerateStream(self, request, grpc_context):
+        try:
+            generation, adapter = await self._start(request)
+            grpc_context.set_trailing_metadata(list(generation.headers.items()))
+            async for event in generation.events:
+                if event.finish_reason is None:
+                    yield inference_pb2.GenerateResponse(text=event.text)
+                else:
+                    yield response_proto(event.text, event, generation.prompt_tokens, adapter)
+        except ServingError as error:
+            yield _refuse(grpc_context, error)
+
+    async def _start(self, request):
+        # Ray routes gRPC calls by the multiplexed_model_id metadata; the request may repeat it.
+        routed = serve.get_multiplexed_model_id()
+        if routed and request.adapter and routed != request.adapter:
+            raise InvalidArgument(f"adapter {request.adapter!r} differs from the multiplexed_model_id "
+                                  f"{routed!r} metadata", field="adapter")
+        generate = dataclasses.replace(from_proto(request), adapter=request.adapter or routed)
+        return await self.backend.generate(generate), generate.adapter
+
+
+def _refuse(grpc_context, error: ServingError) -> inference_pb2.GenerateResponse:
+    code, message = status_of(error)
+    grpc_context.set_code(code)
+    grpc_context.set_details(message)
+    return inference_pb2.GenerateResponse()
+
 
 def build_app(config, adapter_root: str, replicas: int, cpus_per_replica: float, gpus_per_replica: float):
-    """The Ray Serve application: OpenAIIngress in front of `replicas` CartridgeReplicas."""
+    """The Ray Serve application: Ingress in front of `replicas` CartridgeReplicas."""
     from adapters.formats.base_checkpoint import resolve_base
 
     engines = CartridgeReplica.options(num_replicas=replicas, ray_actor_options={
         "num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica}).bind(config, adapter_root)
     base_name = resolve_base(config.base_model).name
-    return OpenAIIngress.options(ray_actor_options={"num_cpus": 0}).bind(engines, base_name, adapter_root)
+    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(engines, base_name, adapter_root)
