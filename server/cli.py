@@ -76,10 +76,15 @@ def run(args: argparse.Namespace) -> int:
     http = f", OpenAI HTTP on http://{config.host}:{server.http.port}/v1" if server.http else ""
     print(f"cartridge: serving gRPC on {config.host}:{server.port}, metrics on "
           f"http://{config.host}:{server.metrics_port}/metrics{http}", flush=True)
+    wait_for_stop_signal()
+    log.info("shutting down: finishing running requests for up to 5 s")
+    server.stop(5.0)
+    return 0
+
+
+def wait_for_stop_signal() -> None:
+    """Blocks until SIGINT or SIGTERM."""
     done = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: done.set())
     done.wait()
-    log.info("shutting down: finishing running requests for up to 5 s")
-    server.stop(5.0)
-    return 0
