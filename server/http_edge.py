@@ -60,7 +60,10 @@ class LoopEvents:
         self._loop, self._queue = loop, asyncio.Queue()
 
     def put(self, event: Event) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        except RuntimeError:    # the HTTP server has shut its loop: nobody is left to read this
+            pass
 
     async def get(self) -> Event:
         return await self._queue.get()
