@@ -205,7 +205,8 @@ def _metadata(config: MergeConfig, base_dir: Path, adapters: Sequence[LoraWeight
     metadata = {"merge.base": str(base_dir), "merge.weights_source": config.weights_source,
                 "merge.adapters": json.dumps([
                     {"path": str(a.path.resolve()), "weight": w, "r": a.config.r, "lora_alpha": a.config.lora_alpha,
-                     "use_rslora": a.config.use_rslora, "scaling": a.config.scaling}
+                     "use_rslora": a.config.use_rslora, "rank_pattern": dict(a.config.rank_pattern),
+                     "alpha_pattern": dict(a.config.alpha_pattern)}
                     for a, w in zip(adapters, config.adapter_weights)])}
     if config.weights_source == "nf4":
         metadata["merge.nf4_compute_dtype"] = str(NF4_COMPUTE_DTYPE).removeprefix("torch.")

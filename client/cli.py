@@ -12,7 +12,7 @@ import os
 import sys
 from importlib.metadata import entry_points
 
-from .client import CartridgeClient, CartridgeError
+from .client import ADMIN_TOKEN_ENV, INFERENCE_TOKEN_ENV, LOCATIONS, TLS_CA_ENV, CartridgeClient, CartridgeError
 
 DEFAULT_SERVER = os.environ.get("CARTRIDGE_SERVER", "127.0.0.1:50051")
 
@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _server_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", default=DEFAULT_SERVER,
                         help="host:port of the server (default: $CARTRIDGE_SERVER or %(default)s)")
+    parser.add_argument("--admin-token-file", metavar="FILE",
+                        help=f"token for register/unregister (default: ${ADMIN_TOKEN_ENV})")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help=f"token for inference calls (default: ${INFERENCE_TOKEN_ENV}, else the admin token)")
+    parser.add_argument("--tls-ca", metavar="PEM", help=f"connect over TLS, trusting this CA (default: ${TLS_CA_ENV})")
 
 
 def _add_generate(commands) -> None:
@@ -58,6 +63,7 @@ def _add_adapters(commands) -> None:
     register.add_argument("name")
     register.add_argument("path", help="adapter directory as the server sees it")
     register.add_argument("--replace", action="store_true", help="swap the weights of an existing name")
+    register.add_argument("--pin", action="store_true", help="keep it in a device slot for good")
     unregister = verbs.add_parser("unregister", help="remove an adapter")
     unregister.add_argument("name")
     listing = verbs.add_parser("list", help="registered adapters")
@@ -72,17 +78,29 @@ def _add_adapters(commands) -> None:
 def _register(args: argparse.Namespace) -> int:
     # The server resolves the path on its own file system: send an absolute one when it exists here.
     path = os.path.abspath(args.path) if os.path.exists(args.path) else args.path
-    return _with_client(args, lambda c: _print_adapters([c.register_adapter(args.name, path, args.replace)]))
+    return _with_client(args, lambda c: _print_adapters([c.register_adapter(args.name, path, args.replace,
+                                                                             args.pin)]))
 
 
 def _with_client(args: argparse.Namespace, action) -> int:
     try:
-        with CartridgeClient(args.server) as client:
+        tokens = {key: _read_token(getattr(args, flag), flag) for key, flag in
+                  (("admin_token", "admin_token_file"), ("inference_token", "token_file"))}
+        with CartridgeClient(args.server, tls_ca=args.tls_ca, **tokens) as client:
             action(client)
-    except CartridgeError as err:
+    except (CartridgeError, OSError) as err:
         print(f"cartridge {args.command}: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _read_token(path: str | None, flag: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        return open(path).read().strip()
+    except OSError as err:
+        raise OSError(f"--{flag.replace('_', '-')} {path}: {err.strerror}") from None
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -112,13 +130,17 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _print_adapters(adapters, as_json: bool = False) -> None:
     rows = [{"name": a.name, "rank": a.rank, "lora_alpha": a.lora_alpha, "use_rslora": a.use_rslora,
-             "target_modules": list(a.target_modules), "size_bytes": a.size_bytes, "path": a.path} for a in adapters]
+             "target_modules": list(a.target_modules), "size_bytes": a.size_bytes, "path": a.path,
+             "location": LOCATIONS[a.location], "device_slot": a.device_slot or None, "pinned": a.pinned,
+             "sha256": a.sha256, "problem": a.problem or None} for a in adapters]
     if as_json:
         print(json.dumps(rows))
         return
     for row in rows:
+        where = f"slot {row['device_slot']}" if row["device_slot"] else row["location"]
+        flags = (" pinned" if row["pinned"] else "") + (f" UNUSABLE: {row['problem']}" if row["problem"] else "")
         print(f"{row['name']}\trank {row['rank']}\talpha {row['lora_alpha']:g}\t{','.join(row['target_modules'])}\t"
-              f"{row['size_bytes'] / 2**20:.1f} MiB\t{row['path']}")
+              f"{row['size_bytes'] / 2**20:.1f} MiB\t{where}{flags}\t{row['path']}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,12 +1,24 @@
 """A thin Python client for a Cartridge server. Needs grpc and the generated protos, not torch."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import grpc
 
 from cartridge.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
+
+ADMIN_TOKEN_ENV = "CARTRIDGE_ADMIN_TOKEN"
+INFERENCE_TOKEN_ENV = "CARTRIDGE_INFERENCE_TOKEN"
+TLS_CA_ENV = "CARTRIDGE_TLS_CA"
+LOCATIONS = {
+    adapters_pb2.ADAPTER_LOCATION_UNSPECIFIED: None,
+    adapters_pb2.ADAPTER_LOCATION_DEVICE: "device",
+    adapters_pb2.ADAPTER_LOCATION_HOST: "host",
+    adapters_pb2.ADAPTER_LOCATION_DISK: "disk",
+}
 
 FINISH_REASONS = {
     inference_pb2.FINISH_REASON_UNSPECIFIED: None,
@@ -40,8 +52,22 @@ class Completion:
 
 
 class CartridgeClient:
-    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = None):
-        self._channel = grpc.insecure_channel(target)
+    """`admin_token` (Register/Unregister) and `inference_token` default to $CARTRIDGE_ADMIN_TOKEN and
+    $CARTRIDGE_INFERENCE_TOKEN; `tls_ca` (a PEM file that signed the server's certificate, default
+    $CARTRIDGE_TLS_CA) turns on TLS."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float | None = None, *,
+                 admin_token: str | None = None, inference_token: str | None = None, tls_ca: str | None = None):
+        admin_token = admin_token or os.environ.get(ADMIN_TOKEN_ENV)
+        inference_token = inference_token or os.environ.get(INFERENCE_TOKEN_ENV) or admin_token
+        self._admin_metadata = _bearer(admin_token)
+        self._inference_metadata = _bearer(inference_token)
+        tls_ca = tls_ca or os.environ.get(TLS_CA_ENV)
+        if tls_ca:
+            credentials = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+            self._channel = grpc.secure_channel(target, credentials)
+        else:
+            self._channel = grpc.insecure_channel(target)
         self._inference = inference_pb2_grpc.InferenceStub(self._channel)
         self._adapters = adapters_pb2_grpc.AdaptersStub(self._channel)
         self.timeout = timeout
@@ -57,12 +83,14 @@ class CartridgeClient:
 
     def generate(self, prompt: str = "", **options) -> Completion:
         """One whole answer. `options`: messages, adapter, max_tokens, temperature, top_p, top_k, seed, stop."""
-        return Completion.from_proto(self._call(self._inference.Generate, _request(prompt, **options)))
+        return Completion.from_proto(self._call(self._inference.Generate, _request(prompt, **options),
+                                                self._inference_metadata))
 
     def generate_stream(self, prompt: str = "", **options) -> Iterator[Completion]:
         """Pieces of the answer as they are generated; the last carries finish_reason and counts.
         Closing the iterator early cancels the request."""
-        call = self._inference.GenerateStream(_request(prompt, **options), timeout=self.timeout)
+        call = self._inference.GenerateStream(_request(prompt, **options), timeout=self.timeout,
+                                              metadata=self._inference_metadata)
         try:
             for message in call:
                 yield Completion.from_proto(message)
@@ -71,19 +99,23 @@ class CartridgeClient:
         finally:
             call.cancel()  # a caller that stops reading early frees its slot on the server at once
 
-    def register_adapter(self, name: str, path: str, replace: bool = False) -> adapters_pb2.AdapterInfo:
-        request = adapters_pb2.RegisterAdapterRequest(name=name, path=path, replace=replace)
-        return self._call(self._adapters.RegisterAdapter, request)
+    def register_adapter(self, name: str, path: str, replace: bool = False,
+                         pin: bool = False) -> adapters_pb2.AdapterInfo:
+        request = adapters_pb2.RegisterAdapterRequest(name=name, path=path, replace=replace, pin=pin)
+        return self._call(self._adapters.RegisterAdapter, request, self._admin_metadata)
 
     def unregister_adapter(self, name: str) -> None:
-        self._call(self._adapters.UnregisterAdapter, adapters_pb2.UnregisterAdapterRequest(name=name))
+        self._call(self._adapters.UnregisterAdapter, adapters_pb2.UnregisterAdapterRequest(name=name),
+                   self._admin_metadata)
 
     def list_adapters(self) -> list[adapters_pb2.AdapterInfo]:
-        return list(self._call(self._adapters.ListAdapters, adapters_pb2.ListAdaptersRequest()).adapters)
+        """Each adapter's settings, `location` (ADAPTER_LOCATION_*, see LOCATIONS), `pinned` and `problem`."""
+        return list(self._call(self._adapters.ListAdapters, adapters_pb2.ListAdaptersRequest(),
+                               self._inference_metadata).adapters)
 
-    def _call(self, method, request):
+    def _call(self, method, request, metadata):
         try:
-            return method(request, timeout=self.timeout)
+            return method(request, timeout=self.timeout, metadata=metadata)
         except grpc.RpcError as err:
             raise CartridgeError(err.code(), err.details()) from None
 
@@ -95,3 +127,7 @@ def _request(prompt: str = "", *, messages: Sequence[dict[str, str]] = (), adapt
         prompt=prompt, messages=[inference_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
         adapter=adapter, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
         stop=list(stop))
+
+
+def _bearer(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token.strip()}"),) if token else ()

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import torch
@@ -16,12 +18,14 @@ from adapters.formats.adapter_dir import BaseShape
 from adapters.formats.base_checkpoint import resolve_base
 from cartridge.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
+from .adapter_files import AdapterFilePolicy
 from .adapter_registry import AdapterRegistry
 from .adapter_slots import AdapterSlots
 from .config import ServerConfig
 from .cuda_graphs import DecodeGraphs
 from .engine import Engine
-from .errors import StatusInterceptor
+from .errors import StatusInterceptor, Unavailable
+from .gate import CallGate
 from .generate_request import RequestValidator
 from .http_edge import EngineBackend, HttpServer, openai_app
 from .kv_cache import KVCache
@@ -34,6 +38,13 @@ from .weights import base_weight_bytes, load_model
 log = logging.getLogger("cartridge")
 
 
+@dataclass(frozen=True, slots=True)
+class DrainReport:
+    seconds: float
+    in_flight: int    # calls running when the drain began
+    cut_off: int      # of those and later queued ones, still running at the timeout
+
+
 @dataclass
 class ServingCore:
     """One engine with its adapters, before any edge: what each front door (and each Ray replica) wraps."""
@@ -41,6 +52,7 @@ class ServingCore:
     registry: AdapterRegistry
     validator: RequestValidator
     metrics: ServerMetrics
+    gate: CallGate
     base_name: str
 
 
@@ -48,16 +60,35 @@ class ServingCore:
 class RunningServer:
     grpc_server: grpc.Server
     engine: Engine
+    gate: CallGate
+    health: health.HealthServicer
     port: int
     metrics_port: int
     http: HttpServer | None = None
 
-    def stop(self, grace: float | None = 5.0) -> None:
-        self.engine.draining = True
-        self.grpc_server.stop(grace).wait()
+    def drain(self, timeout: float, hurry: threading.Event | None = None) -> DrainReport:
+        """Graceful stop: NOT_SERVING and UNAVAILABLE for new calls at once, running calls get up to
+        `timeout` s (or until `hurry` is set), then whatever still runs ends with UNAVAILABLE."""
+        started = time.monotonic()
+        self.health.enter_graceful_shutdown()
+        self.gate.begin_drain()
+        in_flight = self.gate.in_flight
+        deadline = started + timeout
+        while not (finished := self.gate.wait_idle(0.05)):
+            if time.monotonic() >= deadline or (hurry is not None and hurry.is_set()):
+                break
+        cut_off = 0 if finished else self.gate.in_flight
+        if not finished:
+            self.engine.abort_all(Unavailable(
+                f"the server shut down before this request finished: it waited {time.monotonic() - started:.1f} s "
+                f"(--drain-timeout {timeout:g}) after SIGTERM; retry on another instance"))
+            self.gate.wait_idle(5.0)   # the ended calls send their status
+        seconds = time.monotonic() - started
+        self.grpc_server.stop(1.0).wait()
         if self.http is not None:
             self.http.stop()
         self.engine.stop()
+        return DrainReport(seconds, in_flight, cut_off)
 
 
 def eos_ids(directory, tokenizer) -> frozenset[int]:
@@ -78,11 +109,14 @@ def build_core(config: ServerConfig) -> ServingCore:
     tokenizer = AutoTokenizer.from_pretrained(directory)
     max_seq_len = min(config.max_seq_len, model_config.max_position_embeddings)
     model, stacks = load_model(directory, model_config, config.torch_dtype, device, config.quantize,
-                               config.max_adapters + 1, config.max_lora_rank)
+                               config.max_adapters + 1, config.max_lora_rank, kernels=config.kernels,
+                               nf4_kernel_max_rows=config.nf4_kernel_max_rows)
     cache = KVCache(model.args.n_layers, config.max_batch_size, max_seq_len, model.args.n_kv_heads,
                     model.args.head_dim, config.torch_dtype, device)
     adapter_slots = AdapterSlots(stacks, config.max_adapters)
-    registry = AdapterRegistry(BaseShape.from_config(model_config), config.max_lora_rank)
+    registry = AdapterRegistry(BaseShape.from_config(model_config), config.max_lora_rank,
+                               AdapterFilePolicy(config.adapter_root, config.max_adapter_bytes),
+                               config.max_adapters, config.max_host_adapter_bytes)
     for name, path in config.adapters:
         registry.register(name, path)
     metrics = ServerMetrics(device, config.max_adapters)
@@ -91,13 +125,18 @@ def build_core(config: ServerConfig) -> ServingCore:
         metrics.device_memory.labels(part).set(size)
     scheduler = Scheduler(config.max_batch_size, config.max_queue, config.max_prefill_tokens, adapter_slots)
     graphs = DecodeGraphs(model, cache, config.max_lora_rank, device) if config.on_cuda and config.cuda_graphs else None
+    if graphs is not None:
+        captured = time.monotonic()
+        count = graphs.capture_all()
+        log.info("captured %d decode graphs in %.1f s", count, time.monotonic() - captured)
     runner = ModelRunner(model, cache, adapter_slots, device, graphs)
-    engine = Engine(runner, scheduler, eos_ids(directory, tokenizer), metrics)
+    engine = Engine(runner, scheduler, eos_ids(directory, tokenizer), metrics, registry)
     engine.start()
     log.info("base %s on %s (%s, %s): weights+cache ready in %.1f s; KV cache %.0f MiB for %d x %d tokens",
              directory.name, device, "nf4" if config.quantize else "dense", str(config.torch_dtype).split(".")[-1],
              time.monotonic() - started, cache.size_bytes / 2**20, config.max_batch_size, max_seq_len)
-    return ServingCore(engine, registry, RequestValidator(registry, tokenizer, max_seq_len), metrics, directory.name)
+    return ServingCore(engine, registry, RequestValidator(registry, tokenizer, max_seq_len), metrics,
+                       CallGate(config.admin_token, config.inference_token), directory.name)
 
 
 def build_server(config: ServerConfig) -> RunningServer:
@@ -105,25 +144,31 @@ def build_server(config: ServerConfig) -> RunningServer:
     # Threads beyond the batch serve queued and streaming calls; past the limit gRPC itself
     # answers RESOURCE_EXHAUSTED.
     workers = config.max_batch_size + config.max_queue + 8
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[StatusInterceptor()],
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[core.gate, StatusInterceptor()],
                          maximum_concurrent_rpcs=workers)
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(core.engine, core.validator), server)
-    adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersService(core.registry), server)
+    adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersService(core.registry, core.engine, core.metrics), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
              adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name]
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    if config.tls_cert:
+        key_pair = (Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())
+        port = server.add_secure_port(address, grpc.ssl_server_credentials([key_pair]))
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {config.host}:{config.port}")
     server.start()
     metrics_port = core.metrics.serve(config.host, config.metrics_port)
     http = None
     if config.http_port is not None:
-        backend = EngineBackend(core.engine, core.validator, core.registry, core.base_name)
-        http = HttpServer(openai_app(backend, core.metrics.registry), config.host, config.http_port)
+        backend = EngineBackend(core.engine, core.validator, core.registry, core.gate, core.base_name)
+        http = HttpServer(openai_app(backend, core.metrics.registry), config.host, config.http_port,
+                          config.tls_cert, config.tls_key)
         http.start()
     for name in ("", *names):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, core.engine, port, metrics_port, http)
+    return RunningServer(server, core.engine, core.gate, health_servicer, port, metrics_port, http)

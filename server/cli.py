@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import signal
 import sys
 import threading
+
+ADMIN_TOKEN_ENV = "CARTRIDGE_ADMIN_TOKEN"
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 
 
 def register(commands) -> None:
@@ -20,6 +25,22 @@ def register(commands) -> None:
     engine_flags(parser)
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                         help="register an adapter at start-up (repeatable)")
+    safety = parser.add_argument_group("drain, access and limits")
+    safety.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="on SIGTERM/SIGINT, how long running requests may finish (default: %(default)s)")
+    safety.add_argument("--admin-token-file", metavar="FILE", help="Register/UnregisterAdapter need this token "
+                        f"as 'authorization: Bearer <token>' (default: ${ADMIN_TOKEN_ENV}; unset = open)")
+    safety.add_argument("--inference-token-file", metavar="FILE",
+                        help="inference calls need this token (or the admin one) (default: open)")
+    safety.add_argument("--tls-cert", metavar="PEM", help="serve gRPC over TLS with this certificate chain")
+    safety.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    safety.add_argument("--adapter-root", metavar="DIR",
+                        help="register only adapters whose path, symlinks followed, lies under DIR")
+    safety.add_argument("--max-adapter-bytes", type=byte_count, default=2 << 30, metavar="BYTES",
+                        help="largest adapter_model.safetensors accepted, e.g. 500MiB (default: 2GiB)")
+    safety.add_argument("--max-host-adapter-bytes", type=byte_count, metavar="BYTES",
+                        help="host memory for adapter weights; idle ones past it are dropped and read again "
+                        "when used (default: no limit)")
     parser.set_defaults(run=run)
 
 
@@ -42,6 +63,19 @@ def engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank (default: %(default)s)")
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                         help="run decode eagerly on CUDA (graphs are on by default there)")
+    parser.add_argument("--no-triton-kernels", dest="triton_kernels", action="store_false",
+                        help="on CUDA, use bitsandbytes and torch for NF4 and LoRA instead of our Triton kernels")
+    parser.add_argument("--nf4-kernel-max-rows", type=int, default=64,
+                        help="largest batch our NF4 kernel takes; 0 = bitsandbytes always (default: %(default)s)")
+
+
+def byte_count(text: str) -> int:
+    """'2147483648', '500MiB', '2GiB', '1.5G' -> bytes."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?)?b?\s*", text.lower())
+    if not found:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give bytes, or a number with kB, MB, GB, "
+                                         f"KiB, MiB or GiB")
+    return int(float(found[1]) * _UNITS[found[2] or ""])
 
 
 def server_config(args: argparse.Namespace):
@@ -49,6 +83,7 @@ def server_config(args: argparse.Namespace):
     from dataclasses import fields
 
     from .config import ServerConfig
+    from .gate import read_token
 
     adapters = []
     for item in getattr(args, "adapter", []):
@@ -56,9 +91,13 @@ def server_config(args: argparse.Namespace):
         if not sep or not name or not path:
             raise ValueError(f"--adapter {item!r}: expected NAME=PATH")
         adapters.append((name, path))
-    names = {f.name for f in fields(ServerConfig)} - {"adapters"}
+    admin_file, inference_file = getattr(args, "admin_token_file", None), getattr(args, "inference_token_file", None)
+    admin_token = (read_token(admin_file, "--admin-token-file") if admin_file
+                   else os.environ.get(ADMIN_TOKEN_ENV, "").strip() or None)
+    inference_token = read_token(inference_file, "--inference-token-file") if inference_file else None
+    names = {f.name for f in fields(ServerConfig)} - {"adapters", "admin_token", "inference_token"}
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    return ServerConfig(**given, adapters=tuple(adapters))
+    return ServerConfig(**given, adapters=tuple(adapters), admin_token=admin_token, inference_token=inference_token)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,6 +105,12 @@ def run(args: argparse.Namespace) -> int:
     log = logging.getLogger("cartridge")
     try:
         config = server_config(args)
+        if not config.loopback_only and config.admin_token is None:
+            log.warning("!" * 100)
+            log.warning("LISTENING ON %s WITH NO ADMIN TOKEN: anyone who reaches port %d can register adapters, "
+                        "which makes this server read files from its disk. Give --admin-token-file (or $%s), "
+                        "and --adapter-root.", config.host, config.port, ADMIN_TOKEN_ENV)
+            log.warning("!" * 100)
         from .app import build_server
 
         server = build_server(config)
@@ -73,18 +118,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"cartridge serve: {err}", file=sys.stderr)
         return 2
     # The one line scripts and tests wait for; ports are the bound ones (0 picks free ports).
-    http = f", OpenAI HTTP on http://{config.host}:{server.http.port}/v1" if server.http else ""
+    http = f", OpenAI HTTP on {server.http.scheme}://{config.host}:{server.http.port}/v1" if server.http else ""
     print(f"cartridge: serving gRPC on {config.host}:{server.port}, metrics on "
           f"http://{config.host}:{server.metrics_port}/metrics{http}", flush=True)
-    wait_for_stop_signal()
-    log.info("shutting down: finishing running requests for up to 5 s")
-    server.stop(5.0)
-    return 0
+    stop, hurry = threading.Event(), threading.Event()
 
-
-def wait_for_stop_signal() -> None:
-    """Blocks until SIGINT or SIGTERM."""
-    done = threading.Event()
+    def on_signal(*_) -> None:
+        if stop.is_set():
+            hurry.set()   # a second signal cuts the drain short, still with a status for every call
+        stop.set()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: done.set())
-    done.wait()
+        signal.signal(signum, on_signal)
+    stop.wait()
+    log.info("draining: health NOT_SERVING, new calls refused, running requests get up to %g s "
+             "(a second signal ends them now)", config.drain_timeout)
+    report = server.drain(config.drain_timeout, hurry)
+    log.info("drained in %.2f s: %d calls were running, %d of them ended with UNAVAILABLE by the drain timeout",
+             report.seconds, report.in_flight, report.cut_off)
+    return 0

@@ -1,7 +1,9 @@
 """Server settings: one dataclass, checked once when the server starts."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -27,6 +29,14 @@ class ServerConfig:
     max_lora_rank: int = 64
     cuda_graphs: bool = True               # replay decode as CUDA graphs (CUDA only)
     adapters: tuple[tuple[str, str], ...] = ()   # (name, path) registered at start-up
+    drain_timeout: float = 30.0            # seconds running requests get after SIGTERM/SIGINT
+    admin_token: str | None = field(default=None, repr=False)      # required by Register/Unregister
+    inference_token: str | None = field(default=None, repr=False)  # required by inference calls when set
+    tls_cert: str | None = None            # PEM files; both or neither
+    tls_key: str | None = None
+    adapter_root: str | None = None        # adapters register only from under this directory
+    max_adapter_bytes: int = 2 << 30       # adapter_model.safetensors size limit, checked before reading
+    max_host_adapter_bytes: int | None = None   # host memory for idle adapters' weights; None: no limit
 
     def __post_init__(self) -> None:
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
@@ -47,6 +57,16 @@ class ServerConfig:
         if self.max_prefill_tokens < self.max_seq_len:
             raise ValueError(f"--max-prefill-tokens ({self.max_prefill_tokens}) must hold one whole prompt "
                              f"of --max-seq-len ({self.max_seq_len})")
+        if not 0 <= self.drain_timeout <= 24 * 3600:
+            raise ValueError(f"--drain-timeout must be between 0 and 86400 seconds, got {self.drain_timeout}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("give both --tls-cert and --tls-key, or neither")
+        if self.adapter_root is not None and not Path(self.adapter_root).is_dir():
+            raise ValueError(f"--adapter-root {self.adapter_root}: not a directory")
+        if self.max_adapter_bytes < 1:
+            raise ValueError(f"--max-adapter-bytes must be at least 1, got {self.max_adapter_bytes}")
+        if self.max_host_adapter_bytes is not None and self.max_host_adapter_bytes < 0:
+            raise ValueError(f"--max-host-adapter-bytes must be at least 0, got {self.max_host_adapter_bytes}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {self.device}: this host has no CUDA device")
 
@@ -57,6 +77,15 @@ class ServerConfig:
     @property
     def quantize(self) -> bool:
         return (self.quantization or ("nf4" if self.on_cuda else "none")) == "nf4"
+
+    @property
+    def loopback_only(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:
+            return False   # a host name: it may resolve to anything
 
     @property
     def on_cuda(self) -> bool:

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
+from concurrent.futures import Future
+from typing import Callable
 
-from .errors import Unavailable
+from .adapter_registry import AdapterRegistry, RegisteredAdapter
+from .errors import ServingError
 from .metrics import ServerMetrics
 from .runner import ModelRunner
 from .sampler import sample
@@ -16,13 +20,15 @@ log = logging.getLogger(__name__)
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, eos_ids: frozenset[int], metrics: ServerMetrics):
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, eos_ids: frozenset[int], metrics: ServerMetrics,
+                 registry: AdapterRegistry):
         self.runner, self.scheduler, self.eos_ids, self.metrics = runner, scheduler, eos_ids, metrics
+        self.registry = registry
         self._wake = threading.Event()
         self._stopping = False
-        # Set when the server starts to stop: new requests are refused on every edge (UNAVAILABLE,
-        # HTTP 503, /health 503) while running ones finish.
-        self.draining = False
+        self._abort: ServingError | None = None
+        # Work on the adapter slots from other threads, run between steps; a job returns False to run again.
+        self._jobs: queue.SimpleQueue[Callable[[], bool]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
     def start(self) -> None:
@@ -34,26 +40,71 @@ class Engine:
         self._thread.join()
 
     def submit(self, seq: Sequence) -> None:
-        """Queues a request (RESOURCE_EXHAUSTED when the queue is full, UNAVAILABLE while draining);
-        events arrive on seq.events."""
-        if self.draining:
-            raise Unavailable("the server is draining: it finishes running requests and takes no new ones")
-        self.scheduler.add(seq)
+        """Queues a request (RESOURCE_EXHAUSTED when the queue is full); events arrive on seq.events.
+        Every edge submits here, so every request holds its adapter version until it ends."""
+        if seq.adapter is not None:
+            self.registry.hold(seq.adapter)      # released by the engine when the request ends
+        try:
+            self.scheduler.add(seq)
+        except ServingError:
+            if seq.adapter is not None:
+                self.registry.release(seq.adapter)
+            raise
         self._wake.set()
 
     def cancel(self, seq: Sequence) -> None:
         seq.cancel()
         self._wake.set()
 
+    def abort_all(self, error: ServingError) -> None:
+        """Ends every queued and running request, now and from now on, with `error` (drain timeout)."""
+        self._abort = error
+        self._wake.set()
+
+    def pin(self, adapter: RegisteredAdapter) -> Future:
+        """Resolves once `adapter` holds a device slot for good (at once, or when a running request frees one)."""
+        done: Future = Future()
+
+        def job() -> bool:
+            if not self.scheduler.adapter_slots.pin(adapter):
+                return False
+            done.set_result(None)
+            return True
+        self._on_engine_thread(job)
+        return done
+
+    def discard(self, adapter: RegisteredAdapter) -> None:
+        """A replaced or unregistered version gives up its pin and, once idle, its slot."""
+        self._on_engine_thread(lambda: self.scheduler.adapter_slots.discard(adapter) or True)
+
+    def _on_engine_thread(self, job: Callable[[], bool]) -> None:
+        self._jobs.put(job)
+        self._wake.set()
+
+    def _run_jobs(self) -> bool:
+        """Runs queued jobs; True if some must run again."""
+        again = []
+        while not self._jobs.empty():
+            job = self._jobs.get()
+            if not job():
+                again.append(job)
+        for job in again:
+            self._jobs.put(job)
+        return bool(again)
+
     def _loop(self) -> None:
         while not self._stopping:
+            retry = self._run_jobs()
             if not self.scheduler.running and not self.scheduler.waiting:
-                self._wake.wait()
+                self._wake.wait(0.005 if retry else None)
                 self._wake.clear()
                 continue
             self.step()
 
     def step(self) -> None:
+        if self._abort is not None:
+            for seq in self.scheduler.take_all():
+                self._finish(seq, None, error=self._abort)
         for seq in self.scheduler.take_cancelled():
             self._finish(seq, FinishReason.CANCELLED)
         admitted = self.scheduler.schedule()
@@ -75,7 +126,7 @@ class Engine:
         except Exception:  # noqa: BLE001 - a failed pass fails its requests, not the server
             log.exception("forward pass failed for %d requests", len(seqs))
             for seq in seqs:
-                self._finish(seq, None, error="the server failed while running this request")
+                self._finish(seq, None, error=ServingError("the server failed while running this request"))
             return
         now = time.monotonic()
         for seq, token in zip(seqs, tokens):
@@ -96,7 +147,8 @@ class Engine:
         elif piece:
             seq.events.put(Event(piece))
 
-    def _finish(self, seq: Sequence, reason: FinishReason | None, piece: str = "", error: str | None = None) -> None:
+    def _finish(self, seq: Sequence, reason: FinishReason | None, piece: str = "",
+                error: ServingError | None = None) -> None:
         # Cancelled requests were already taken out of the schedule by take_cancelled.
         if seq in self.scheduler.running:
             self.scheduler.finish(seq)
@@ -105,3 +157,7 @@ class Engine:
             piece += seq.text.flush()
         seq.events.put(Event(piece, seq.finish_reason, len(seq.output_ids), error))
         self.metrics.finished(seq)
+        if seq.adapter is not None:
+            self.registry.release(seq.adapter)
+            if not self.registry.contains(seq.adapter.name):
+                self.metrics.forget_adapter(seq.adapter.name)   # it finished after its name was unregistered

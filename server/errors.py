@@ -39,8 +39,23 @@ class ResourceExhausted(ServingError):
     http_status, http_type = 429, "rate_limit_error"
 
 
+class FailedPrecondition(ServingError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    http_status, http_type = 409, "conflict_error"
+
+
+class Unauthenticated(ServingError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    http_status, http_type = 401, "authentication_error"
+
+
+class PermissionDenied(ServingError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    http_status, http_type = 403, "permission_error"
+
+
 class Unavailable(ServingError):
-    """The server is draining: it finishes what runs and takes nothing new."""
+    """The server is draining (or shut down before the request ended)."""
     code = grpc.StatusCode.UNAVAILABLE
     http_status, http_type = 503, "service_unavailable_error"
 
@@ -78,7 +93,8 @@ class StatusInterceptor(grpc.ServerInterceptor):
         return handler
 
 
-def _abort(context: grpc.ServicerContext, error: Exception) -> None:
+def abort(context: grpc.ServicerContext, error: Exception) -> None:
+    """Ends the call with the error's status; an error that stands for no status is re-raised."""
     status = status_of(error)
     if status is None:
         raise error
@@ -90,7 +106,7 @@ def _wrap_unary(behaviour):
         try:
             return behaviour(request, context)
         except Exception as error:  # noqa: BLE001 - re-raised unless it maps to a status
-            _abort(context, error)
+            abort(context, error)
     return handle
 
 
@@ -99,5 +115,5 @@ def _wrap_stream(behaviour):
         try:
             yield from behaviour(request, context)
         except Exception as error:  # noqa: BLE001 - re-raised unless it maps to a status
-            _abort(context, error)
+            abort(context, error)
     return handle

@@ -26,6 +26,7 @@ from adapters.formats.adapter_dir import AdapterFormatError
 from .adapter_registry import AdapterRegistry
 from .engine import Engine
 from .errors import InvalidArgument, ServingError, http_error_of
+from .gate import CallGate
 from .generate_request import GenerateRequest, RequestValidator
 from .openai_api import OpenAIRequest, ResponseWriter, parse
 from .sequence import Event, Sequence
@@ -46,6 +47,9 @@ class Backend(Protocol):
 
     @property
     def draining(self) -> bool: ...
+
+    def authorize(self, method: str, authorization: str | None) -> None:
+        """Raises the refusal when the Authorization header does not open `method`."""
 
     def adapters(self) -> list[str]: ...
 
@@ -70,14 +74,21 @@ class LoopEvents:
 
 
 class EngineBackend:
-    """This process's engine, through the same validation as the gRPC edge."""
+    """This process's engine, through the same validation, tokens and drain as the gRPC edge."""
 
-    def __init__(self, engine: Engine, validator: RequestValidator, registry: AdapterRegistry, base_name: str):
-        self.engine, self.validator, self.registry, self.base_name = engine, validator, registry, base_name
+    def __init__(self, engine: Engine, validator: RequestValidator, registry: AdapterRegistry, gate: CallGate,
+                 base_name: str):
+        self.engine, self.validator, self.registry, self.gate = engine, validator, registry, gate
+        self.base_name = base_name
 
     @property
     def draining(self) -> bool:
-        return self.engine.draining
+        return self.gate.draining
+
+    def authorize(self, method: str, authorization: str | None) -> None:
+        refusal = self.gate.check_token(method, authorization)
+        if refusal is not None:
+            raise refusal
 
     def adapters(self) -> list[str]:
         return [a.name for a in self.registry.list()]
@@ -85,13 +96,20 @@ class EngineBackend:
     async def generate(self, request: GenerateRequest) -> Generation:
         events = LoopEvents(asyncio.get_running_loop())
         seq = self.validator.sequence(request, events=events)
-        self.engine.submit(seq)
+        self.gate.admit()          # counted in, so a drain waits for it as for a gRPC call
+        try:
+            self.engine.submit(seq)
+        except BaseException:
+            self.gate.leave()
+            raise
         return Generation(len(seq.prompt_ids), self._events(seq, events), {})
 
     async def _events(self, seq: Sequence, events: LoopEvents) -> AsyncIterator[Event]:
         try:
             while True:
-                event = (await events.get()).checked()
+                event = await events.get()
+                if event.error:
+                    raise event.error
                 yield event
                 if event.finish_reason is not None:
                     return
@@ -99,6 +117,7 @@ class EngineBackend:
             # A caller that went away (or a failed stream) frees the slot at the engine's next step.
             if seq.finish_reason is None:
                 self.engine.cancel(seq)
+            self.gate.leave()
 
 
 def openai_app(backend: Backend, metrics: CollectorRegistry | None = None) -> Starlette:
@@ -108,7 +127,8 @@ def openai_app(backend: Backend, metrics: CollectorRegistry | None = None) -> St
             return JSONResponse({"status": "draining"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    async def models(_: Request) -> Response:
+    async def models(request: Request) -> Response:
+        backend.authorize("GET /v1/models", request.headers.get("authorization"))
         base = {"id": backend.base_name, "object": "model", "created": 0, "owned_by": "cartridge", "parent": None}
         adapters = [{"id": name, "object": "model", "created": 0, "owned_by": "cartridge",
                      "parent": backend.base_name} for name in backend.adapters()]
@@ -142,6 +162,7 @@ async def _error_response(_: Request, error: Exception) -> Response:
 
 
 async def _complete(backend: Backend, http: Request, chat: bool) -> Response:
+    backend.authorize(f"POST {http.url.path}", http.headers.get("authorization"))
     try:
         body = await http.json()
     except ValueError:
@@ -198,16 +219,20 @@ def _data(obj: dict) -> bytes:
 
 
 class HttpServer:
-    """uvicorn on a thread of its own, with its own event loop; the socket is bound before it starts."""
+    """uvicorn on a thread of its own, with its own event loop; the socket is bound before it starts.
+    With a certificate it serves HTTPS, as gRPC serves TLS with the same one."""
 
-    def __init__(self, app: Starlette, host: str, port: int):
+    def __init__(self, app: Starlette, host: str, port: int, tls_cert: str | None = None,
+                 tls_key: str | None = None):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._socket = socket.socket(family, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind((host, port))
         self.port = self._socket.getsockname()[1]
+        self.scheme = "https" if tls_cert else "http"
         self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off",
-                                                     timeout_graceful_shutdown=5))
+                                                     timeout_graceful_shutdown=5, ssl_certfile=tls_cert,
+                                                     ssl_keyfile=tls_key))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
                                         name="http", daemon=True)
 

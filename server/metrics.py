@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
 import time
+from http.server import ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 import psutil
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, MetricsHandler
 from prometheus_client.core import GaugeMetricFamily
 
 from .scheduler import Scheduler
@@ -60,6 +64,23 @@ class _LoraInfoCollector:
         yield info
 
 
+class _MetricsOnly(MetricsHandler):
+    """Prometheus text at /metrics, 404 on every other path (the stock handler answers any path)."""
+
+    def do_GET(self) -> None:
+        if urlsplit(self.path).path != "/metrics":
+            self.send_error(404, "only /metrics is served on this port")
+            return
+        super().do_GET()
+
+    def log_message(self, *args) -> None:
+        pass   # one line per scrape would drown the server's log
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+
 class ServerMetrics:
     def __init__(self, device: torch.device, max_lora: int):
         self.registry = CollectorRegistry()
@@ -87,10 +108,15 @@ class ServerMetrics:
         self._lora_info = _LoraInfoCollector(max_lora)
         r.register(_MemoryCollector(device))
         r.register(self._lora_info)
+        self._per_adapter = (self.latency, self.ttft, self.tpot, self.requests, self.prompt_tokens,
+                             self.generated_tokens)
 
     def serve(self, host: str, port: int) -> int:
         """Starts the HTTP endpoint; returns the bound port (useful with port 0)."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        handler = type("Handler", (_MetricsOnly,), {"registry": self.registry})
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server = type("HTTPServer", (_HTTPServer,), {"address_family": family})((host, port), handler)
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         return server.server_port
 
     def observe_schedule(self, scheduler: Scheduler) -> None:
@@ -102,6 +128,11 @@ class ServerMetrics:
         running, waiting = scheduler.adapter_names()
         if (running, waiting) != self._lora_info.snapshot[1:]:
             self._lora_info.snapshot = (time.time(), running, waiting)
+
+    def forget_adapter(self, name: str) -> None:
+        """Removes every series labelled with an unregistered adapter, so labels stay bounded."""
+        for metric in self._per_adapter:
+            metric.remove_by_labels({"adapter": name})
 
     def finished(self, seq: Sequence) -> None:
         now, adapter = time.monotonic(), seq.adapter_name

@@ -78,7 +78,7 @@ class CartridgeReplica:
         from .http_edge import EngineBackend
 
         self.core = build_core(config)
-        self.backend = EngineBackend(self.core.engine, self.core.validator, self.core.registry,
+        self.backend = EngineBackend(self.core.engine, self.core.validator, self.core.registry, self.core.gate,
                                      self.core.base_name)
         self.root = Path(adapter_root)
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -87,7 +87,9 @@ class CartridgeReplica:
         # The decorator takes its limit when applied, so it is applied here, where the config is known.
         async def load(name: str) -> ResidentAdapter:
             path = str(self.root / name)
-            await asyncio.to_thread(self.core.registry.register, name, path, True)
+            _, replaced = await asyncio.to_thread(self.core.registry.register, name, path, True)
+            if replaced is not None:
+                self.core.engine.discard(replaced)
             self._resident[name] = ResidentAdapter(name, self._release)
             return self._resident[name]
         self._load = serve.multiplexed(max_num_models_per_replica=config.max_adapters)(load)
@@ -96,7 +98,8 @@ class CartridgeReplica:
         # A later load of the same name made a new ResidentAdapter: that one owns the name now.
         if self._resident.get(adapter.name) is adapter:
             del self._resident[adapter.name]
-            self.core.registry.unregister(adapter.name)
+            self.core.engine.discard(self.core.registry.unregister(adapter.name))
+            self.core.metrics.forget_adapter(adapter.name)
 
     async def generate(self, request) -> AsyncIterator[Started | object]:
         """Started, then the engine's events, the last with the outcome. `request` is a GenerateRequest
@@ -141,6 +144,9 @@ class RayBackend:
     @property
     def draining(self) -> bool:
         return False    # Ray's proxies stop routing to a replica that is going away
+
+    def authorize(self, method: str, authorization: str | None) -> None:
+        """Open: put access control in front of Ray's proxies (an authenticating gateway)."""
 
     def adapters(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if (p / "adapter_config.json").is_file())

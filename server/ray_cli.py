@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
-from .cli import engine_flags, server_config, wait_for_stop_signal
+from .cli import engine_flags, server_config
 
 INFERENCE_SERVICER = "cartridge.v1.inference_pb2_grpc.add_InferenceServicer_to_server"
 
@@ -63,7 +65,10 @@ def run(args: argparse.Namespace) -> int:
               name=APP_NAME, route_prefix="/")
     print(f"cartridge: Ray Serve with {args.replicas} replicas, OpenAI HTTP on http://{args.host}:{args.http_port}/v1, "
           f"gRPC on {args.host}:{args.grpc_port} (metadata application={APP_NAME})", flush=True)
-    wait_for_stop_signal()
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
     serve.shutdown()
     ray.shutdown()
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import heapq
 import threading
 from collections import deque
+from typing import Callable
 
 from .adapter_slots import AdapterSlots
 from .errors import ResourceExhausted
@@ -44,11 +45,18 @@ class Scheduler:
 
     def take_cancelled(self) -> list[Sequence]:
         """Cancelled requests, waiting or running, taken out of the schedule."""
+        return self._take(lambda seq: seq.cancelled)
+
+    def take_all(self) -> list[Sequence]:
+        """Every request, waiting or running, taken out of the schedule."""
+        return self._take(lambda seq: True)
+
+    def _take(self, which: Callable[[Sequence], bool]) -> list[Sequence]:
         with self._lock:
-            gone = [s for s in self.waiting if s.cancelled]
+            gone = [s for s in self.waiting if which(s)]
             for seq in gone:
                 self.waiting.remove(seq)
-        running = [s for s in self.running if s.cancelled]
+        running = [s for s in self.running if which(s)]
         for seq in running:
             self.finish(seq)
         return gone + running

@@ -37,13 +37,7 @@ class Event:
     text: str
     finish_reason: FinishReason | None = None
     completion_tokens: int = 0
-    error: str | None = None     # set when the server failed the request
-
-    def checked(self) -> "Event":
-        """The event, or the server's failure raised for the edge to report."""
-        if self.error:
-            raise ServingError(self.error)
-        return self
+    error: ServingError | None = None     # set when the server ended the request with an error status
 
 
 _ids = itertools.count()

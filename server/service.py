@@ -8,8 +8,10 @@ from cartridge.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inferen
 from .adapter_registry import AdapterRegistry, RegisteredAdapter, check_name
 from .engine import Engine
 from .generate_request import GenerateRequest, RequestValidator
+from .metrics import ServerMetrics
 from .sequence import Event, FinishReason, Sequence
 
+PIN_WAIT_S = 30.0   # how long RegisterAdapter waits for a device slot to pin into
 _FINISH = {
     FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
     FinishReason.STOP: inference_pb2.FINISH_REASON_STOP,
@@ -47,10 +49,11 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     def _events(seq: Sequence) -> Iterator[Event]:
         while True:
             event = seq.events.get()
-            yield event.checked()
+            if event.error:
+                raise event.error
+            yield event
             if event.finish_reason is not None:
                 return
-
 
 
 def response_proto(text: str, last: Event, prompt_tokens: int, adapter: str) -> inference_pb2.GenerateResponse:
@@ -70,23 +73,37 @@ def from_proto(request: inference_pb2.GenerateRequest) -> GenerateRequest:
 
 
 class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
-    def __init__(self, registry: AdapterRegistry):
-        self.registry = registry
+    def __init__(self, registry: AdapterRegistry, engine: Engine, metrics: ServerMetrics):
+        self.registry, self.engine, self.metrics = registry, engine, metrics
 
     def RegisterAdapter(self, request, context) -> adapters_pb2.AdapterInfo:
-        return adapter_info(self.registry.register(request.name, request.path, request.replace))
+        adapter, replaced = self.registry.register(request.name, request.path, request.replace, request.pin)
+        if replaced is not None:
+            self.engine.discard(replaced)
+        if adapter.pinned:
+            try:
+                self.engine.pin(adapter).result(timeout=PIN_WAIT_S)
+            except TimeoutError:
+                pass   # every slot is busy with running requests: it is pinned as soon as one is free
+        return self.adapter_info(adapter)
 
     def UnregisterAdapter(self, request, context) -> adapters_pb2.UnregisterAdapterResponse:
-        self.registry.unregister(check_name(request.name))
+        name = check_name(request.name)
+        self.engine.discard(self.registry.unregister(name))
+        self.metrics.forget_adapter(name)
         return adapters_pb2.UnregisterAdapterResponse()
 
     def ListAdapters(self, request, context) -> adapters_pb2.ListAdaptersResponse:
-        return adapters_pb2.ListAdaptersResponse(adapters=[adapter_info(a) for a in self.registry.list()])
+        return adapters_pb2.ListAdaptersResponse(adapters=[self.adapter_info(a) for a in self.registry.list()])
 
-
-def adapter_info(adapter: RegisteredAdapter) -> adapters_pb2.AdapterInfo:
-    config = adapter.weights.config
-    return adapters_pb2.AdapterInfo(
-        name=adapter.name, path=str(adapter.weights.path), rank=adapter.rank, lora_alpha=config.lora_alpha,
-        use_rslora=config.use_rslora, target_modules=list(config.target_modules),
-        size_bytes=adapter.weights.size_bytes)
+    def adapter_info(self, adapter: RegisteredAdapter) -> adapters_pb2.AdapterInfo:
+        config = adapter.config
+        slot = self.engine.scheduler.adapter_slots.slot_of(adapter)
+        location = (adapters_pb2.ADAPTER_LOCATION_DEVICE if slot is not None else
+                    adapters_pb2.ADAPTER_LOCATION_HOST if adapter.weights is not None else
+                    adapters_pb2.ADAPTER_LOCATION_DISK)
+        return adapters_pb2.AdapterInfo(
+            name=adapter.name, path=adapter.path, rank=adapter.rank, lora_alpha=config.lora_alpha,
+            use_rslora=config.use_rslora, target_modules=list(config.target_modules), size_bytes=adapter.size_bytes,
+            location=location, device_slot=slot or 0, pinned=adapter.pinned, sha256=adapter.weights_sha256,
+            problem=adapter.problem or "")

@@ -39,15 +39,16 @@ def tokenizer(base_dir):
 
 
 def make_peft_adapter(base_model, out: Path, r: int, targets: list[str], seed: int, use_rslora: bool = False,
-                      lora_alpha: int | None = None) -> Path:
-    """A peft adapter with nonzero A and B (peft starts B at zero, which would hide every bug)."""
+                      lora_alpha: int | None = None, **lora_config) -> Path:
+    """A peft adapter with nonzero A and B (peft starts B at zero, which would hide every bug);
+    `lora_config` passes further peft LoraConfig fields (rank_pattern, alpha_pattern, ...)."""
     import copy
 
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     config = LoraConfig(r=r, lora_alpha=lora_alpha or 2 * r, target_modules=targets, use_rslora=use_rslora,
-                        lora_dropout=0.0, task_type="CAUSAL_LM")
+                        lora_dropout=0.0, task_type="CAUSAL_LM", **lora_config)
     model = get_peft_model(copy.deepcopy(base_model), config)
     for name, param in model.named_parameters():
         if "lora_B" in name:

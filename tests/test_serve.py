@@ -156,6 +156,63 @@ def test_bad_adapters_are_refused_whole(client, base_model, tmp_path, adapter_di
     assert [(a.name, a.path) for a in client.list_adapters()] == before
 
 
+PATTERNED = {
+    # peft scales each module by its own alpha over its own rank; the first matching pattern wins.
+    "rank-pattern": dict(r=16, targets=["q_proj", "v_proj", "o_proj", "down_proj"],
+                         rank_pattern={"q_proj": 2, "layers.3.self_attn.v_proj": 4, "down_proj": 8}),
+    "rank-pattern-rs": dict(r=8, targets=["q_proj", "v_proj"], use_rslora=True, rank_pattern={"v_proj": 2}),
+    "alpha-pattern": dict(r=8, targets=["q_proj", "k_proj", "gate_proj"], rank_pattern={"k_proj": 4},
+                          alpha_pattern={"gate_proj": 64, "layers.1.self_attn.q_proj": 2}),
+}
+
+
+@pytest.mark.parametrize("name", list(PATTERNED))
+def test_per_module_ranks_and_alphas_are_served_as_peft_serves_them(client, base_model, tokenizer, tmp_path, name):
+    from peft import PeftModel
+
+    from adapters.formats.adapter_dir import read_adapter
+
+    spec = dict(PATTERNED[name])
+    directory = make_peft_adapter(base_model, tmp_path / name, spec.pop("r"), spec.pop("targets"), seed=11,
+                                  lora_alpha=64, **spec)
+    # The merge tool folds exactly the update peft applies, module by module.
+    ours = read_adapter(directory)
+    model = PeftModel.from_pretrained(base_model, directory).eval()
+    try:
+        for (layer, projection), _ in ours.a.items():
+            module = model.get_submodule(f"base_model.model.model.layers.{layer}."
+                                         f"{'self_attn' if projection[0] in 'qkvo' else 'mlp'}.{projection}")
+            torch.testing.assert_close(ours.delta(layer, projection), module.get_delta_weight("default"),
+                                       rtol=1e-6, atol=1e-7)
+    finally:
+        model.unload()
+    client.register_adapter(name, str(directory))
+    try:
+        answer = client.generate(PROMPT, adapter=name, max_tokens=16)
+        assert answer.text == peft_greedy_text(base_model, tokenizer, directory, PROMPT, 16)
+        assert answer.text != client.generate(PROMPT, max_tokens=16).text
+    finally:
+        client.unregister_adapter(name)
+
+
+def test_a_config_whose_rank_contradicts_its_tensors_is_refused_and_nothing_is_left(client, base_model, tmp_path):
+    import json
+
+    directory = make_peft_adapter(base_model, tmp_path / "says-r64", 4, ["q_proj", "v_proj"], seed=12)
+    config_file = directory / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "r": 64, "lora_alpha": 128}))
+    before = [a.name for a in client.list_adapters()]
+    with pytest.raises(CartridgeError) as err:
+        client.register_adapter("says-r64", str(directory))
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert re.search(r"layer 0 q_proj .* rank 4 in its tensors, but adapter_config.json gives it rank 64",
+                     err.value.message), err.value.message
+    assert [a.name for a in client.list_adapters()] == before
+    with pytest.raises(CartridgeError) as err:
+        client.generate(PROMPT, adapter="says-r64", max_tokens=2)
+    assert err.value.code == grpc.StatusCode.NOT_FOUND
+
+
 def test_adapter_for_another_base_is_refused(client, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM

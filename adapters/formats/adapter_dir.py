@@ -1,8 +1,9 @@
 """peft's LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`), read and checked.
 
 Only what batched serving and merging can honour is accepted: plain LoRA on the seven Llama
-projections. Anything else (pickled weights, DoRA, modules_to_save, per-module alphas) is refused
-with a message that names the field, before a single tensor reaches the caller.
+projections, with peft's per-module ranks and alphas (`rank_pattern`, `alpha_pattern`) served
+exactly. Anything else (pickled weights, DoRA, modules_to_save, ranks the tensors contradict) is
+refused with a message that names the field, before a single tensor reaches the caller.
 """
 from __future__ import annotations
 
@@ -36,11 +37,34 @@ class LoraConfig:
     target_modules: tuple[str, ...]
     use_rslora: bool
     base_model_name_or_path: str | None
+    # peft's per-module overrides of r and lora_alpha, in the file's order: peft takes the first
+    # pattern that matches a module's name, so order is part of the meaning.
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
 
-    @property
-    def scaling(self) -> float:
+    def rank_of(self, layer: int, projection: str) -> int:
+        return _first_match(self.rank_pattern, layer, projection, self.r)
+
+    def scaling_of(self, layer: int, projection: str) -> float:
+        """peft's scaling of one module: its own alpha over its own rank (rsLoRA: its square root)."""
+        r = self.rank_of(layer, projection)
+        alpha = _first_match(self.alpha_pattern, layer, projection, self.lora_alpha)
         # rsLoRA (Kalajdzievski 2023) keeps the update's scale stable as r grows.
-        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        return alpha / (math.sqrt(r) if self.use_rslora else r)
+
+
+def module_name(layer: int, projection: str) -> str:
+    """The module's name inside a transformers Llama, which peft matches its patterns against."""
+    return f"model.layers.{layer}.{PROJECTIONS[projection]}.{projection}"
+
+
+def _first_match(patterns: tuple[tuple[str, float], ...], layer: int, projection: str, default):
+    name = module_name(layer, projection)
+    for pattern, value in patterns:
+        # The same test as peft's get_pattern_key: the pattern matches a dotted suffix of the name.
+        if re.match(rf"(.*\.)?({pattern})$", name):
+            return value
+    return default
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +84,7 @@ class LoraWeights:
         if (layer, projection) not in self.a:
             return None
         a, b = self.a[(layer, projection)].float(), self.b[(layer, projection)].float()
-        return (b @ a) * self.config.scaling
+        return (b @ a) * self.config.scaling_of(layer, projection)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +125,7 @@ def read_config(path: str | Path) -> LoraConfig:
 def _parse_config(raw: dict, where: Path) -> LoraConfig:
     if raw.get("peft_type", "LORA") != "LORA":
         raise AdapterFormatError(f"{where}: peft_type is {raw.get('peft_type')!r}; only LORA adapters are served")
-    for field, meaning in (("use_dora", "DoRA"), ("modules_to_save", "modules_to_save (full copies of layers)"),
-                           ("alpha_pattern", "per-module lora_alpha (alpha_pattern)")):
+    for field, meaning in (("use_dora", "DoRA"), ("modules_to_save", "modules_to_save (full copies of layers)")):
         if raw.get(field):
             raise AdapterFormatError(f"{where}: {field} is set; {meaning} cannot be batched with other adapters")
     if raw.get("lora_bias") or raw.get("bias", "none") != "none":
@@ -126,7 +149,27 @@ def _parse_config(raw: dict, where: Path) -> LoraConfig:
     short = [name for name in PROJECTIONS if name in short]
     return LoraConfig(r=r, lora_alpha=float(alpha), target_modules=tuple(short),
                       use_rslora=bool(raw.get("use_rslora", False)),
-                      base_model_name_or_path=raw.get("base_model_name_or_path"))
+                      base_model_name_or_path=raw.get("base_model_name_or_path"),
+                      rank_pattern=_patterns(raw, "rank_pattern", where, int),
+                      alpha_pattern=_patterns(raw, "alpha_pattern", where, float))
+
+
+def _patterns(raw: dict, field: str, where: Path, kind: type) -> tuple[tuple[str, float], ...]:
+    patterns = raw.get(field) or {}
+    if not isinstance(patterns, dict):
+        raise AdapterFormatError(f"{where}: {field} must be an object of module pattern -> value")
+    checked = []
+    for pattern, value in patterns.items():
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise AdapterFormatError(f"{where}: {field} key {pattern!r} is not a valid pattern ({err})") from None
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not numeric or value <= 0 or (kind is int and value != int(value)):
+            raise AdapterFormatError(f"{where}: {field}[{pattern!r}] must be a positive "
+                                     f"{'integer' if kind is int else 'number'}, got {value!r}")
+        checked.append((pattern, kind(value)))
+    return tuple(checked)
 
 
 def read_adapter(path: str | Path, base: BaseShape | None = None) -> LoraWeights:
@@ -177,6 +220,15 @@ def _check_pairs(where: Path, config: LoraConfig, a: dict, b: dict) -> None:
         if projection not in config.target_modules:
             raise AdapterFormatError(f"{where}: layer {layer} has weights for {projection}, "
                                      f"which target_modules {list(config.target_modules)} does not list")
+        # Scaling follows the configured rank, so a config that contradicts its tensors would be
+        # served with the wrong scale; peft refuses such an adapter too (size mismatch).
+        expected = config.rank_of(layer, projection)
+        if tensor_a.shape[0] != expected:
+            source = "rank_pattern" if _first_match(config.rank_pattern, layer, projection, None) else "r"
+            raise AdapterFormatError(
+                f"{where}: layer {layer} {projection} ({module_name(layer, projection)}) has rank "
+                f"{tensor_a.shape[0]} in its tensors, but {CONFIG_FILE} gives it rank {expected} ({source}); "
+                f"peft would refuse this adapter too")
 
 
 def check_fits(adapter: LoraWeights, base: BaseShape) -> None:
