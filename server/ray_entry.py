@@ -21,7 +21,10 @@ def _app():
     engine_flags(parser)
     config = server_config(parser.parse_args(shlex.split(os.environ.get("CARTRIDGE_SERVE_ARGS", ""))))
     gpus = os.environ.get("CARTRIDGE_GPUS_PER_REPLICA")
-    return build_app(config, os.environ["CARTRIDGE_ADAPTER_ROOT"], int(os.environ.get("CARTRIDGE_REPLICAS", "2")),
+    root = os.environ.get("CARTRIDGE_ADAPTER_ROOT")
+    if not root:
+        raise ValueError("CARTRIDGE_ADAPTER_ROOT must name the adapter store every replica reads")
+    return build_app(config, root, int(os.environ.get("CARTRIDGE_REPLICAS", "2")),
                      float(os.environ.get("CARTRIDGE_CPUS_PER_REPLICA", "1")),
                      float(gpus) if gpus is not None else float(config.on_cuda))
 
