@@ -28,6 +28,8 @@ class ServerConfig:
     max_adapters: int = 16                 # adapters resident in device memory at once
     max_lora_rank: int = 64
     cuda_graphs: bool = True               # replay decode as CUDA graphs (CUDA only)
+    triton_kernels: bool = True            # our NF4 matmul and multi-LoRA kernels for decode (CUDA only)
+    nf4_kernel_max_rows: int = 64          # largest batch our NF4 kernel takes; above, bitsandbytes + cuBLAS
     adapters: tuple[tuple[str, str], ...] = ()   # (name, path) registered at start-up
     drain_timeout: float = 30.0            # seconds running requests get after SIGTERM/SIGINT
     admin_token: str | None = field(default=None, repr=False)      # required by Register/Unregister
@@ -47,6 +49,7 @@ class ServerConfig:
                                  ("--max-batch-size", self.max_batch_size, 1), ("--max-seq-len", self.max_seq_len, 2),
                                  ("--max-queue", self.max_queue, 0), ("--max-adapters", self.max_adapters, 1),
                                  ("--max-lora-rank", self.max_lora_rank, 1),
+                                 ("--nf4-kernel-max-rows", self.nf4_kernel_max_rows, 0),
                                  ("--max-prefill-tokens", self.max_prefill_tokens, 1)):
             if value < low:
                 raise ValueError(f"{flag} must be at least {low}, got {value}")
@@ -77,6 +80,10 @@ class ServerConfig:
     @property
     def quantize(self) -> bool:
         return (self.quantization or ("nf4" if self.on_cuda else "none")) == "nf4"
+
+    @property
+    def kernels(self) -> bool:
+        return self.on_cuda and self.triton_kernels
 
     @property
     def loopback_only(self) -> bool:

@@ -2,14 +2,18 @@
 
 Decode of a 7B model is a few milliseconds of GPU work but tens of milliseconds of Python and
 launch overhead in eager mode (measured on an H100: BENCHMARKS.md). A graph is captured per
-(rows, context length) bucket on first use. Shapes inside are static, so a graph always applies
-LoRA to all seven projections at the server's largest rank (base-model rows read slot 0, which
-is zero), and attends over the bucket's whole context with a mask.
+(rows, context length, LoRA projections) bucket, all of them at start-up (`capture_all`): a capture
+runs the step three times and once took 0.5 s at 7B, which would stall every running stream if it
+happened on first use of a bucket. Shapes inside are static, so a graph applies LoRA at
+the server's largest rank (base-model rows read slot 0, which is zero; the Triton kernels skip
+them and every rank past an adapter's own), and attends over the bucket's whole context with a mask.
 
-Capture runs the real step first (warm-up) with the real inputs, so it only writes the KV
-entries the step writes anyway, and is safe while other requests are in flight.
+Capture runs the step first (warm-up) with the current inputs, so it only writes KV entries that
+step would write anyway (at start-up: position 0 of free slots, which prefill overwrites).
 """
 from __future__ import annotations
+
+import itertools
 
 import torch
 
@@ -20,6 +24,10 @@ from .lora_batch import LoraBatch
 from .model import Transformer
 
 _MIN_CONTEXT = 128
+# Which projections a graph applies LoRA to: none (base-model rows only), attention, all seven. A
+# step replays the smallest set that covers what its rows' adapters target, so it launches no LoRA
+# kernels for projections nobody uses.
+_LORA_SETS = (frozenset(), frozenset({"q_proj", "k_proj", "v_proj", "o_proj"}), frozenset(PROJECTIONS))
 
 
 def _buckets(limit: int, start: int) -> list[int]:
@@ -36,41 +44,53 @@ class DecodeGraphs:
         self.row_buckets = _buckets(cache.num_slots, 1)
         self.context_buckets = _buckets(cache.max_seq_len, min(_MIN_CONTEXT, cache.max_seq_len))
         rows = cache.num_slots
-        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
-        self.positions = torch.zeros(rows, dtype=torch.long, device=device)
-        self.lora_slots = torch.zeros(rows, dtype=torch.long, device=device)
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # tokens, positions and LoRA slots of each row: one pinned host buffer, one copy a step.
+        self._host = torch.zeros(3, rows, dtype=torch.long, pin_memory=True)
+        self._inputs = torch.zeros(3, rows, dtype=torch.long, device=device)
+        self.tokens, self.positions, self.lora_slots = self._inputs[0, :, None], self._inputs[1], self._inputs[2]
+        self._graphs: dict[tuple[int, int, frozenset[str]], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle()
 
-    def decode(self, tokens: list[int], positions: list[int], lora_slots: list[int]) -> torch.Tensor:
-        """Same contract as the eager decode: rows are cache slots 0..len(tokens)-1 -> logits [rows, vocab]."""
+    def decode(self, tokens: list[int], positions: list[int], lora_slots: list[int],
+               projections: frozenset[str]) -> torch.Tensor:
+        """Same contract as the eager decode: rows are cache slots 0..len(tokens)-1 -> logits [rows, vocab];
+        `projections` is what the rows' adapters target."""
         used = len(tokens)
         rows = next(b for b in self.row_buckets if b >= used)
         context = next(b for b in self.context_buckets if b >= max(positions) + 1)
         # Rows past `used` are free cache slots: they decode a dummy token at position 0.
         pad = [0] * (rows - used)
-        self.tokens[:rows, 0].copy_(torch.tensor(tokens + pad), non_blocking=True)
-        self.positions[:rows].copy_(torch.tensor(positions + pad), non_blocking=True)
-        self.lora_slots[:rows].copy_(torch.tensor(lora_slots + pad), non_blocking=True)
-        graph = self._graphs.get((rows, context))
+        # The previous step's copy has finished: its logits were read on the host.
+        self._host[:, :rows] = torch.tensor([tokens + pad, positions + pad, lora_slots + pad])
+        self._inputs[:, :rows].copy_(self._host[:, :rows], non_blocking=True)
+        key = (rows, context, next(s for s in _LORA_SETS if projections <= s))
+        graph = self._graphs.get(key)
         if graph is None:
-            graph = self._graphs[(rows, context)] = self._capture(rows, context)
+            graph = self._graphs[key] = self._capture(*key)
         graph[0].replay()
         return graph[1][:used]
 
-    def _forward(self, rows: int, context: int) -> torch.Tensor:
-        lora = LoraBatch(self.lora_slots[:rows], self.max_lora_rank, frozenset(PROJECTIONS), None)
+    def capture_all(self) -> int:
+        """Captures every (rows, context, LoRA projections) bucket now; returns how many."""
+        for key in itertools.product(self.row_buckets, self.context_buckets, _LORA_SETS):
+            if key not in self._graphs:
+                self._graphs[key] = self._capture(*key)
+        return len(self._graphs)
+
+    def _forward(self, rows: int, context: int, projections: frozenset[str]) -> torch.Tensor:
+        lora = LoraBatch(self.lora_slots[:rows], self.max_lora_rank, projections, None)
         batch = self.model.decode_batch(self.positions[:rows], context, lora)
         return self.model(self.tokens[:rows], batch, self.cache)
 
-    def _capture(self, rows: int, context: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, rows: int, context: int,
+                 projections: frozenset[str]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):   # the real step, twice: lazy initialisation stays out of the graph
-                self._forward(rows, context)
+                self._forward(rows, context, projections)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._forward(rows, context)
+            logits = self._forward(rows, context, projections)
         return graph, logits

@@ -41,13 +41,22 @@ class LoraBatch:
 
 
 class LoraStack:
-    """One projection of one layer: A [slots, max_rank, in] and scaling·B [slots, out, max_rank]."""
+    """One projection of one layer: A [slots, max_rank, in] and scaling·B [slots, out, max_rank].
+
+    With `kernels` (CUDA), decode rows go through server.kernels.lora_bgmv, which reads each row's
+    adapter in place up to `ranks[slot]` (0 where the adapter leaves this projection alone)."""
 
     def __init__(self, projection: str, num_slots: int, max_rank: int, in_features: int, out_features: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, kernels: bool = False):
         self.projection = projection
         self.a = torch.zeros(num_slots, max_rank, in_features, dtype=dtype, device=device)
         self.b = torch.zeros(num_slots, out_features, max_rank, dtype=dtype, device=device)
+        self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)   # read by the kernels at replay
+        self._bgmv = None
+        if kernels:
+            from .kernels.lora_bgmv import lora_bgmv
+
+            self._bgmv = lora_bgmv
 
     @property
     def size_bytes(self) -> int:
@@ -57,6 +66,7 @@ class LoraStack:
         """Puts one adapter's A [r, in] and B [out, r] in `slot`; None clears the slot (not targeted)."""
         self.a[slot].zero_()
         self.b[slot].zero_()
+        self.ranks[slot] = 0 if a is None else a.shape[0]
         if a is not None:
             rank = a.shape[0]
             self.a[slot, :rank].copy_(a)
@@ -72,6 +82,10 @@ class LoraStack:
                 a, b = self.a[slot, :rank], self.b[slot, :, :rank]             # [r, in], [out, r]
                 y.index_add_(0, rows, (x.index_select(0, rows) @ a.T) @ b.T)
             return y
+        if self._bgmv is not None:
+            flat = self._bgmv(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), self.a, self.b, self.ranks,
+                              batch.slots)
+            return flat.view(y.shape)
         a = self.a[batch.slots, :rank]                                     # [B, r, in]
         b = self.b[batch.slots, :, :rank]                                  # [B, out, r]
         return torch.baddbmm(y, torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))

@@ -48,7 +48,8 @@ class ModelRunner:
             positions[seq.kv_slot] = seq.num_tokens - 1
             lora_slots[seq.kv_slot] = seq.lora_slot
         if self.graphs is not None:
-            logits = self.graphs.decode(tokens, positions, lora_slots)
+            projections = frozenset().union(*(self.adapter_slots.projections[s] for s in lora_slots))
+            logits = self.graphs.decode(tokens, positions, lora_slots, projections)
         else:
             logits = self._decode_eager(tokens, positions, lora_slots)
         return logits[torch.tensor([s.kv_slot for s in seqs], device=self.device)]

@@ -37,8 +37,11 @@ def check_config(config) -> None:
 
 
 def load_model(directory: Path, config, dtype: torch.dtype, device: torch.device, quantize: bool,
-               num_lora_slots: int, max_lora_rank: int) -> tuple[Transformer, dict[tuple[int, str], LoraStack]]:
-    """The model and its LoRA stacks, keyed (layer, projection); slot 0 of every stack is the base model's."""
+               num_lora_slots: int, max_lora_rank: int,
+               kernels: bool = False,
+               nf4_kernel_max_rows: int = 64) -> tuple[Transformer, dict[tuple[int, str], LoraStack]]:
+    """The model and its LoRA stacks, keyed (layer, projection); slot 0 of every stack is the base model's.
+    kernels: decode through server.kernels (CUDA only): multi-LoRA always, NF4 up to nf4_kernel_max_rows."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     check_config(config)
@@ -55,7 +58,9 @@ def load_model(directory: Path, config, dtype: torch.dtype, device: torch.device
         return read(name).to(dtype)
 
     def base_linear(name: str) -> BaseLinear:
-        return NF4Linear(read(name), dtype) if quantize else DenseLinear(weight(name))
+        if quantize:
+            return NF4Linear(read(name), dtype, nf4_kernel_max_rows if kernels else 0)
+        return DenseLinear(weight(name))
 
     stacks: dict[tuple[int, str], LoraStack] = {}
     layers = []
@@ -64,7 +69,8 @@ def load_model(directory: Path, config, dtype: torch.dtype, device: torch.device
         projections = {}
         for projection, block in PROJECTIONS.items():
             out_features, in_features = shape.projections[projection]
-            stack = LoraStack(projection, num_lora_slots, max_lora_rank, in_features, out_features, dtype, device)
+            stack = LoraStack(projection, num_lora_slots, max_lora_rank, in_features, out_features, dtype, device,
+                              kernels)
             stacks[(i, projection)] = stack
             projections[projection] = Projection(base_linear(f"{prefix}.{block}.{projection}.weight"), stack)
         block = TransformerBlock(

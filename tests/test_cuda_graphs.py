@@ -17,7 +17,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA grap
 
 
 @pytest.mark.parametrize("quantize", [True, False])
-def test_graph_decode_matches_eager(tmp_path, quantize):
+@pytest.mark.parametrize("kernels", [True, False])
+def test_graph_decode_matches_eager(tmp_path, quantize, kernels):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
@@ -25,7 +26,8 @@ def test_graph_decode_matches_eager(tmp_path, quantize):
     torch.manual_seed(0)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
     device = torch.device("cuda")
-    model, stacks = load_model(tmp_path, config, torch.bfloat16, device, quantize, num_lora_slots=4, max_lora_rank=8)
+    model, stacks = load_model(tmp_path, config, torch.bfloat16, device, quantize, num_lora_slots=4, max_lora_rank=8,
+                               kernels=kernels)
     for (layer, projection), stack in stacks.items():
         if projection in ("q_proj", "v_proj", "down_proj"):      # adapters of ranks 8 and 4 in slots 1 and 2
             for slot, rank in ((1, 8), (2, 4)):
@@ -36,7 +38,12 @@ def test_graph_decode_matches_eager(tmp_path, quantize):
 
     def runner(graphs: bool) -> ModelRunner:
         cache = KVCache(3, 8, 128, 2, 64, torch.bfloat16, device)
-        return ModelRunner(model, cache, slots, device, DecodeGraphs(model, cache, 8, device) if graphs else None)
+        decode_graphs = None
+        if graphs:
+            decode_graphs = DecodeGraphs(model, cache, 8, device)
+            # rows 1, 2, 4, 8 x context 128 x LoRA on none, attention or all projections, ahead of use
+            assert decode_graphs.capture_all() == 12
+        return ModelRunner(model, cache, slots, device, decode_graphs)
 
     eager, graphed = runner(False), runner(True)
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18], [19, 20, 21]]

@@ -151,6 +151,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--quantization", choices=("nf4", "none"), help="server and peer (default: nf4 on CUDA)")
     parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--server-flag", action="append", default=[],
+                        help="extra flag for our server, e.g. --server-flag=--no-triton-kernels (repeatable)")
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args()
     from transformers import AutoConfig, AutoTokenizer
@@ -178,11 +180,12 @@ def main() -> None:
     flags = ["--quantization", "nf4" if quantize else "none", "--dtype", "bfloat16" if gpu or quantize else "float32",
              "--base-model", str(model_dir), "--max-batch-size", str(streams), "--max-adapters", str(streams),
              "--max-lora-rank", str(args.rank), "--max-seq-len", str(args.prompt_tokens * 2 + args.max_tokens + 16)]
-    flags += [f for i, d in enumerate(adapter_dirs) for f in ("--adapter", f"a{i}={d}")]
+    flags += [f for i, d in enumerate(adapter_dirs) for f in ("--adapter", f"a{i}={d}")] + args.server_flag
     started = time.perf_counter()
     server = start_server(*flags)
     result["ours_start_s"] = round(time.perf_counter() - started, 1)
     result["quantization"] = "nf4" if quantize else "none"
+    result["server_flags"] = args.server_flag
     try:
         names = [f"a{i}" for i in range(streams)]
         ours(server.address, prompts, names, 4)                      # warm-up: loads every adapter, warms kernels

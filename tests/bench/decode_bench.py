@@ -1,0 +1,112 @@
+"""Decode step benchmark: GPU time of one graph replay, and the host time a step adds on top.
+
+    python -m tests.bench.decode_bench --model 7b       # both our kernels, our LoRA kernel alone, bnb + torch
+
+Needs CUDA. Loads the model as the server does (random weights of a Llama shape, NF4), fills every
+adapter slot with a random rank-16 q/k/v/o adapter, and for 1, 8 and 32 rows, each on its own
+adapter, reports: `replay_ms`, the median GPU time of one decode graph replay (events around
+replays, no host work); `step_ms`, the median wall time of `ModelRunner.decode` + `sample` as the
+engine calls them; and `host_ms` = step − replay, the host time not hidden behind the GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from tests.bench.kernel_bench import median_replay_ms
+from tests.bench.serve_bench import SHAPES, random_checkpoint
+
+RANK = 16
+# (Triton kernels, largest batch for our NF4 kernel): both kernels, LoRA kernel only, neither
+VARIANTS = {"kernels": (True, 64), "lora_kernel": (True, 0), "bnb": (False, 0)}
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def run(model_dir: Path, rows_list: list[int], context: int, kernels: bool, nf4_kernel_max_rows: int) -> dict:
+    from transformers import AutoConfig
+
+    from server.adapter_slots import AdapterSlots
+    from server.cuda_graphs import DecodeGraphs
+    from server.kv_cache import KVCache
+    from server.runner import ModelRunner
+    from server.sampler import sample
+    from server.sequence import SamplingParams, Sequence
+    from server.text_stream import TextStream
+    from server.weights import load_model
+
+    device = torch.device("cuda")
+    config = AutoConfig.from_pretrained(model_dir)
+    slots_needed = max(rows_list)
+    model, stacks = load_model(model_dir, config, torch.bfloat16, device, True, slots_needed + 1, RANK,
+                               kernels=kernels, nf4_kernel_max_rows=nf4_kernel_max_rows)
+    for (_, projection), stack in stacks.items():
+        if projection in TARGETS:
+            for slot in range(1, slots_needed + 1):
+                stack.load(slot, torch.randn(RANK, stack.a.shape[2]) / stack.a.shape[2] ** 0.5,
+                           torch.randn(stack.b.shape[1], RANK) * 0.01, 2.0)
+    adapter_slots = AdapterSlots(stacks, slots_needed)
+    adapter_slots.ranks.update({s: RANK for s in range(1, slots_needed + 1)})
+    adapter_slots.projections.update({s: frozenset(TARGETS) for s in range(1, slots_needed + 1)})
+    cache = KVCache(model.args.n_layers, slots_needed, context, model.args.n_kv_heads, model.args.head_dim,
+                    torch.bfloat16, device)
+    graphs = DecodeGraphs(model, cache, RANK, device)
+    started = time.perf_counter()
+    captured = graphs.capture_all()
+    result = {"kernels": kernels, "nf4_kernel_max_rows": nf4_kernel_max_rows,
+              "capture_all_s": round(time.perf_counter() - started, 1), "graphs": captured}
+    runner = ModelRunner(model, cache, adapter_slots, device, graphs)
+    for rows in rows_list:
+        seqs = [Sequence(list(range(100, 164)), SamplingParams(max_tokens=context), None, TextStream(None))
+                for _ in range(rows)]
+        for i, seq in enumerate(seqs):
+            seq.kv_slot, seq.lora_slot = i, i + 1
+        runner.prefill(seqs)
+        for seq in seqs:
+            seq.output_ids.append(7)
+        steps = []
+        for _ in range(30):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for seq, token in zip(seqs, sample(runner.decode(seqs), seqs)):
+                seq.output_ids.append(token)
+            steps.append(time.perf_counter() - start)
+        bucket = next(b for b in graphs.context_buckets if b >= max(s.num_tokens for s in seqs))
+        graph = graphs._graphs[(rows, bucket, frozenset(TARGETS))][0]
+        step_ms, replay_ms = 1000 * median(steps[5:]), median_replay_ms(graph, 20)
+        result[f"rows_{rows}"] = {"replay_ms": round(replay_ms, 3), "step_ms": round(step_ms, 3),
+                                  "host_ms": round(step_ms - replay_ms, 3)}
+        print(json.dumps({"kernels": kernels, "nf4_kernel_max_rows": nf4_kernel_max_rows, "rows": rows,
+                          **result[f"rows_{rows}"]}), flush=True)
+    del model, stacks, graphs, runner, cache
+    torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=SHAPES, default="7b")
+    parser.add_argument("--rows", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--context", type=int, default=256, help="KV-cache length per slot")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--out", default="bench-results")
+    args = parser.parse_args()
+    model_dir = random_checkpoint(args.model, Path("/tmp"))
+    results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "model": args.model}
+    for variant in args.variants:
+        results[variant] = run(model_dir, args.rows, args.context, *VARIANTS[variant])
+    print(json.dumps(results, indent=1))
+    os.makedirs(args.out, exist_ok=True)
+    Path(args.out, f"decode_bench_{args.model}.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
