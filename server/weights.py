@@ -95,6 +95,8 @@ def base_weight_bytes(model: Transformer) -> int:
     scales), norms and RoPE tables; a tied lm_head counts once. LoRA stacks are not the model's."""
     tensors = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers())}
     for module in model.modules():
+        # Plain tensor attributes too: the NF4 kernel keeps its decoded block scales that way.
+        tensors.update({t.data_ptr(): t for t in vars(module).values() if isinstance(t, torch.Tensor)})
         state = getattr(module, "quant_state", None)
         while state is not None:    # double quantization nests the scales' own state
             parts = (getattr(state, name, None) for name in ("absmax", "code", "offset"))
