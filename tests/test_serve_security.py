@@ -119,7 +119,9 @@ def test_inference_needs_the_inference_or_admin_token(server, secrets, monkeypat
 
 
 def test_the_openai_http_api_takes_the_same_tokens_over_https(server, secrets):
+    import json
     import ssl
+    import urllib.error
     import urllib.request
 
     import openai
@@ -129,14 +131,15 @@ def test_the_openai_http_api_takes_the_same_tokens_over_https(server, secrets):
     def api(key: str) -> openai.OpenAI:
         return openai.OpenAI(base_url=server.http_url, api_key=key, max_retries=0, timeout=60,
                              http_client=openai.DefaultHttpxClient(verify=str(secrets["cert.pem"])))
-    with pytest.raises(openai.AuthenticationError):           # the openai package always sends a bearer
-        api("").completions.create(model="base", prompt=PROMPT, max_tokens=2)
+    trusted = ssl.create_default_context(cafile=str(secrets["cert.pem"]))
+    with pytest.raises(urllib.error.HTTPError) as anonymous:   # the openai package always sends a key
+        urllib.request.urlopen(server.http_url + "/models", context=trusted)
+    assert anonymous.value.code == 401 and "inference token" in json.load(anonymous.value)["error"]["message"]
     with pytest.raises(openai.PermissionDeniedError) as denied:
         api("guess").models.list()
     assert "inference" in denied.value.body["message"]
     for key in (USER, ADMIN):
         assert api(key).completions.create(model="base", prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
-    trusted = ssl.create_default_context(cafile=str(secrets["cert.pem"]))
     with urllib.request.urlopen(server.http_url.removesuffix("/v1") + "/health", context=trusted) as health:
         assert health.status == 200                           # open, as gRPC health is
 
