@@ -105,6 +105,11 @@ class AdapterRegistry:
             raise NotFound(f"adapter {name!r} is not registered")
         return adapter
 
+    def is_current(self, adapter: RegisteredAdapter) -> bool:
+        """Whether `adapter` is the version its name stands for now."""
+        with self._lock:
+            return self._adapters.get(adapter.name) is adapter
+
     def contains(self, name: str) -> bool:
         with self._lock:
             return name in self._adapters

@@ -66,8 +66,17 @@ class Engine:
         done: Future = Future()
 
         def job() -> bool:
-            if not self.scheduler.adapter_slots.pin(adapter):
-                return False
+            if self.registry.is_current(adapter):   # not replaced or unregistered while it waited
+                try:
+                    self.registry.hold(adapter)      # its weights stay on the host while they are copied
+                except ServingError as err:
+                    done.set_exception(err)
+                    return True
+                try:
+                    if not self.scheduler.adapter_slots.pin(adapter):
+                        return False
+                finally:
+                    self.registry.release(adapter)
             done.set_result(None)
             return True
         self._on_engine_thread(job)
@@ -86,8 +95,11 @@ class Engine:
         again = []
         while not self._jobs.empty():
             job = self._jobs.get()
-            if not job():
-                again.append(job)
+            try:
+                if not job():
+                    again.append(job)
+            except Exception:  # noqa: BLE001 - a failed job must not stop the engine
+                log.exception("adapter slot job failed")
         for job in again:
             self._jobs.put(job)
         return bool(again)

@@ -125,3 +125,15 @@ def test_the_metrics_port_serves_only_metrics(server, path):
         urllib.request.urlopen(base + path)
     assert err.value.code == 404
     assert urllib.request.urlopen(base + "/metrics?name[]=cartridge_requests_running").status == 200
+
+
+def test_names_that_come_and_go_leave_nothing_behind(client, server, adapter_dirs):
+    for cycle in range(40):
+        name = f"cycle-{cycle}"
+        client.register_adapter(name, str(adapter_dirs["qv8" if cycle % 2 else "mlp4"]))
+        if cycle % 4 == 0:
+            assert client.generate(PROMPT, adapter=name, max_tokens=1).adapter == name
+        client.unregister_adapter(name)
+    assert client.list_adapters() == []
+    assert 'adapter="cycle-' not in metrics_text(server)
+    assert float(re.search(r"^cartridge_adapters_resident (\S+)", metrics_text(server), re.M)[1]) <= 1

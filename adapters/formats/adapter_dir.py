@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors import safe_open
+from safetensors.torch import load as load_safetensors
 
 from .projections import PROJECTIONS
 
@@ -186,15 +186,18 @@ def read_adapter(path: str | Path, base: BaseShape | None = None) -> LoraWeights
     a: dict[tuple[int, str], torch.Tensor] = {}
     b: dict[tuple[int, str], torch.Tensor] = {}
     try:
-        with safe_open(weights_file, framework="pt") as tensors:
-            for key in tensors.keys():
-                match = _KEY.search(key)
-                if match is None:
-                    raise AdapterFormatError(f"{weights_file}: tensor {key!r} is not a LoRA A/B of a Llama projection")
-                layer, block, projection, which = int(match[1]), match[2], match[3], match[4]
-                if PROJECTIONS.get(projection) != block:
-                    raise AdapterFormatError(f"{weights_file}: tensor {key!r} targets unknown module {block}.{projection}")
-                (a if which == "A" else b)[(layer, projection)] = tensors.get_tensor(key)
+        # Parsed from bytes, not through safe_open: its get_tensor keeps a little host memory per tensor
+        # (safetensors 0.8), which grew a server's RSS with every adapter registered and dropped.
+        tensors = load_safetensors(weights_file.read_bytes())
+        for key in sorted(tensors):   # the order safe_open listed them in, so errors name the same module
+            tensor = tensors[key]
+            match = _KEY.search(key)
+            if match is None:
+                raise AdapterFormatError(f"{weights_file}: tensor {key!r} is not a LoRA A/B of a Llama projection")
+            layer, block, projection, which = int(match[1]), match[2], match[3], match[4]
+            if PROJECTIONS.get(projection) != block:
+                raise AdapterFormatError(f"{weights_file}: tensor {key!r} targets unknown module {block}.{projection}")
+            (a if which == "A" else b)[(layer, projection)] = tensor
     except AdapterFormatError:
         raise
     except Exception as err:  # safetensors raises its own error types for truncated or foreign files
