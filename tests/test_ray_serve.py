@@ -194,3 +194,22 @@ def test_adapters_go_to_replicas_that_hold_them_and_a_killed_replica_is_replaced
     assert served_during > 1, "the surviving replica should have served while the other was replaced"
     assert failures <= 4
     assert len(replica_processes(process)) == 2
+
+
+def test_an_evicted_adapter_is_released_only_after_its_last_request():
+    """Ray's LRU evicts by calling __del__ whatever still runs; the release waits for the last user."""
+    from server.ray_app import ResidentAdapter
+
+    released = []
+    adapter = ResidentAdapter("sql", released.append)
+    adapter.acquire()
+    adapter.acquire()
+    adapter.__del__()                   # Ray's eviction, two requests still running on it
+    adapter.done()
+    assert released == []
+    adapter.done()                      # the last one ends: now it goes
+    assert released == [adapter]
+    adapter.__del__()                   # Python's own collection later: nothing more
+    idle = ResidentAdapter("idle", released.append)
+    idle.__del__()                      # evicted with nobody on it: at once
+    assert released == [adapter, idle]
