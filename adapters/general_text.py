@@ -40,18 +40,33 @@ def general_text(tokenizer, num_tokens: int) -> GeneralText:
     """About `num_tokens` tokens in windows of WINDOW, taken round-robin across MODULES.
 
     The windows do not follow max_seq_len, so runs with different settings measure the same text."""
-    per_module = []
-    for name in MODULES:
-        ids = tokenizer("\n\n".join(_docstrings(name)), add_special_tokens=False)["input_ids"]
-        per_module.append([tuple(ids[i:i + WINDOW]) for i in range(0, len(ids) - WINDOW + 1, WINDOW)])
-    # Round-robin so a small set still spans many modules rather than the start of one.
-    windows = [w for w in chain.from_iterable(zip_longest(*per_module)) if w is not None]
+    windows = _windows(tokenizer)
     chosen = windows[:max(1, num_tokens // WINDOW)]
     fingerprint = hashlib.sha256(repr(chosen).encode()).hexdigest()
     examples = tuple(Example((), ids, None, ("python-docstrings", i)) for i, ids in enumerate(chosen))
     source = (f"docstrings of Python {sys.version_info.major}.{sys.version_info.minor}'s {', '.join(MODULES)}; "
               f"{len(chosen)} windows of {WINDOW} tokens")
     return GeneralText(examples, source, fingerprint)
+
+
+def general_training_text(tokenizer, num_windows: int, max_seq_len: int) -> GeneralText:
+    """`num_windows` windows to train on, cut to max_seq_len, taken from the end of the list that
+    general_text measures from the start, so replaying general text never trains on what measures forgetting."""
+    windows = _windows(tokenizer)
+    chosen = [ids[:max_seq_len] for ids in windows[::-1][:num_windows]]
+    fingerprint = hashlib.sha256(repr(chosen).encode()).hexdigest()
+    examples = tuple(Example((), ids, None, ("python-docstrings-replay", i)) for i, ids in enumerate(chosen))
+    source = f"the last {len(chosen)} of {len(windows)} docstring windows, cut to {max_seq_len} tokens"
+    return GeneralText(examples, source, fingerprint)
+
+
+def _windows(tokenizer) -> list[tuple[int, ...]]:
+    per_module = []
+    for name in MODULES:
+        ids = tokenizer("\n\n".join(_docstrings(name)), add_special_tokens=False)["input_ids"]
+        per_module.append([tuple(ids[i:i + WINDOW]) for i in range(0, len(ids) - WINDOW + 1, WINDOW)])
+    # Round-robin so a small set still spans many modules rather than the start of one.
+    return [w for w in chain.from_iterable(zip_longest(*per_module)) if w is not None]
 
 
 def _docstrings(module: str) -> list[str]:

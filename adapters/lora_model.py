@@ -39,16 +39,9 @@ def load_base(base_dir: Path, quantized: bool, device: torch.device):
 
 def with_new_lora(base, config: TrainConfig):
     """`base` wrapped by peft with a fresh, trainable LoRA as `config` describes, in train mode."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
-    # Non-reentrant checkpointing needs no grad-requiring inputs, so frozen embeddings stay frozen.
-    checkpointing = {"use_reentrant": False}
-    if config.quantized:
-        # Casts the norms and embeddings to float32 and readies the NF4 layers for backward (QLoRA's recipe).
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=config.gradient_checkpointing,
-                                               gradient_checkpointing_kwargs=checkpointing)
-    elif config.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    base = _ready_for_training(base, config)
     torch.manual_seed(config.seed)
     lora = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=list(config.target_modules), use_rslora=config.use_rslora, bias="none",
@@ -57,6 +50,31 @@ def with_new_lora(base, config: TrainConfig):
     # from_pretrained leaves the model in eval mode, where transformers silently skips gradient checkpointing.
     model.train()
     return model
+
+
+def with_continued_lora(base, adapter_dir: Path, config: TrainConfig):
+    """`base` with the trained adapter in `adapter_dir`, checked as the server checks it, trainable again."""
+    from peft import PeftModel
+
+    read_adapter(adapter_dir, BaseShape.from_config(base.config))
+    torch.manual_seed(config.seed)  # dropout draws
+    model = PeftModel.from_pretrained(_ready_for_training(base, config), adapter_dir, is_trainable=True)
+    model.train()
+    return model
+
+
+def _ready_for_training(base, config: TrainConfig):
+    from peft import prepare_model_for_kbit_training
+
+    # Non-reentrant checkpointing needs no grad-requiring inputs, so frozen embeddings stay frozen.
+    checkpointing = {"use_reentrant": False}
+    if config.quantized:
+        # Casts the norms and embeddings to float32 and readies the NF4 layers for backward (QLoRA's recipe).
+        return prepare_model_for_kbit_training(base, use_gradient_checkpointing=config.gradient_checkpointing,
+                                               gradient_checkpointing_kwargs=checkpointing)
+    if config.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    return base
 
 
 def with_saved_lora(base, adapter_dir: Path):

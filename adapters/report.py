@@ -17,6 +17,7 @@ import torch
 
 from .datasets import Dataset
 from .evaluate import Comparison
+from .formats.hashing import file_sha256
 from .general_text import GeneralText
 from .train_config import TrainConfig
 from .trainer import TrainState
@@ -24,14 +25,6 @@ from .trainer import TrainState
 REPORT_FILE = "training_report.json"
 PLOT_FILE = "loss_curves.png"
 _LIBRARIES = ("cartridge", "torch", "transformers", "peft", "bitsandbytes", "safetensors", "accelerate")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def base_fingerprint(base_dir: Path) -> str:
@@ -76,7 +69,7 @@ def general_summary(general: GeneralText, comparison: Comparison) -> dict:
 
 def write_training_report(output: Path, *, config: TrainConfig, base_dir: Path, base_hash: str, train: Dataset,
                           validation: Dataset | None, num_train: int, num_val: int, state: TrainState,
-                          domain: Comparison, general: GeneralText, general_figures: Comparison, wall_s: float,
+                          kept_step: int, recall: dict | None, continued: dict | None, domain: Comparison, general: GeneralText, general_figures: Comparison, wall_s: float,
                           device: torch.device) -> dict:
     # Step 0 is the base itself: where the validation curve starts.
     val_curve = [(0, domain.base.loss), *state.val_losses]
@@ -87,23 +80,27 @@ def write_training_report(output: Path, *, config: TrainConfig, base_dir: Path, 
                  "validation": (data_summary(validation) if validation is not None
                                 else f"{config.val_fraction:.0%} of the data rows, chosen by seed {config.seed}")},
         "hyperparameters": config.stored_settings,
-        "training": {"steps": state.step, "best_step": state.best_step, "stop_reason": state.stop_reason,
+        "training": {"steps": state.step, "best_step": state.best_step, "kept_step": kept_step,
+                     "kept": "best validation loss" if config.early_stopping_patience else "last step",
+                     "stop_reason": state.stop_reason,
                      "tokens_trained": state.tokens_trained, "training_s": state.training_s,
                      "tokens_per_s": state.tokens_trained / state.training_s if state.training_s else None,
                      "wall_time_s": wall_s, "peak_memory": peak_memory(device)},
         "loss_curve": {"train": state.train_losses, "validation": val_curve},
-        "final": {"validation_loss": domain.adapter.loss, "validation_perplexity": domain.adapter.perplexity},
+        "final": {"validation_loss": domain.adapter.loss, "validation_perplexity": domain.adapter.perplexity,
+                  "train_recall": recall},
+        "continued": continued,
         "forgetting": {"domain_validation": comparison_summary(domain),
                        "general_text": general_summary(general, general_figures)},
         "libraries": library_versions(),
     }
     (output / REPORT_FILE).write_text(json.dumps(report, indent=1))
-    write_loss_plot(output / PLOT_FILE, state.train_losses, val_curve, state.best_step)
+    write_loss_plot(output / PLOT_FILE, state.train_losses, val_curve, kept_step)
     return report
 
 
 def write_loss_plot(path: Path, train_curve: list[tuple[int, float]], val_curve: list[tuple[int, float]],
-                    best_step: int) -> None:
+                    kept_step: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # no display on training hosts
@@ -113,7 +110,7 @@ def write_loss_plot(path: Path, train_curve: list[tuple[int, float]], val_curve:
     if train_curve:
         axes.plot(*zip(*train_curve), label="train", alpha=0.6, linewidth=1)
     axes.plot(*zip(*val_curve), label="validation", marker="o", linewidth=2)
-    axes.axvline(best_step, color="grey", linestyle=":", label=f"kept (step {best_step})")
+    axes.axvline(kept_step, color="grey", linestyle=":", label=f"kept (step {kept_step})")
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("loss per answer token")
     axes.set_title("Training and validation loss (step 0: the base)")

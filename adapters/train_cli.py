@@ -19,9 +19,10 @@ def user_errors() -> tuple[type[Exception], ...]:
     from .datasets import DataError
     from .formats.adapter_dir import AdapterFormatError
     from .formats.base_checkpoint import BaseModelError
+    from .store.refs import StoreError
     from .train_checkpoint import CheckpointError
 
-    return ConfigError, DataError, BaseModelError, CheckpointError, AdapterFormatError
+    return ConfigError, DataError, BaseModelError, CheckpointError, AdapterFormatError, StoreError
 
 
 def register(commands) -> None:
@@ -33,7 +34,7 @@ def register(commands) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML file of settings; its relative paths are "
                         "relative to the file")
     for name, kind, default, meta in setting_specs():
-        flag = "--" + name.replace("_", "-")
+        flag = meta["flag"] or "--" + name.replace("_", "-")
         # SUPPRESS keeps flags the user did not give out of the namespace, so they cannot mask the file.
         options = dict(dest=name, default=argparse.SUPPRESS, help=_help(meta["help"], default))
         if kind is bool:
@@ -65,20 +66,24 @@ def run(args: argparse.Namespace) -> int:
     from .train_run import run_training
 
     try:
-        report = run_training(config)
+        report, where = run_training(config)
     except user_errors() as err:
         print(f"cartridge train: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    _print_summary(config.output, report)
+    _print_summary(where, report)
     return 0
 
 
-def _print_summary(output: str, report: dict) -> None:
+def _print_summary(where: str, report: dict) -> None:
     domain = report["forgetting"]["domain_validation"]
     general = report["forgetting"]["general_text"]
     training = report["training"]
-    print(f"wrote {output}: adapter_config.json, adapter_model.safetensors, training_report.json, loss_curves.png")
+    print(f"wrote {where}: adapter_config.json, adapter_model.safetensors, training_report.json, loss_curves.png")
     print(f"{training['steps']} steps in {training['wall_time_s']:.0f} s; validation perplexity "
           f"{domain['base']['perplexity']:.3f} (base) -> {domain['adapter']['perplexity']:.3f}; general-text "
           f"perplexity {general['base']['perplexity']:.3f} -> {general['adapter']['perplexity']:.3f} "
           f"({general['perplexity_change']:+.1%})")
+    recall = report["final"]["train_recall"]
+    if recall is not None:
+        print(f"kept the {report['training']['kept']} (step {training['kept_step']}); recall of training items "
+              f"{recall['exact_match']:.1%} of {recall['items']}")

@@ -18,26 +18,39 @@ from .formats.projections import PROJECTIONS
 METHODS = ("lora", "qlora")
 SCHEDULERS = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "paged_adamw_8bit")
+LEARNING_RATE = 2e-4
+# Continuing moves already-trained weights: a smaller step keeps what they hold (and replay guards it too).
+CONTINUE_LEARNING_RATE = 1e-4
 
 
 class ConfigError(ValueError):
     """A setting is missing, unknown or out of range; the message names the key."""
 
 
-def _setting(default=MISSING, *, help: str, choices: tuple[str, ...] = (), path: bool = False):
+def _setting(default=MISSING, *, help: str, choices: tuple[str, ...] = (), path: bool = False, flag: str = ""):
     # The help text and choices live beside the field so the flags, the YAML checks and the docs
     # cannot drift apart.
-    return field(default=default, metadata={"help": help, "choices": choices, "path": path})
+    return field(default=default, metadata={"help": help, "choices": choices, "path": path, "flag": flag})
 
 
 @dataclass(frozen=True, slots=True)
 class TrainConfig:
     data: tuple[str, ...] = _setting(help="JSONL training files (instruction, chat or raw text rows)", path=True)
-    output: str = _setting(help="directory for the adapter, its report and checkpoints", path=True)
+    output: str = _setting("", help="directory for a one-off adapter, its report and checkpoints "
+                           "(or give name, to write a version into the store)", path=True)
+    name: str | None = _setting(None, help="write the adapter into the store as NAME@vN, the next N (not made live)")
+    from_version: str | None = _setting(None, help="continue from NAME (its live version) or NAME@vN in the store: "
+                                        "its LoRA weights, r and targets, replaying earlier data", flag="--from")
+    store: str | None = _setting(None, help="adapter store directory (default: $CARTRIDGE_STORE, else store/ in "
+                                 "the cache directory)", path=True)
     base_model: str | None = _setting(None, help="transformers-format Llama directory; "
                                       "unset: the embedded SmolLM2-135M-Instruct", path=True)
     val_data: tuple[str, ...] = _setting((), help="JSONL validation files (default: hold out val_fraction of data)",
                                          path=True)
+    test_data: tuple[str, ...] = _setting((), help="JSONL files held out for the gate: never trained on and "
+                                          "never used to choose weights", path=True)
+    gate_file: str | None = _setting(None, help="gate limits (YAML), stored with the version for `cartridge gate`",
+                                     path=True)
     val_fraction: float = _setting(0.1, help="share of data rows held out for validation when val_data is empty")
     method: str = _setting("lora", help="lora: dense base; qlora: NF4 base, quantized as the server does",
                            choices=METHODS)
@@ -46,7 +59,8 @@ class TrainConfig:
     lora_dropout: float = _setting(0.05, help="dropout on the LoRA input during training")
     target_modules: tuple[str, ...] = _setting(tuple(PROJECTIONS), help="projections that get a LoRA")
     use_rslora: bool = _setting(False, help="rank-stabilised scaling alpha / sqrt(r)")
-    learning_rate: float = _setting(2e-4, help="peak learning rate")
+    learning_rate: float | None = _setting(None, help=f"peak learning rate (default {LEARNING_RATE:g}; "
+                                           f"{CONTINUE_LEARNING_RATE:g} when continuing with from_version)")
     lr_scheduler: str = _setting("cosine", help="decay after warm-up", choices=SCHEDULERS)
     warmup_ratio: float = _setting(0.05, help="share of the steps spent warming the learning rate up from 0")
     epochs: int = _setting(1, help="passes over the training rows (ignored when max_steps is set)")
@@ -61,17 +75,33 @@ class TrainConfig:
     optimizer: str = _setting("adamw", help="adamw (torch) or paged_adamw_8bit (bitsandbytes, CUDA only)",
                               choices=OPTIMIZERS)
     eval_every: int = _setting(50, help="optimizer steps between validation passes (and checkpoints)")
-    early_stopping_patience: int = _setting(3, help="validation passes without improvement before stopping; 0 = never")
+    early_stopping_patience: int = _setting(0, help="validation passes without improvement before stopping, keeping "
+                                            "the weights of the best validation loss; 0 = never stop early and keep "
+                                            "the last step's weights")
     early_stopping_min_delta: float = _setting(0.0, help="how much lower a validation loss must be to count")
     max_rejected_fraction: float = _setting(0.1, help="share of bad rows tolerated before the run stops")
     general_eval_tokens: int = _setting(4096, help="tokens of general text (Python's own docstrings) used "
                                         "to measure forgetting")
+    recall_items: int = _setting(64, help="training rows whose greedy answer is checked after training, to report "
+                                 "recall of what was trained; 0 = skip")
+    replay_fraction: float = _setting(0.5, help="with from_version: share of the earlier versions' training rows "
+                                      "mixed into the new data")
+    general_replay_fraction: float = _setting(0.05, help="with from_version: general text (Python docstrings other "
+                                              "than those that measure forgetting) as a share of the training mix")
     device: str = _setting("auto", help="auto, cpu, cuda or cuda:N")
     resume: bool = _setting(False, help="continue from the checkpoint in `output`")
 
     def __post_init__(self) -> None:
         _check(bool(self.data), "data", "at least one JSONL file is needed")
-        _check(bool(self.output), "output", "an output directory is needed")
+        _check(bool(self.output) or bool(self.name), "output",
+               "an output directory is needed, or a name to write a version into the store")
+        _check(not (self.output and self.name), "output", f"give output {self.output!r} or name {self.name!r}, not both")
+        _check(not (self.resume and self.name), "resume", "resumes a run in an output directory; not with name")
+        _check(not (self.from_version and self.name and self.from_version.split("@")[0] != self.name),
+               "from_version", f"{self.from_version!r} is not a version of {self.name!r}; a name continues itself")
+        if self.learning_rate is None:
+            # Frozen: the resolved rate is written once here, so the report and the optimizer see the same value.
+            object.__setattr__(self, "learning_rate", CONTINUE_LEARNING_RATE if self.from_version else LEARNING_RATE)
         _check(0 < self.val_fraction < 1, "val_fraction", f"must be between 0 and 1, got {self.val_fraction}")
         _check(self.r > 0, "r", f"must be positive, got {self.r}")
         _check(self.lora_alpha > 0, "lora_alpha", f"must be positive, got {self.lora_alpha}")
@@ -81,6 +111,9 @@ class TrainConfig:
                f"{unknown or 'nothing'} given; choose among {list(PROJECTIONS)}")
         _check(0 < self.learning_rate < 1, "learning_rate", f"must be in (0, 1), got {self.learning_rate}")
         _check(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        for key in ("replay_fraction", "general_replay_fraction"):
+            _check(0 <= getattr(self, key) < 1, key, f"must be in [0, 1), got {getattr(self, key)}")
+        _check(self.recall_items >= 0, "recall_items", f"must not be negative, got {self.recall_items}")
         for key in ("epochs", "batch_size", "gradient_accumulation", "max_seq_len", "eval_every",
                     "general_eval_tokens"):
             _check(getattr(self, key) > 0, key, f"must be positive, got {getattr(self, key)}")

@@ -132,15 +132,20 @@ def _print_adapters(adapters, as_json: bool = False) -> None:
     rows = [{"name": a.name, "rank": a.rank, "lora_alpha": a.lora_alpha, "use_rslora": a.use_rslora,
              "target_modules": list(a.target_modules), "size_bytes": a.size_bytes, "path": a.path,
              "location": LOCATIONS[a.location], "device_slot": a.device_slot or None, "pinned": a.pinned,
-             "sha256": a.sha256, "problem": a.problem or None} for a in adapters]
+             "sha256": a.sha256, "problem": a.problem or None, "version": a.version, "live": a.live,
+             "store_versions": list(a.store_versions)} for a in adapters]
     if as_json:
         print(json.dumps(rows))
         return
     for row in rows:
         where = f"slot {row['device_slot']}" if row["device_slot"] else row["location"]
         flags = (" pinned" if row["pinned"] else "") + (f" UNUSABLE: {row['problem']}" if row["problem"] else "")
+        stored = ""
+        if row["version"]:
+            others = ",".join(f"v{n}" for n in row["store_versions"])
+            stored = f"\tv{row['version']} " + (f"live (store: {others})" if row["live"] else "by version")
         print(f"{row['name']}\trank {row['rank']}\talpha {row['lora_alpha']:g}\t{','.join(row['target_modules'])}\t"
-              f"{row['size_bytes'] / 2**20:.1f} MiB\t{where}{flags}\t{row['path']}")
+              f"{row['size_bytes'] / 2**20:.1f} MiB\t{where}{flags}\t{row['path']}{stored}")
 
 
 def main(argv: list[str] | None = None) -> int:

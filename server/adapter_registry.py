@@ -38,6 +38,12 @@ class RegisteredAdapter:
     problem: str | None = None        # why it can no longer be served
     users: int = 0                    # requests holding it
     reread_lock: threading.Lock = field(default_factory=threading.Lock)
+    version: int | None = None        # a store version (`cartridge serve --store`); None when registered by path
+    live: bool = False                # served as the name's live version, not requested as name@vN
+
+    @property
+    def store_name(self) -> str:
+        return self.name.split("@")[0]
 
 
 def check_name(name: str, field: str = "name") -> str:
@@ -60,18 +66,28 @@ class AdapterRegistry:
                  pin: bool = False) -> tuple[RegisteredAdapter, RegisteredAdapter | None]:
         """The new version, and the one it replaced (None if the name was free)."""
         check_name(name)
-        files = self._files.check(path)
         with self._lock:
             self._check_free(name, replace, pin)
-        # Read and check outside the lock: a large adapter must not stall lookups for requests.
+        return self.install(self.read(name, path, pin), replace)
+
+    def read(self, name: str, path: str, pin: bool = False, version: int | None = None,
+             live: bool = False) -> RegisteredAdapter:
+        """The adapter at `path`, read and checked whole, not yet visible to requests.
+        Called outside the lock: a large adapter must not stall lookups for requests."""
+        files = self._files.check(path)
         config_sha256, weights_sha256 = files.sha256()
         weights = read_adapter(files.directory, self._base)
         rank = max(a.shape[0] for a in weights.a.values())
         if rank > self._max_rank:
             raise InvalidArgument(f"adapter {name!r} has rank {rank}, above this server's "
                                   f"--max-lora-rank {self._max_rank}")
-        adapter = RegisteredAdapter(name, path, files, weights.config, rank, weights.size_bytes, config_sha256,
-                                    weights_sha256, pin, weights)
+        return RegisteredAdapter(name, path, files, weights.config, rank, weights.size_bytes, config_sha256,
+                                 weights_sha256, pin, weights, version=version, live=live)
+
+    def install(self, adapter: RegisteredAdapter,
+                replace: bool) -> tuple[RegisteredAdapter, RegisteredAdapter | None]:
+        """Makes a read adapter visible under its name: the new version, and the one it replaced."""
+        name, pin = adapter.name, adapter.pinned
         with self._lock:
             self._check_free(name, replace, pin)
             old = self._adapters.get(name)

@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from adapters.formats.adapter_dir import BaseShape
 from adapters.formats.base_checkpoint import resolve_base
+from adapters.store.versions import AdapterStore
 from cartridge.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 from .adapter_files import AdapterFilePolicy
@@ -34,6 +35,7 @@ from .runner import ModelRunner
 from .scheduler import Scheduler
 from .service import AdaptersService, InferenceService
 from .weights import base_weight_bytes, load_model
+from .store_adapters import StoreAdapters
 
 log = logging.getLogger("cartridge")
 
@@ -54,6 +56,7 @@ class ServingCore:
     metrics: ServerMetrics
     gate: CallGate
     base_name: str
+    store: StoreAdapters | None      # serve --store: versions (name@vN) and live releases
 
 
 @dataclass
@@ -132,11 +135,15 @@ def build_core(config: ServerConfig) -> ServingCore:
     runner = ModelRunner(model, cache, adapter_slots, device, graphs)
     engine = Engine(runner, scheduler, eos_ids(directory, tokenizer), metrics, registry)
     engine.start()
+    store = None
+    if config.store is not None:
+        store = StoreAdapters(AdapterStore(Path(config.store).resolve()), registry, engine, metrics)
+        store.start()
     log.info("base %s on %s (%s, %s): weights+cache ready in %.1f s; KV cache %.0f MiB for %d x %d tokens",
              directory.name, device, "nf4" if config.quantize else "dense", str(config.torch_dtype).split(".")[-1],
              time.monotonic() - started, cache.size_bytes / 2**20, config.max_batch_size, max_seq_len)
-    return ServingCore(engine, registry, RequestValidator(registry, tokenizer, max_seq_len), metrics,
-                       CallGate(config.admin_token, config.inference_token), directory.name)
+    return ServingCore(engine, registry, RequestValidator(registry, tokenizer, max_seq_len, store), metrics,
+                       CallGate(config.admin_token, config.inference_token), directory.name, store)
 
 
 def build_server(config: ServerConfig) -> RunningServer:
@@ -147,7 +154,7 @@ def build_server(config: ServerConfig) -> RunningServer:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[core.gate, StatusInterceptor()],
                          maximum_concurrent_rpcs=workers)
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(core.engine, core.validator), server)
-    adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersService(core.registry, core.engine, core.metrics), server)
+    adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersService(core.registry, core.engine, core.metrics, core.store), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,

@@ -41,6 +41,9 @@ def register(commands) -> None:
     safety.add_argument("--max-host-adapter-bytes", type=byte_count, metavar="BYTES",
                         help="host memory for adapter weights; idle ones past it are dropped and read again "
                         "when used (default: no limit)")
+    parser.add_argument("--store", nargs="?", const="", metavar="DIR",
+                        help="serve every live version of the adapter store DIR (alone: $CARTRIDGE_STORE or the "
+                        "cache's store/) as NAME, any version as NAME@vN, and follow releases and rollbacks")
     parser.set_defaults(run=run)
 
 
@@ -97,6 +100,10 @@ def server_config(args: argparse.Namespace):
     inference_token = read_token(inference_file, "--inference-token-file") if inference_file else None
     names = {f.name for f in fields(ServerConfig)} - {"adapters", "admin_token", "inference_token"}
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if given.get("store") == "":
+        from adapters.store.refs import default_store_dir
+
+        given["store"] = str(default_store_dir())
     return ServerConfig(**given, adapters=tuple(adapters), admin_token=admin_token, inference_token=inference_token)
 
 

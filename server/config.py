@@ -39,6 +39,7 @@ class ServerConfig:
     adapter_root: str | None = None        # adapters register only from under this directory
     max_adapter_bytes: int = 2 << 30       # adapter_model.safetensors size limit, checked before reading
     max_host_adapter_bytes: int | None = None   # host memory for idle adapters' weights; None: no limit
+    store: str | None = None               # adapter store whose live versions are served (and followed)
 
     def __post_init__(self) -> None:
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import grpc
 
 from adapters.formats.adapter_dir import AdapterFormatError
+from adapters.store.refs import IntegrityError, StoreError, VersionNotFound
 
 
 class ServingError(Exception):
@@ -66,6 +67,12 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str] | None:
         return error.code, str(error)
     if isinstance(error, AdapterFormatError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    if isinstance(error, VersionNotFound):
+        return grpc.StatusCode.NOT_FOUND, str(error)
+    if isinstance(error, IntegrityError):  # a stored version whose files no longer match their manifest
+        return grpc.StatusCode.DATA_LOSS, str(error)
+    if isinstance(error, StoreError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(error)
     return None
 
 

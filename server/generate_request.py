@@ -14,6 +14,7 @@ from adapters.formats.chat import render_prompt
 from .adapter_registry import AdapterRegistry, RegisteredAdapter, check_name
 from .errors import InvalidArgument
 from .sequence import SamplingParams, Sequence
+from .store_adapters import StoreAdapters
 from .text_stream import TextStream
 
 DEFAULT_MAX_TOKENS = 256
@@ -37,8 +38,8 @@ class GenerateRequest:
 
 
 class RequestValidator:
-    def __init__(self, registry: AdapterRegistry, tokenizer, max_seq_len: int):
-        self.registry, self.tokenizer, self.max_seq_len = registry, tokenizer, max_seq_len
+    def __init__(self, registry: AdapterRegistry, tokenizer, max_seq_len: int, store: StoreAdapters | None = None):
+        self.registry, self.tokenizer, self.max_seq_len, self.store = registry, tokenizer, max_seq_len, store
 
     def sequence(self, request: GenerateRequest, **fields) -> Sequence:
         """The request as the engine runs it; `fields` go to the Sequence (e.g. its event sink)."""
@@ -62,6 +63,9 @@ class RequestValidator:
         return Sequence(prompt_ids, params, adapter, TextStream(self.tokenizer, params.stop), **fields)
 
     def adapter(self, name: str, field: str = "adapter") -> RegisteredAdapter | None:
+        """`name`, or with a store `name@vN`, one stored version; empty: the base model."""
+        if self.store is not None and "@" in name:
+            return self.store.by_version(name)
         return self.registry.get(check_name(name, field)) if name else None
 
     def _prompt_ids(self, request: GenerateRequest) -> list[int]:

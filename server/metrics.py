@@ -106,6 +106,15 @@ class ServerMetrics:
         self.device_memory = Gauge("cartridge_device_memory_bytes", "Device memory reserved at start, by part: "
                                    "base_weights, lora_slots (every adapter slot), kv_cache", ["part"], registry=r)
         self._lora_info = _LoraInfoCollector(max_lora)
+        # The adapter store (serve --store): versions served live or asked for as name@vN only, so labels stay bounded.
+        self.version_requests = Counter("cartridge_version_requests", "Finished requests per stored adapter version",
+                                        ["adapter", "version"], registry=r)
+        self.live_version = Gauge("cartridge_live_version", "Store version served as the adapter's live version",
+                                  ["adapter"], registry=r)
+        self.releases = Counter("cartridge_releases", "Releases seen in the store's log", ["adapter"], registry=r)
+        self.rollbacks = Counter("cartridge_rollbacks", "Rollbacks seen in the store's log", ["adapter"], registry=r)
+        self.store_load_failures = Counter("cartridge_store_load_failures", "Live versions that failed to load "
+                                           "(the previous one kept serving)", ["adapter"], registry=r)
         r.register(_MemoryCollector(device))
         r.register(self._lora_info)
         self._per_adapter = (self.latency, self.ttft, self.tpot, self.requests, self.prompt_tokens,
@@ -136,6 +145,8 @@ class ServerMetrics:
 
     def finished(self, seq: Sequence) -> None:
         now, adapter = time.monotonic(), seq.adapter_name
+        if seq.adapter is not None and seq.adapter.version is not None:
+            self.version_requests.labels(seq.adapter.store_name, f"v{seq.adapter.version}").inc()
         self.latency.labels(adapter).observe(now - seq.arrival_time)
         self.requests.labels(adapter, seq.finish_reason.value).inc()
         self.prompt_tokens.labels(adapter).inc(len(seq.prompt_ids))

@@ -10,6 +10,7 @@ from .engine import Engine
 from .generate_request import GenerateRequest, RequestValidator
 from .metrics import ServerMetrics
 from .sequence import Event, FinishReason, Sequence
+from .store_adapters import StoreAdapters
 
 PIN_WAIT_S = 30.0   # how long RegisterAdapter waits for a device slot to pin into
 _FINISH = {
@@ -73,8 +74,9 @@ def from_proto(request: inference_pb2.GenerateRequest) -> GenerateRequest:
 
 
 class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
-    def __init__(self, registry: AdapterRegistry, engine: Engine, metrics: ServerMetrics):
-        self.registry, self.engine, self.metrics = registry, engine, metrics
+    def __init__(self, registry: AdapterRegistry, engine: Engine, metrics: ServerMetrics,
+                 store: StoreAdapters | None = None):
+        self.registry, self.engine, self.metrics, self.store = registry, engine, metrics, store
 
     def RegisterAdapter(self, request, context) -> adapters_pb2.AdapterInfo:
         adapter, replaced = self.registry.register(request.name, request.path, request.replace, request.pin)
@@ -94,7 +96,12 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
         return adapters_pb2.UnregisterAdapterResponse()
 
     def ListAdapters(self, request, context) -> adapters_pb2.ListAdaptersResponse:
-        return adapters_pb2.ListAdaptersResponse(adapters=[self.adapter_info(a) for a in self.registry.list()])
+        listed = [self.adapter_info(a) for a in self.registry.list()]
+        if self.store is not None:
+            for info in listed:
+                if info.live:
+                    info.store_versions.extend(self.store.versions(info.name))
+        return adapters_pb2.ListAdaptersResponse(adapters=listed)
 
     def adapter_info(self, adapter: RegisteredAdapter) -> adapters_pb2.AdapterInfo:
         config = adapter.config
@@ -106,4 +113,4 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
             name=adapter.name, path=adapter.path, rank=adapter.rank, lora_alpha=config.lora_alpha,
             use_rslora=config.use_rslora, target_modules=list(config.target_modules), size_bytes=adapter.size_bytes,
             location=location, device_slot=slot or 0, pinned=adapter.pinned, sha256=adapter.weights_sha256,
-            problem=adapter.problem or "")
+            problem=adapter.problem or "", version=adapter.version or 0, live=adapter.live)

@@ -39,8 +39,9 @@ def tokenizer(base_dir):
 
 
 def make_peft_adapter(base_model, out: Path, r: int, targets: list[str], seed: int, use_rslora: bool = False,
-                      lora_alpha: int | None = None, **lora_config) -> Path:
-    """A peft adapter with nonzero A and B (peft starts B at zero, which would hide every bug);
+                      lora_alpha: int | None = None, b_std: float = 0.05, **lora_config) -> Path:
+    """A peft adapter with nonzero A and B (peft starts B at zero, which would hide every bug). B's
+    spread `b_std` sets how far it moves the base, from unnoticeable (1e-4) to ruinous (1);
     `lora_config` passes further peft LoraConfig fields (rank_pattern, alpha_pattern, ...)."""
     import copy
 
@@ -52,7 +53,7 @@ def make_peft_adapter(base_model, out: Path, r: int, targets: list[str], seed: i
     model = get_peft_model(copy.deepcopy(base_model), config)
     for name, param in model.named_parameters():
         if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05)
+            torch.nn.init.normal_(param, std=b_std)
     model.save_pretrained(out)
     return out
 

@@ -19,7 +19,8 @@ from adapters.formats.adapter_dir import BaseShape, read_adapter
 
 SAMPLES = Path(__file__).resolve().parent.parent / "adapters" / "sample_data"
 # Settings that keep a run short: short sequences, little general text, tiny validation files.
-QUICK = ["--batch-size", "4", "--max-seq-len", "96", "--general-eval-tokens", "256", "--learning-rate", "2e-3"]
+QUICK = ["--batch-size", "4", "--max-seq-len", "96", "--general-eval-tokens", "256", "--learning-rate", "2e-3",
+         "--recall-items", "8"]
 
 
 def cartridge(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -72,8 +73,10 @@ def test_training_lowers_validation_loss_and_writes_a_peft_adapter(trained, base
     val_curve = report["loss_curve"]["validation"]
     assert [step for step, _ in val_curve] == [0, 3, 6]
     assert val_curve[-1][1] < val_curve[0][1], "validation loss must fall below the base's"
-    best = min(loss for step, loss in val_curve[1:])
-    assert report["final"]["validation_loss"] == pytest.approx(best, rel=1e-5)
+    # Without early stopping the last step's weights are kept (held-out loss would stop knowledge too soon).
+    assert report["training"]["kept"] == "last step" and report["training"]["kept_step"] == 6
+    assert report["final"]["validation_loss"] == pytest.approx(val_curve[-1][1], rel=1e-5)
+    assert report["final"]["train_recall"]["items"] == 8 and 0 <= report["final"]["train_recall"]["exact_match"] <= 1
     assert [step for step, _ in report["loss_curve"]["train"]] == [1, 2, 3, 4, 5, 6]
 
     data = report["data"]

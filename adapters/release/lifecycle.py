@@ -1,0 +1,148 @@
+"""Release, rollback and the version listing: the moves of a name's live pointer, and what allows each.
+
+A release needs a passing gate report for exactly the candidate's bytes (its manifest's sha256), made
+against the version that is live now; `force` with a reason skips that and is logged as forced. A
+rollback returns to a version that was live before, so it needs no gate, only intact files.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..formats.hashing import file_sha256
+from ..store.live import LiveMove, move_live, read_live, release_log
+from ..store.refs import IntegrityError, StoreError, VersionRef
+from ..store.versions import GATE_DIR, AdapterStore, StoredVersion
+
+VERDICT_FILE = "verdict.json"
+REPORT_FILE = "report.json"
+
+
+def gate_dir(version: StoredVersion, against: int | None) -> Path:
+    """Where the gate report of `version` against live `v<against>` (None: the base alone) is written, once."""
+    return version.path / GATE_DIR / (f"against-v{against}" if against is not None else "against-base")
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    passed: bool
+    against: int | None
+    report_sha256: str
+    summary: str
+    time: str
+
+
+def read_verdict(version: StoredVersion, against: int | None, live: StoredVersion | None) -> Verdict | None:
+    """The gate's verdict on these exact bytes against `live`; None if never gated so; IntegrityError if the
+    report no longer matches what the gate wrote, or was made for other bytes."""
+    directory = gate_dir(version, against)
+    if not (directory / VERDICT_FILE).is_file():
+        return None
+    raw = json.loads((directory / VERDICT_FILE).read_text())
+    if raw["candidate_manifest_sha256"] != version.manifest_sha256:
+        raise IntegrityError(f"{version.ref}: the gate report in {directory} was made for other bytes")
+    if live is not None and raw["against_manifest_sha256"] != live.manifest_sha256:
+        raise IntegrityError(f"{version.ref}: the gate report in {directory} was made against other bytes of "
+                             f"{live.ref}")
+    if file_sha256(directory / REPORT_FILE) != raw["report_sha256"]:
+        raise IntegrityError(f"{version.ref}: {directory / REPORT_FILE} changed after the gate wrote it")
+    return Verdict(raw["passed"], against, raw["report_sha256"], raw["summary"], raw["time"])
+
+
+def live_version(store: AdapterStore, name: str) -> StoredVersion | None:
+    move = read_live(store, name)
+    return store.open(VersionRef(name, move.to_version)) if move else None
+
+
+def release(store: AdapterStore, ref: VersionRef, *, force: bool, reason: str) -> LiveMove:
+    if ref.number is None:
+        raise StoreError(f"name the version to release, such as {ref.name}@v{max(store.version_numbers(ref.name), default=1)}")
+    candidate = store.open(ref)
+    live = live_version(store, ref.name)
+    expected = live.number if live else None
+    if expected == candidate.number:
+        raise StoreError(f"{ref} is already live")
+    if force:
+        if not reason.strip():
+            raise StoreError("--force needs --reason TEXT: the override is logged with it")
+        return move_live(store, ref.name, expected=expected, to=candidate.number, action="forced release",
+                         gate_report_sha256=None, reason=reason)
+    verdict = read_verdict(candidate, expected, live)
+    against = f"live {live.ref}" if live else "the base (nothing is live)"
+    if verdict is None:
+        raise StoreError(f"{ref} has no gate report against {against}; run `cartridge gate {ref}` first "
+                         f"(or --force --reason TEXT)")
+    if not verdict.passed:
+        raise StoreError(f"{ref} failed its gate against {against}; not released:\n{verdict.summary}")
+    return move_live(store, ref.name, expected=expected, to=candidate.number, action="release",
+                     gate_report_sha256=verdict.report_sha256, reason=reason)
+
+
+def rollback(store: AdapterStore, name: str, to: int | None, reason: str) -> LiveMove:
+    current = read_live(store, name)
+    if current is None:
+        raise StoreError(f"{name} has no live version to roll back")
+    target = to if to is not None else previous_live(release_log(store, name), current.to_version)
+    if target is None:
+        raise StoreError(f"{name}@v{current.to_version} was the first version released; there is nothing earlier "
+                         f"to roll back to (name one with --to)")
+    if target == current.to_version:
+        raise StoreError(f"{name}@v{target} is already live")
+    store.open(VersionRef(name, target))  # intact, or refused before the pointer moves
+    return move_live(store, name, expected=current.to_version, to=target, action="rollback",
+                     gate_report_sha256=None, reason=reason)
+
+
+def previous_live(log: list[LiveMove], current: int) -> int | None:
+    """The version that was live before `current` was last released (so repeated rollbacks walk back)."""
+    for move in reversed(log):
+        if move.to_version == current and move.action != "rollback":
+            return move.from_version
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class VersionLine:
+    number: int
+    parent: int | None
+    created: str
+    problem: str | None                          # why the version is refused, if it is
+    verdicts: list[tuple[str, bool]]             # (against what, passed)
+    live: bool
+    live_periods: list[tuple[str, str | None]]   # (from, until; None = still live)
+
+
+def list_versions(store: AdapterStore, name: str) -> list[VersionLine]:
+    numbers = store.version_numbers(name)
+    if not numbers:
+        raise StoreError(f"{name} has no versions in the store {store.root}")
+    log, current = release_log(store, name), read_live(store, name)
+    lines = []
+    for number in numbers:
+        try:
+            version, problem = store.open(VersionRef(name, number)), None
+        except StoreError as err:
+            version, problem = None, str(err)
+        lines.append(VersionLine(
+            number, version.parent if version else None, version.manifest["created"] if version else "",
+            problem, _verdicts(version) if version else [], bool(current and current.to_version == number),
+            _periods(log, number)))
+    return lines
+
+
+def _verdicts(version: StoredVersion) -> list[tuple[str, bool]]:
+    found = []
+    for verdict in sorted((version.path / GATE_DIR).glob(f"against-*/{VERDICT_FILE}")):
+        found.append((verdict.parent.name.removeprefix("against-"), json.loads(verdict.read_text())["passed"]))
+    return found
+
+
+def _periods(log: list[LiveMove], number: int) -> list[tuple[str, str | None]]:
+    periods: list[tuple[str, str | None]] = []
+    for move in log:
+        if move.to_version == number:
+            periods.append((move.time, None))
+        elif move.from_version == number and periods and periods[-1][1] is None:
+            periods[-1] = (periods[-1][0], move.time)
+    return periods

@@ -1,0 +1,85 @@
+"""Which version of a name is live: `<store>/<name>/live.json`, and every move of it in `releases.jsonl`.
+
+A move is compare-and-set under an exclusive lock on `<store>/<name>/.lock`: the caller says which
+version it expects to be live, and the move fails if another has moved it since. So of two releases
+made against the same live version, exactly one wins. The pointer is replaced by rename, so a reader
+(the server polls it) sees the old pointer or the new one, never half of one, even after kill -9.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .refs import StoreError
+from .versions import AdapterStore, now
+
+LIVE_FILE = "live.json"
+LOG_FILE = "releases.jsonl"
+_LOCK_FILE = ".lock"
+
+
+class LiveMoved(StoreError):
+    """The live version is not the one the move was made against."""
+
+
+@dataclass(frozen=True, slots=True)
+class LiveMove:
+    """One line of the release log, and the content of the live pointer after it."""
+    time: str
+    action: str                       # release, forced release, rollback
+    from_version: int | None
+    to_version: int
+    gate_report_sha256: str | None    # of the gate report the release relied on; None for rollbacks and forced ones
+    reason: str
+
+
+def live_file(store: AdapterStore, name: str) -> Path:
+    return store.root / name / LIVE_FILE
+
+
+def read_live(store: AdapterStore, name: str) -> LiveMove | None:
+    """The move that made the live version live; None when the name has never been released."""
+    try:
+        return LiveMove(**json.loads(live_file(store, name).read_text()))
+    except FileNotFoundError:
+        return None
+
+
+def release_log(store: AdapterStore, name: str) -> list[LiveMove]:
+    try:
+        lines = (store.root / name / LOG_FILE).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [LiveMove(**json.loads(line)) for line in lines if line.strip()]
+
+
+def move_live(store: AdapterStore, name: str, *, expected: int | None, to: int, action: str,
+              gate_report_sha256: str | None, reason: str) -> LiveMove:
+    """Makes `v<to>` live if `v<expected>` (None: nothing) still is; LiveMoved otherwise."""
+    directory = store.root / name
+    with open(directory / _LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        current = read_live(store, name)
+        current_version = current.to_version if current else None
+        if current_version != expected:
+            raise LiveMoved(f"{name}: live moved to {_label(current_version)} while this {action} was made against "
+                            f"{_label(expected)}; nothing changed, check the new live version and try again")
+        move = LiveMove(now(), action, expected, to, gate_report_sha256, reason)
+        staging = directory / f".{LIVE_FILE}.{os.getpid()}"
+        with open(staging, "w") as f:
+            f.write(json.dumps(asdict(move)))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(staging, directory / LIVE_FILE)
+        with open(directory / LOG_FILE, "a") as log:
+            log.write(json.dumps(asdict(move)) + "\n")
+            log.flush()
+            os.fsync(log.fileno())
+    return move
+
+
+def _label(version: int | None) -> str:
+    return f"v{version}" if version is not None else "no live version"
