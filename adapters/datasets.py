@@ -163,7 +163,7 @@ def _examples_of(line: bytes, tokenizer, max_seq_len: int, row: tuple[str, int])
     except UnicodeDecodeError:
         raise _BadRow("not UTF-8 text") from None
     except json.JSONDecodeError as err:
-        raise _BadRow(f"not valid JSON ({err.msg} at column {err.colno})") from None
+        raise _BadRow(f"not valid JSON (column {err.colno}: {err.msg})") from None
     if not isinstance(record, dict):
         raise _BadRow(f"expected a JSON object, got {type(record).__name__}")
     if "text" in record and "messages" not in record and "output" not in record:

@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from .dependencies import for_eval, require
 from .train_cli import EXIT_BAD_INPUT, user_errors
 from .train_config import ConfigError, TrainConfig, setting_specs
 
@@ -39,7 +40,7 @@ def register(commands) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from .eval_run import EvalConfig
+    from .eval_run import EvalConfig  # needs torch, as every eval does
 
     adapter = Path(args.adapter)
     trained = _trained_settings(adapter)
@@ -64,10 +65,12 @@ def _trained_settings(adapter: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .eval_run import run_eval
-
     try:
-        figures = run_eval(_config(args))
+        config = _config(args)
+        require(for_eval(config.quantized), "cartridge eval")
+        from .eval_run import run_eval
+
+        figures = run_eval(config)
     except user_errors() as err:
         print(f"cartridge eval: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,15 +49,24 @@ class AnswerScore:
     reproduced: bool    # every answer token is the model's argmax: greedy decoding gives exactly the answer
 
 
+def _progress(items: Iterable, label: str | None, total: int) -> Iterable:
+    """A progress bar on stderr when `label` names the pass: base and adapter passes take minutes on a CPU."""
+    if label is None:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=label, total=total, unit="batch", leave=False, dynamic_ncols=True)
+
+
 def answer_scores(model, examples: Sequence[Example], batch_size: int, pad_id: int,
-                  eos_id: int | None = None) -> list[AnswerScore]:
+                  eos_id: int | None = None, label: str | None = None) -> list[AnswerScore]:
     """Each example's answer, teacher-forced in one pass: its likelihood, and whether greedy decoding reproduces it
     (up to its first `eos_id`, where decoding stops: chat templates put a newline after the end-of-turn token)."""
     # Batched by length, so a batch pads little; the results go back to the caller's order.
     order = sorted(range(len(examples)), key=lambda i: examples[i].num_tokens)
     found: dict[int, AnswerScore] = {}
     with _evaluating(model):
-        for start in range(0, len(order), batch_size):
+        for start in _progress(range(0, len(order), batch_size), label, math.ceil(len(order) / batch_size)):
             chosen = order[start:start + batch_size]
             batch = collate([examples[i] for i in chosen], pad_id).to(model.device)
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -77,21 +86,23 @@ def answer_scores(model, examples: Sequence[Example], batch_size: int, pad_id: i
     return [found[i] for i in range(len(examples))]
 
 
-def measure_loss(model, examples: Sequence[Example], batch_size: int, pad_id: int) -> Measurement:
-    scores = answer_scores(model, examples, batch_size, pad_id)
+def measure_loss(model, examples: Sequence[Example], batch_size: int, pad_id: int,
+                 label: str | None = None) -> Measurement:
+    scores = answer_scores(model, examples, batch_size, pad_id, label=label)
     # Summed, not averaged per row, so every answer token weighs the same.
     tokens = sum(score.tokens for score in scores)
     loss = sum(score.nll for score in scores) / tokens
     return Measurement(loss, math.exp(loss), tokens)
 
 
-def greedy_answers(model, tokenizer, examples: Sequence[Example], batch_size: int, extra_tokens: int = 4) -> list[str]:
+def greedy_answers(model, tokenizer, examples: Sequence[Example], batch_size: int, extra_tokens: int = 4,
+                   label: str | None = None) -> list[str]:
     """Each example's greedy answer to its prompt, decoded, for up to its reference's length + `extra_tokens`."""
     pad_id = tokenizer.pad_token_id
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids))
     found: dict[int, str] = {}
     with _evaluating(model):
-        for start in range(0, len(order), batch_size):
+        for start in _progress(range(0, len(order), batch_size), label, math.ceil(len(order) / batch_size)):
             chosen = order[start:start + batch_size]
             group = [examples[i] for i in chosen]
             width = max(len(example.prompt_ids) for example in group)
@@ -112,24 +123,29 @@ def greedy_answers(model, tokenizer, examples: Sequence[Example], batch_size: in
     return [found[i] for i in range(len(examples))]
 
 
-def exact_match(model, tokenizer, examples: Sequence[Example], batch_size: int) -> float | None:
+def exact_match(model, tokenizer, examples: Sequence[Example], batch_size: int,
+                label: str | None = None) -> float | None:
     """Share of rows with a reference answer whose greedy answer equals it (surrounding spaces aside)."""
     checkable = [example for example in examples if example.answer is not None]
     if not checkable:
         return None
-    answers = greedy_answers(model, tokenizer, checkable, batch_size)
+    answers = greedy_answers(model, tokenizer, checkable, batch_size, label=label)
     return sum(answer.strip() == example.answer.strip() for answer, example in zip(answers, checkable)) / len(checkable)
 
 
-def measure(model, tokenizer, examples: Sequence[Example], batch_size: int, with_exact_match: bool) -> Measurement:
-    loss = measure_loss(model, examples, batch_size, tokenizer.pad_token_id)
+def measure(model, tokenizer, examples: Sequence[Example], batch_size: int, with_exact_match: bool,
+            label: str | None = None) -> Measurement:
+    loss = measure_loss(model, examples, batch_size, tokenizer.pad_token_id, label and f"{label}: loss")
     if not with_exact_match:
         return loss
-    return Measurement(loss.loss, loss.perplexity, loss.tokens, exact_match(model, tokenizer, examples, batch_size))
+    return Measurement(loss.loss, loss.perplexity, loss.tokens,
+                       exact_match(model, tokenizer, examples, batch_size, label and f"{label}: exact match"))
 
 
-def compare(model, tokenizer, examples: Sequence[Example], batch_size: int, with_exact_match: bool) -> Comparison:
-    """The same figures for the base alone and for the base with the model's adapter."""
+def compare(model, tokenizer, examples: Sequence[Example], batch_size: int, with_exact_match: bool,
+            label: str | None = None) -> Comparison:
+    """The same figures for the base alone and for the base with the model's adapter; with `label`, with progress."""
     with model.disable_adapter():
-        base = measure(model, tokenizer, examples, batch_size, with_exact_match)
-    return Comparison(base, measure(model, tokenizer, examples, batch_size, with_exact_match))
+        base = measure(model, tokenizer, examples, batch_size, with_exact_match, label and f"{label}, base")
+    return Comparison(base, measure(model, tokenizer, examples, batch_size, with_exact_match,
+                                    label and f"{label}, adapter"))

@@ -5,7 +5,6 @@ learned (validation loss) and what it cost the base (general-text perplexity, be
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import resource
@@ -17,20 +16,14 @@ import torch
 
 from .datasets import Dataset
 from .evaluate import Comparison
-from .formats.hashing import file_sha256
+from .formats.base_fingerprint import TRAINING_REPORT_FILE
 from .general_text import GeneralText
 from .train_config import TrainConfig
 from .trainer import TrainState
 
-REPORT_FILE = "training_report.json"
+REPORT_FILE = TRAINING_REPORT_FILE
 PLOT_FILE = "loss_curves.png"
-_LIBRARIES = ("cartridge", "torch", "transformers", "peft", "bitsandbytes", "safetensors", "accelerate")
-
-
-def base_fingerprint(base_dir: Path) -> str:
-    """sha256 over the base's config and weight files: equal fingerprints, equal base."""
-    files = [base_dir / "config.json", *sorted(base_dir.glob("*.safetensors"))]
-    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
+_LIBRARIES = ("cartridge-lora", "torch", "transformers", "peft", "bitsandbytes", "safetensors", "accelerate")
 
 
 def library_versions() -> dict[str, str]:

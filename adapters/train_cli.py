@@ -8,6 +8,7 @@ import argparse
 import sys
 from dataclasses import MISSING
 
+from .dependencies import for_training, require
 from .train_config import ConfigError, load_train_config, setting_specs
 
 EXIT_BAD_INPUT = 2
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     flags = {key: value for key, value in vars(args).items() if key not in ("command", "run", "config")}
     try:
         config = load_train_config(args.config, flags)
+        require(for_training(config), "cartridge train")
     except ConfigError as err:
         print(f"cartridge train: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

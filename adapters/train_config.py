@@ -135,9 +135,12 @@ class TrainConfig:
 
     @property
     def stored_settings(self) -> dict:
-        """Every hyperparameter, as written to the report (lists for tuples, so it reads back from JSON)."""
+        """Every hyperparameter that shaped the run, as written to the report (lists for tuples, so it reads
+        back from JSON). epochs and val_fraction are left out when max_steps and val_data overrode them."""
+        unused = {"epochs"} if self.max_steps else set()
+        unused |= {"val_fraction"} if self.val_data else set()
         return {spec.name: list(value) if isinstance(value := getattr(self, spec.name), tuple) else value
-                for spec in fields(self)}
+                for spec in fields(self) if spec.name not in unused}
 
 
 def _check(ok: bool, key: str, problem: str) -> None:

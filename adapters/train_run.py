@@ -14,10 +14,11 @@ from .datasets import Dataset, Example, read_dataset, split_validation
 from .evaluate import compare, exact_match, measure_loss
 from .formats.adapter_dir import CONFIG_FILE, BaseShape, read_adapter
 from .formats.base_checkpoint import resolve_base
+from .formats.base_fingerprint import base_fingerprint
 from .general_text import general_text
 from .lora_model import load_base, pick_device, with_continued_lora, with_new_lora
 from .replay import replay_for
-from .report import base_fingerprint, write_training_report
+from .report import write_training_report
 from .train_config import ConfigError, TrainConfig
 from .train_store import commit_version, continue_settings, open_store, resolve
 from .trainer import Trainer, TrainState, fit, steps_per_epoch, total_steps
@@ -103,8 +104,9 @@ def _train_and_write(config, output, model, tokenizer, trainer, state, steps, mi
     recall = _recall(model, tokenizer, train, config)
     print("measuring forgetting: base and adapter on the validation split and on general text", flush=True)
     general = general_text(tokenizer, config.general_eval_tokens)
-    domain_figures = compare(model, tokenizer, val, config.batch_size, with_exact_match=False)
-    general_figures = compare(model, tokenizer, general.examples, config.batch_size, with_exact_match=False)
+    domain_figures = compare(model, tokenizer, val, config.batch_size, with_exact_match=False, label="validation")
+    general_figures = compare(model, tokenizer, general.examples, config.batch_size, with_exact_match=False,
+                              label="general text")
     model.save_pretrained(output)
     read_adapter(output, BaseShape.from_config(model.config))  # the server's own check, before we call it done
     return write_training_report(

@@ -7,12 +7,14 @@ this module never imports server/ or adapters/ and `cartridge generate` starts w
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import sys
 from importlib.metadata import entry_points
 
-from .client import ADMIN_TOKEN_ENV, INFERENCE_TOKEN_ENV, LOCATIONS, TLS_CA_ENV, CartridgeClient, CartridgeError
+from .client import (ADMIN_TOKEN_ENV, INFERENCE_TOKEN_ENV, LOCATIONS, TLS_CA_ENV, UINT32_MAX, UINT64_MAX,
+                     CartridgeClient, CartridgeError)
 
 DEFAULT_SERVER = os.environ.get("CARTRIDGE_SERVER", "127.0.0.1:50051")
 
@@ -23,9 +25,27 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(commands)
     _add_adapters(commands)
-    for plugin in sorted(entry_points(group="cartridge.commands"), key=lambda ep: ep.name):
-        plugin.load()(commands)
+    # By name, first on sys.path winning: an install left over from the package's old name ("cartridge")
+    # registers the same commands a second time.
+    plugins = {}
+    for plugin in entry_points(group="cartridge.commands"):
+        plugins.setdefault(plugin.name, plugin)
+    for name in sorted(plugins):
+        plugins[name].load()(commands)
     return parser
+
+
+def _whole_number(largest: int):
+    """An argparse type for a proto unsigned field: a clear usage error instead of protobuf's ValueError."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = -1
+        if not 0 <= value <= largest:
+            raise argparse.ArgumentTypeError(f"expected a whole number from 0 to {largest}, got {text!r}")
+        return value
+    return parse
 
 
 def _server_flag(parser: argparse.ArgumentParser) -> None:
@@ -44,14 +64,15 @@ def _add_generate(commands) -> None:
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--system", help="a system message before the user's (chat only)")
     p.add_argument("--adapter", default="", help="registered adapter name (default: the base model)")
-    p.add_argument("--max-tokens", type=int, default=0, help="new tokens at most (default: 256)")
+    p.add_argument("--max-tokens", type=_whole_number(UINT32_MAX), default=0, help="new tokens at most (default: 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--top-k", type=_whole_number(UINT32_MAX), default=0)
+    p.add_argument("--seed", type=_whole_number(UINT64_MAX))
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
-    p.add_argument("--json", action="store_true", help="print the whole answer as JSON")
+    p.add_argument("--json", action="store_true", help="print the answer as JSON (with --stream: one JSON "
+                   "object per line, the last with finish_reason and token counts)")
     _server_flag(p)
     p.set_defaults(run=_generate)
 
@@ -113,19 +134,24 @@ def _generate(args: argparse.Namespace) -> int:
         options["messages"] = [*system, {"role": "user", "content": args.prompt}]
 
     def run(client: CartridgeClient) -> None:
-        if args.stream:
-            for piece in client.generate_stream(**options):
-                print(piece.text, end="", flush=True)
-            print()
+        if not args.stream:
+            answer = client.generate(**options)
+            print(json.dumps(_completion_json(answer)) if args.json else answer.text)
             return
-        answer = client.generate(**options)
-        if args.json:
-            print(json.dumps({"text": answer.text, "finish_reason": answer.finish_reason,
-                              "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
-                              "adapter": answer.adapter}))
-        else:
-            print(answer.text)
+        for piece in client.generate_stream(**options):
+            if args.json:
+                print(json.dumps({"text": piece.text} if piece.finish_reason is None else _completion_json(piece)),
+                      flush=True)
+            else:
+                print(piece.text, end="", flush=True)
+        if not args.json:
+            print()
     return _with_client(args, run)
+
+
+def _completion_json(answer) -> dict:
+    return {"text": answer.text, "finish_reason": answer.finish_reason, "prompt_tokens": answer.prompt_tokens,
+            "completion_tokens": answer.completion_tokens, "adapter": answer.adapter}
 
 
 def _print_adapters(adapters, as_json: bool = False) -> None:
@@ -149,8 +175,36 @@ def _print_adapters(adapters, as_json: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.run(args) or 0
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _refuse_unknown(_chosen_parser(parser, args), unknown)
+    try:
+        return args.run(args) or 0
+    except KeyboardInterrupt:
+        # Ctrl-C is how a user stops a stream or a run: a clean line, the shell's usual status, no traceback.
+        print(file=sys.stderr)
+        return 130
+
+
+def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)subcommand parser the command line picked, e.g. the one of `adapters register`."""
+    while True:
+        choices = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not choices or getattr(args, choices[0].dest, None) is None:
+            return parser
+        parser = choices[0].choices[getattr(args, choices[0].dest)]
+
+
+def _refuse_unknown(parser: argparse.ArgumentParser, unknown: list[str]) -> None:
+    """The subcommand's own usage, and the flag the user probably meant (argparse shows only the top level)."""
+    known = [flag for action in parser._actions for flag in action.option_strings]
+    hints = []
+    for word in unknown:
+        if word.startswith("-"):
+            close = difflib.get_close_matches(word.split("=")[0], known, n=1)
+            hints += [f"did you mean {close[0]}?"] if close else []
+    parser.error("; ".join([f"unrecognized arguments: {' '.join(unknown)}", *hints]))
 
 
 if __name__ == "__main__":

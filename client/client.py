@@ -10,6 +10,7 @@ import grpc
 
 from cartridge.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
+UINT32_MAX, UINT64_MAX = 2**32 - 1, 2**64 - 1
 ADMIN_TOKEN_ENV = "CARTRIDGE_ADMIN_TOKEN"
 INFERENCE_TOKEN_ENV = "CARTRIDGE_INFERENCE_TOKEN"
 TLS_CA_ENV = "CARTRIDGE_TLS_CA"
@@ -123,6 +124,10 @@ class CartridgeClient:
 def _request(prompt: str = "", *, messages: Sequence[dict[str, str]] = (), adapter: str = "", max_tokens: int = 0,
              temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0, seed: int | None = None,
              stop: Sequence[str] = ()) -> inference_pb2.GenerateRequest:
+    for field, value, largest in (("max_tokens", max_tokens, UINT32_MAX), ("top_k", top_k, UINT32_MAX),
+                                  ("seed", 0 if seed is None else seed, UINT64_MAX)):
+        if not isinstance(value, int) or not 0 <= value <= largest:
+            raise ValueError(f"{field} must be a whole number from 0 to {largest}, got {value!r}")
     return inference_pb2.GenerateRequest(
         prompt=prompt, messages=[inference_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
         adapter=adapter, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,

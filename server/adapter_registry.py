@@ -7,16 +7,20 @@ registered. An adapter held by a request (queued or running) or pinned is never 
 """
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Callable
 
 from adapters.formats.adapter_dir import WEIGHTS_FILE, BaseShape, LoraConfig, LoraWeights, read_adapter
+from adapters.formats.base_fingerprint import check_made_for
 
 from .adapter_files import AdapterFilePolicy, AdapterFiles
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServingError
 
+log = logging.getLogger(__name__)
 NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -55,9 +59,12 @@ def check_name(name: str, field: str = "name") -> str:
 
 class AdapterRegistry:
     def __init__(self, base: BaseShape, max_rank: int, files: AdapterFilePolicy, max_pinned: int,
-                 host_budget: int | None = None):
+                 host_budget: int | None = None, *, base_fingerprint: Callable[[], str]):
+        """`base_fingerprint` hashes the base's weights; it is called (once, cached by the caller) only when
+        an adapter records the base it was trained on."""
         self._base, self._max_rank, self._files = base, max_rank, files
         self._max_pinned, self._host_budget = max_pinned, host_budget
+        self._base_fingerprint = base_fingerprint
         self._adapters: dict[str, RegisteredAdapter] = {}
         self._on_host: OrderedDict[RegisteredAdapter, None] = OrderedDict()   # least recently used first
         self._lock = threading.Lock()
@@ -77,6 +84,9 @@ class AdapterRegistry:
         files = self._files.check(path)
         config_sha256, weights_sha256 = files.sha256()
         weights = read_adapter(files.directory, self._base)
+        if not check_made_for(files.directory, self._base_fingerprint):
+            log.warning("adapter %r (%s) does not record which base it was trained on: its shapes fit this base, "
+                        "but whether it was made for it cannot be checked", name, path)
         rank = max(a.shape[0] for a in weights.a.values())
         if rank > self._max_rank:
             raise InvalidArgument(f"adapter {name!r} has rank {rank}, above this server's "

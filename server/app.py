@@ -1,6 +1,7 @@
 """Assembles the server from a ServerConfig: model, cache, adapters, engine, gRPC, HTTP and metrics."""
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -16,6 +17,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from adapters.formats.adapter_dir import BaseShape
 from adapters.formats.base_checkpoint import resolve_base
+from adapters.formats.base_fingerprint import base_fingerprint
 from adapters.store.versions import AdapterStore
 from cartridge.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
@@ -33,8 +35,7 @@ from .kv_cache import KVCache
 from .metrics import ServerMetrics
 from .runner import ModelRunner
 from .scheduler import Scheduler
-from .service import AdaptersService, InferenceService
-from .weights import base_weight_bytes, load_model
+from .service import MAX_REQUEST_BYTES, AdaptersService, InferenceService
 from .store_adapters import StoreAdapters
 
 log = logging.getLogger("cartridge")
@@ -119,7 +120,8 @@ def build_core(config: ServerConfig) -> ServingCore:
     adapter_slots = AdapterSlots(stacks, config.max_adapters)
     registry = AdapterRegistry(BaseShape.from_config(model_config), config.max_lora_rank,
                                AdapterFilePolicy(config.adapter_root, config.max_adapter_bytes),
-                               config.max_adapters, config.max_host_adapter_bytes)
+                               config.max_adapters, config.max_host_adapter_bytes,
+                               base_fingerprint=functools.cache(lambda: base_fingerprint(directory)))
     for name, path in config.adapters:
         registry.register(name, path)
     metrics = ServerMetrics(device, config.max_adapters)
@@ -152,9 +154,11 @@ def build_server(config: ServerConfig) -> RunningServer:
     # answers RESOURCE_EXHAUSTED.
     workers = config.max_batch_size + config.max_queue + 8
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[core.gate, StatusInterceptor()],
-                         maximum_concurrent_rpcs=workers)
+                         maximum_concurrent_rpcs=workers,
+                         options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(core.engine, core.validator), server)
-    adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersService(core.registry, core.engine, core.metrics, core.store), server)
+    adapters_pb2_grpc.add_AdaptersServicer_to_server(
+        AdaptersService(core.registry, core.engine, core.metrics, core.store), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,

@@ -87,17 +87,38 @@ def http_error_of(error: Exception) -> tuple[int, dict]:
 
 
 class StatusInterceptor(grpc.ServerInterceptor):
-    """Turns ServingError (and adapter format errors) raised in any handler into its status."""
+    """Turns ServingError (and adapter format errors) raised in any handler into its status, and
+    bytes that do not parse as the method's request into INVALID_ARGUMENT (gRPC itself says INTERNAL)."""
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
+        parse = _lenient(handler.request_deserializer, handler_call_details.method)
         if handler.unary_unary:
-            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary))
+            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary), request_deserializer=parse)
         if handler.unary_stream:
-            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream))
+            return handler._replace(unary_stream=_wrap_stream(handler.unary_stream), request_deserializer=parse)
         return handler
+
+
+class _Malformed:
+    """Stands in for a request whose bytes did not parse, so the handler can answer with a status."""
+
+    def __init__(self, method: str, error: Exception):
+        self.message = f"the request is not a valid message for {method}: {error}"
+
+
+def _lenient(deserialize, method: str):
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception as error:  # noqa: BLE001 - protobuf raises DecodeError, and more for odd bytes
+            return _Malformed(method, error)
+    return parse
 
 
 def abort(context: grpc.ServicerContext, error: Exception) -> None:
@@ -110,6 +131,8 @@ def abort(context: grpc.ServicerContext, error: Exception) -> None:
 
 def _wrap_unary(behaviour):
     def handle(request, context):
+        if isinstance(request, _Malformed):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         try:
             return behaviour(request, context)
         except Exception as error:  # noqa: BLE001 - re-raised unless it maps to a status
@@ -119,6 +142,8 @@ def _wrap_unary(behaviour):
 
 def _wrap_stream(behaviour):
     def handle(request, context):
+        if isinstance(request, _Malformed):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         try:
             yield from behaviour(request, context)
         except Exception as error:  # noqa: BLE001 - re-raised unless it maps to a status

@@ -19,6 +19,9 @@ from .text_stream import TextStream
 
 DEFAULT_MAX_TOKENS = 256
 MAX_STOP_STRINGS = 16
+# Far above anything a context fits, so a huge request is refused in microseconds instead of costing memory.
+MAX_PROMPT_CHARS = 262_144           # prompt, or all messages' content together
+MAX_MESSAGES = 256
 ROLES = ("system", "user", "assistant")
 
 
@@ -71,6 +74,12 @@ class RequestValidator:
     def _prompt_ids(self, request: GenerateRequest) -> list[int]:
         if bool(request.prompt) == bool(request.messages):
             raise InvalidArgument("give exactly one of prompt and messages", field="prompt")
+        if len(request.messages) > MAX_MESSAGES:
+            raise InvalidArgument(f"messages has {len(request.messages)} entries; at most {MAX_MESSAGES}",
+                                  field="messages")
+        chars = len(request.prompt) + sum(len(content) for _, content in request.messages)
+        if chars > MAX_PROMPT_CHARS:
+            raise InvalidArgument(f"the prompt is {chars} characters; at most {MAX_PROMPT_CHARS}", field="prompt")
         if request.prompt:
             return self.tokenizer.encode(request.prompt)
         for i, (role, _) in enumerate(request.messages):
@@ -79,7 +88,7 @@ class RequestValidator:
                                       field=f"messages[{i}].role")
         try:
             return render_prompt(self.tokenizer, [{"role": r, "content": c} for r, c in request.messages])
-        except ValueError as err:
+        except Exception as err:  # noqa: BLE001 - a chat template is the model's own Jinja code and raises what it likes
             raise InvalidArgument(f"messages: {err}", field="messages") from None
 
 

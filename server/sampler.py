@@ -24,7 +24,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     top_p = torch.tensor([p.top_p for p in params], device=device)
     uniform = torch.tensor([seqs[i].rng.random() for i in sampled_rows], device=device)
 
-    probs, order = torch.sort(torch.softmax(logits[rows] / temperature[:, None], dim=-1), dim=-1, descending=True)
+    # Shifting the top logit to 0 before dividing keeps a tiny temperature from overflowing to inf (NaN probs).
+    scaled = (logits[rows] - logits[rows].amax(dim=-1, keepdim=True)) / temperature[:, None]
+    probs, order = torch.sort(torch.softmax(scaled, dim=-1), dim=-1, descending=True)
     cumulative = probs.cumsum(dim=-1)
     rank = torch.arange(probs.shape[-1], device=device)
     # Keep a token if it is within top-k and the mass before it is under top-p (the first always stays).

@@ -13,6 +13,9 @@ from .sequence import Event, FinishReason, Sequence
 from .store_adapters import StoreAdapters
 
 PIN_WAIT_S = 30.0   # how long RegisterAdapter waits for a device slot to pin into
+# Bounds on what one call may make the server hold (README: Limits); prompt bounds are in generate_request.py.
+MAX_REQUEST_BYTES = 2 * 2**20        # gRPC refuses larger messages with RESOURCE_EXHAUSTED
+MAX_PATH_CHARS = 4096
 _FINISH = {
     FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
     FinishReason.STOP: inference_pb2.FINISH_REASON_STOP,
@@ -79,6 +82,8 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
         self.registry, self.engine, self.metrics, self.store = registry, engine, metrics, store
 
     def RegisterAdapter(self, request, context) -> adapters_pb2.AdapterInfo:
+        if len(request.path) > MAX_PATH_CHARS or "\0" in request.path:
+            raise InvalidArgument(f"path must be at most {MAX_PATH_CHARS} characters, without NUL")
         adapter, replaced = self.registry.register(request.name, request.path, request.replace, request.pin)
         if replaced is not None:
             self.engine.discard(replaced)

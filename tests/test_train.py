@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from adapters.formats.adapter_dir import BaseShape, read_adapter
+from adapters.formats.base_fingerprint import base_fingerprint
 
 SAMPLES = Path(__file__).resolve().parent.parent / "adapters" / "sample_data"
 # Settings that keep a run short: short sequences, little general text, tiny validation files.
@@ -86,7 +87,9 @@ def test_training_lowers_validation_loss_and_writes_a_peft_adapter(trained, base
     assert data["rejected"] == [{"file": str(train_file), "line": 21, "reason": "output: missing"}]
     assert report["hyperparameters"]["max_steps"] == 6 and report["hyperparameters"]["r"] == 8
     assert report["hyperparameters"]["learning_rate"] == 2e-3
-    assert report["base"]["quantization"] == "none" and len(report["base"]["fingerprint"]) == 64
+    assert "epochs" not in report["hyperparameters"] and "val_fraction" not in report["hyperparameters"]
+    # What the server and eval compare an adapter's recorded base with.
+    assert report["base"]["quantization"] == "none" and report["base"]["fingerprint"] == base_fingerprint(base_dir)
     assert {"torch", "transformers", "peft", "bitsandbytes"} <= report["libraries"].keys()
     assert report["training"]["wall_time_s"] > 0 and report["training"]["peak_memory"]["host_rss_bytes"] > 0
 

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from ..formats.adapter_dir import CONFIG_FILE, WEIGHTS_FILE
-from ..report import file_sha256
+from ..formats.hashing import file_sha256
 from .general_sets import ChoiceSet
 
 SCORING_VERSION = 1  # bump when option_loglikelihoods or pick changes what it returns
