@@ -37,6 +37,7 @@ from .runner import ModelRunner
 from .scheduler import Scheduler
 from .service import MAX_REQUEST_BYTES, AdaptersService, InferenceService
 from .store_adapters import StoreAdapters
+from .weights import base_weight_bytes, load_model
 
 log = logging.getLogger("cartridge")
 

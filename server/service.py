@@ -7,6 +7,7 @@ from cartridge.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inferen
 
 from .adapter_registry import AdapterRegistry, RegisteredAdapter, check_name
 from .engine import Engine
+from .errors import InvalidArgument
 from .generate_request import GenerateRequest, RequestValidator
 from .metrics import ServerMetrics
 from .sequence import Event, FinishReason, Sequence
