@@ -52,7 +52,8 @@ class RegisteredAdapter:
 
 def check_name(name: str, field: str = "name") -> str:
     if not NAME.fullmatch(name):
-        raise InvalidArgument(f"{field} {name!r} is not a valid adapter name: 1 to 64 letters, digits, '.', '_' or '-'")
+        raise InvalidArgument(f"{field} {name!r} is not a valid adapter name: 1 to 64 letters, digits, '.', '_' or '-'",
+                              field=field)
     return name
 
 

@@ -1,4 +1,4 @@
-"""Assembles the server from a ServerConfig: model, cache, adapters, engine, gRPC and metrics."""
+"""Assembles the server from a ServerConfig: model, cache, adapters, engine, gRPC, HTTP and metrics."""
 from __future__ import annotations
 
 import functools
@@ -29,13 +29,15 @@ from .cuda_graphs import DecodeGraphs
 from .engine import Engine
 from .errors import StatusInterceptor, Unavailable
 from .gate import CallGate
+from .generate_request import RequestValidator
+from .http_edge import EngineBackend, HttpServer, openai_app
 from .kv_cache import KVCache
 from .metrics import ServerMetrics
 from .runner import ModelRunner
 from .scheduler import Scheduler
 from .service import MAX_REQUEST_BYTES, AdaptersService, InferenceService
 from .store_adapters import StoreAdapters
-from .weights import load_model
+from .weights import base_weight_bytes, load_model
 
 log = logging.getLogger("cartridge")
 
@@ -48,6 +50,18 @@ class DrainReport:
 
 
 @dataclass
+class ServingCore:
+    """One engine with its adapters, before any edge: what each front door (and each Ray replica) wraps."""
+    engine: Engine
+    registry: AdapterRegistry
+    validator: RequestValidator
+    metrics: ServerMetrics
+    gate: CallGate
+    base_name: str
+    store: StoreAdapters | None      # serve --store: versions (name@vN) and live releases
+
+
+@dataclass
 class RunningServer:
     grpc_server: grpc.Server
     engine: Engine
@@ -55,6 +69,7 @@ class RunningServer:
     health: health.HealthServicer
     port: int
     metrics_port: int
+    http: HttpServer | None = None
 
     def drain(self, timeout: float, hurry: threading.Event | None = None) -> DrainReport:
         """Graceful stop: NOT_SERVING and UNAVAILABLE for new calls at once, running calls get up to
@@ -75,6 +90,8 @@ class RunningServer:
             self.gate.wait_idle(5.0)   # the ended calls send their status
         seconds = time.monotonic() - started
         self.grpc_server.stop(1.0).wait()
+        if self.http is not None:
+            self.http.stop()
         self.engine.stop()
         return DrainReport(seconds, in_flight, cut_off)
 
@@ -89,7 +106,7 @@ def eos_ids(directory, tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
-def build_server(config: ServerConfig) -> RunningServer:
+def build_core(config: ServerConfig) -> ServingCore:
     started = time.monotonic()
     device = torch.device(config.device)
     directory = resolve_base(config.base_model)
@@ -108,7 +125,10 @@ def build_server(config: ServerConfig) -> RunningServer:
                                base_fingerprint=functools.cache(lambda: base_fingerprint(directory)))
     for name, path in config.adapters:
         registry.register(name, path)
-    metrics = ServerMetrics(device)
+    metrics = ServerMetrics(device, config.max_adapters)
+    for part, size in (("base_weights", base_weight_bytes(model)), ("kv_cache", cache.size_bytes),
+                       ("lora_slots", sum(stack.size_bytes for stack in stacks.values()))):
+        metrics.device_memory.labels(part).set(size)
     scheduler = Scheduler(config.max_batch_size, config.max_queue, config.max_prefill_tokens, adapter_slots)
     graphs = DecodeGraphs(model, cache, config.max_lora_rank, device) if config.on_cuda and config.cuda_graphs else None
     if graphs is not None:
@@ -122,17 +142,24 @@ def build_server(config: ServerConfig) -> RunningServer:
     if config.store is not None:
         store = StoreAdapters(AdapterStore(Path(config.store).resolve()), registry, engine, metrics)
         store.start()
+    log.info("base %s on %s (%s, %s): weights+cache ready in %.1f s; KV cache %.0f MiB for %d x %d tokens",
+             directory.name, device, "nf4" if config.quantize else "dense", str(config.torch_dtype).split(".")[-1],
+             time.monotonic() - started, cache.size_bytes / 2**20, config.max_batch_size, max_seq_len)
+    return ServingCore(engine, registry, RequestValidator(registry, tokenizer, max_seq_len, store), metrics,
+                       CallGate(config.admin_token, config.inference_token), directory.name, store)
 
+
+def build_server(config: ServerConfig) -> RunningServer:
+    core = build_core(config)
     # Threads beyond the batch serve queued and streaming calls; past the limit gRPC itself
     # answers RESOURCE_EXHAUSTED.
     workers = config.max_batch_size + config.max_queue + 8
-    gate = CallGate(config.admin_token, config.inference_token)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[gate, StatusInterceptor()],
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[core.gate, StatusInterceptor()],
                          maximum_concurrent_rpcs=workers,
                          options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
-    inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceService(engine, registry, tokenizer, max_seq_len, store), server)
-    adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersService(registry, engine, metrics, store), server)
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(core.engine, core.validator), server)
+    adapters_pb2_grpc.add_AdaptersServicer_to_server(
+        AdaptersService(core.registry, core.engine, core.metrics, core.store), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
@@ -147,10 +174,13 @@ def build_server(config: ServerConfig) -> RunningServer:
     if port == 0:
         raise OSError(f"cannot listen on {config.host}:{config.port}")
     server.start()
-    metrics_port = metrics.serve(config.host, config.metrics_port)
+    metrics_port = core.metrics.serve(config.host, config.metrics_port)
+    http = None
+    if config.http_port is not None:
+        backend = EngineBackend(core.engine, core.validator, core.registry, core.gate, core.base_name)
+        http = HttpServer(openai_app(backend, core.metrics.registry), config.host, config.http_port,
+                          config.tls_cert, config.tls_key)
+        http.start()
     for name in ("", *names):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("base %s on %s (%s, %s): weights+cache ready in %.1f s; KV cache %.0f MiB for %d x %d tokens",
-             directory.name, device, "nf4" if config.quantize else "dense", str(config.torch_dtype).split(".")[-1],
-             time.monotonic() - started, cache.size_bytes / 2**20, config.max_batch_size, max_seq_len)
-    return RunningServer(server, engine, gate, health_servicer, port, metrics_port)
+    return RunningServer(server, core.engine, core.gate, health_servicer, port, metrics_port, http)

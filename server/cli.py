@@ -12,34 +12,17 @@ import threading
 ADMIN_TOKEN_ENV = "CARTRIDGE_ADMIN_TOKEN"
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 
+
 def register(commands) -> None:
     parser = commands.add_parser("serve", help="start the gRPC server", description=(
         "Serve one Llama-family base (NF4 on CUDA) with many LoRA adapters batched together."))
-    parser.add_argument("--base-model", metavar="DIR", help="transformers-format Llama checkpoint "
-                        "(default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if present)")
-    parser.add_argument("--quantization", choices=("nf4", "none"), help="default: nf4 on CUDA, none on CPU")
-    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
-                        help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=50051, help="gRPC port, 0 picks a free one (default: %(default)s)")
     parser.add_argument("--metrics-port", type=int, default=9464,
                         help="Prometheus HTTP port, 0 picks a free one (default: %(default)s)")
-    parser.add_argument("--max-batch-size", type=int, default=16, help="requests decoding at once (default: %(default)s)")
-    parser.add_argument("--max-seq-len", type=int, default=2048, help="prompt + answer tokens (default: %(default)s)")
-    parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before RESOURCE_EXHAUSTED "
-                        "(default: %(default)s)")
-    parser.add_argument("--max-prefill-tokens", type=int, default=4096,
-                        help="padded prompt tokens per prefill pass (default: %(default)s)")
-    parser.add_argument("--max-adapters", type=int, default=16,
-                        help="adapters resident on the device at once; more can be registered (default: %(default)s)")
-    parser.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank (default: %(default)s)")
-    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                        help="run decode eagerly on CUDA (graphs are on by default there)")
-    parser.add_argument("--no-triton-kernels", dest="triton_kernels", action="store_false",
-                        help="on CUDA, use bitsandbytes and torch for NF4 and LoRA instead of our Triton kernels")
-    parser.add_argument("--nf4-kernel-max-rows", type=int, default=64,
-                        help="largest batch our NF4 kernel takes; 0 = bitsandbytes always (default: %(default)s)")
+    parser.add_argument("--http-port", type=int, help="also serve the OpenAI-compatible HTTP API on this port, "
+                        "0 picks a free one (default: off)")
+    engine_flags(parser)
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                         help="register an adapter at start-up (repeatable)")
     safety = parser.add_argument_group("drain, access and limits")
@@ -64,6 +47,31 @@ def register(commands) -> None:
     parser.set_defaults(run=run)
 
 
+def engine_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of one engine: `cartridge serve` and each replica of `cartridge serve-ray`."""
+    parser.add_argument("--base-model", metavar="DIR", help="transformers-format Llama checkpoint "
+                        "(default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if present)")
+    parser.add_argument("--quantization", choices=("nf4", "none"), help="default: nf4 on CUDA, none on CPU")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                        help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--max-batch-size", type=int, default=16, help="requests decoding at once (default: %(default)s)")
+    parser.add_argument("--max-seq-len", type=int, default=2048, help="prompt + answer tokens (default: %(default)s)")
+    parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before RESOURCE_EXHAUSTED "
+                        "(default: %(default)s)")
+    parser.add_argument("--max-prefill-tokens", type=int, default=4096,
+                        help="padded prompt tokens per prefill pass (default: %(default)s)")
+    parser.add_argument("--max-adapters", type=int, default=16,
+                        help="adapters resident on the device at once; more can be registered (default: %(default)s)")
+    parser.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank (default: %(default)s)")
+    parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                        help="run decode eagerly on CUDA (graphs are on by default there)")
+    parser.add_argument("--no-triton-kernels", dest="triton_kernels", action="store_false",
+                        help="on CUDA, use bitsandbytes and torch for NF4 and LoRA instead of our Triton kernels")
+    parser.add_argument("--nf4-kernel-max-rows", type=int, default=64,
+                        help="largest batch our NF4 kernel takes; 0 = bitsandbytes always (default: %(default)s)")
+
+
 def byte_count(text: str) -> int:
     """'2147483648', '500MiB', '2GiB', '1.5G' -> bytes."""
     found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?)?b?\s*", text.lower())
@@ -73,34 +81,37 @@ def byte_count(text: str) -> int:
     return int(float(found[1]) * _UNITS[found[2] or ""])
 
 
-def _config(args: argparse.Namespace):
+def server_config(args: argparse.Namespace):
+    """The ServerConfig of the flags in `args` that are ServerConfig's; other commands' flags stay out."""
+    from dataclasses import fields
+
     from .config import ServerConfig
     from .gate import read_token
 
     adapters = []
-    for item in args.adapter:
+    for item in getattr(args, "adapter", []):
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise ValueError(f"--adapter {item!r}: expected NAME=PATH")
         adapters.append((name, path))
-    admin_token = (read_token(args.admin_token_file, "--admin-token-file") if args.admin_token_file
+    admin_file, inference_file = getattr(args, "admin_token_file", None), getattr(args, "inference_token_file", None)
+    admin_token = (read_token(admin_file, "--admin-token-file") if admin_file
                    else os.environ.get(ADMIN_TOKEN_ENV, "").strip() or None)
-    inference_token = (read_token(args.inference_token_file, "--inference-token-file")
-                       if args.inference_token_file else None)
-    skip = ("command", "run", "adapter", "admin_token_file", "inference_token_file")
-    fields = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
-    if args.store == "":
+    inference_token = read_token(inference_file, "--inference-token-file") if inference_file else None
+    names = {f.name for f in fields(ServerConfig)} - {"adapters", "admin_token", "inference_token"}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if given.get("store") == "":
         from adapters.store.refs import default_store_dir
 
-        fields["store"] = str(default_store_dir())
-    return ServerConfig(**fields, adapters=tuple(adapters), admin_token=admin_token, inference_token=inference_token)
+        given["store"] = str(default_store_dir())
+    return ServerConfig(**given, adapters=tuple(adapters), admin_token=admin_token, inference_token=inference_token)
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log = logging.getLogger("cartridge")
     try:
-        config = _config(args)
+        config = server_config(args)
         if not config.loopback_only and config.admin_token is None:
             log.warning("!" * 100)
             log.warning("LISTENING ON %s WITH NO ADMIN TOKEN: anyone who reaches port %d can register adapters, "
@@ -114,8 +125,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"cartridge serve: {err}", file=sys.stderr)
         return 2
     # The one line scripts and tests wait for; ports are the bound ones (0 picks free ports).
+    http = f", OpenAI HTTP on {server.http.scheme}://{config.host}:{server.http.port}/v1" if server.http else ""
     print(f"cartridge: serving gRPC on {config.host}:{server.port}, metrics on "
-          f"http://{config.host}:{server.metrics_port}/metrics", flush=True)
+          f"http://{config.host}:{server.metrics_port}/metrics{http}", flush=True)
     stop, hurry = threading.Event(), threading.Event()
 
     def on_signal(*_) -> None:

@@ -20,6 +20,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9464
+    http_port: int | None = None           # OpenAI-compatible HTTP; None = off
     max_batch_size: int = 16               # KV-cache slots: requests decoding at once
     max_seq_len: int = 2048                # prompt + output tokens of one request
     max_queue: int = 256                   # requests waiting for a slot before RESOURCE_EXHAUSTED
@@ -53,6 +54,8 @@ class ServerConfig:
                                  ("--max-prefill-tokens", self.max_prefill_tokens, 1)):
             if value < low:
                 raise ValueError(f"{flag} must be at least {low}, got {value}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ValueError(f"--http-port must be between 0 and 65535, got {self.http_port}")
         if self.port > 65535 or self.metrics_port > 65535:
             raise ValueError("ports must be at most 65535")
         if self.max_prefill_tokens < self.max_seq_len:

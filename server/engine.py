@@ -40,8 +40,16 @@ class Engine:
         self._thread.join()
 
     def submit(self, seq: Sequence) -> None:
-        """Queues a request (RESOURCE_EXHAUSTED when the queue is full); events arrive on seq.events."""
-        self.scheduler.add(seq)
+        """Queues a request (RESOURCE_EXHAUSTED when the queue is full); events arrive on seq.events.
+        Every edge submits here, so every request holds its adapter version until it ends."""
+        if seq.adapter is not None:
+            self.registry.hold(seq.adapter)      # released by the engine when the request ends
+        try:
+            self.scheduler.add(seq)
+        except ServingError:
+            if seq.adapter is not None:
+                self.registry.release(seq.adapter)
+            raise
         self._wake.set()
 
     def cancel(self, seq: Sequence) -> None:
@@ -118,9 +126,7 @@ class Engine:
         if decoding:
             self.metrics.decode_batch.observe(len(decoding))
             self._run(decoding, self.runner.decode)
-        self.metrics.running.set(len(self.scheduler.running))
-        self.metrics.waiting.set(self.scheduler.num_waiting)
-        self.metrics.adapters_resident.set(self.scheduler.adapter_slots.num_resident)
+        self.metrics.observe_schedule(self.scheduler)
         if not admitted and not decoding and self.scheduler.waiting:
             # Everyone waiting needs an adapter slot that running requests still hold.
             self._wake.wait(0.005)

@@ -1,4 +1,4 @@
-"""Errors that carry the user's words, and the one place they become gRPC statuses."""
+"""Errors that carry the user's words, and the one place they become gRPC statuses and HTTP errors."""
 from __future__ import annotations
 
 import grpc
@@ -9,38 +9,56 @@ from adapters.store.refs import IntegrityError, StoreError, VersionNotFound
 
 class ServingError(Exception):
     code = grpc.StatusCode.INTERNAL
+    http_status, http_type = 500, "server_error"     # OpenAI's error "type" for the HTTP edge
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field       # the request field at fault, when one is (OpenAI's "param")
+
+    def __reduce__(self):
+        # Crosses processes whole (a Ray replica's refusal reaches the ingress with its field).
+        return type(self), (str(self), self.field)
 
 
 class InvalidArgument(ServingError):
     code = grpc.StatusCode.INVALID_ARGUMENT
+    http_status, http_type = 400, "invalid_request_error"
 
 
 class NotFound(ServingError):
     code = grpc.StatusCode.NOT_FOUND
+    http_status, http_type = 404, "not_found_error"
 
 
 class AlreadyExists(ServingError):
     code = grpc.StatusCode.ALREADY_EXISTS
+    http_status, http_type = 409, "conflict_error"
 
 
 class ResourceExhausted(ServingError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status, http_type = 429, "rate_limit_error"
 
 
 class FailedPrecondition(ServingError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+    http_status, http_type = 409, "conflict_error"
 
 
 class Unauthenticated(ServingError):
     code = grpc.StatusCode.UNAUTHENTICATED
+    http_status, http_type = 401, "authentication_error"
 
 
 class PermissionDenied(ServingError):
     code = grpc.StatusCode.PERMISSION_DENIED
+    http_status, http_type = 403, "permission_error"
 
 
 class Unavailable(ServingError):
+    """The server is draining (or shut down before the request ended)."""
     code = grpc.StatusCode.UNAVAILABLE
+    http_status, http_type = 503, "service_unavailable_error"
 
 
 def status_of(error: Exception) -> tuple[grpc.StatusCode, str] | None:
@@ -56,6 +74,16 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str] | None:
     if isinstance(error, StoreError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(error)
     return None
+
+
+def http_error_of(error: Exception) -> tuple[int, dict]:
+    """HTTP status and OpenAI's error body for a handler's exception; a bug is a 500 that says little."""
+    if isinstance(error, AdapterFormatError):
+        error = InvalidArgument(str(error))
+    if not isinstance(error, ServingError):
+        error = ServingError("the server failed while handling this request")
+    return error.http_status, {"error": {"message": str(error), "type": error.http_type, "param": error.field,
+                                         "code": None}}
 
 
 class StatusInterceptor(grpc.ServerInterceptor):

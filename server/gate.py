@@ -1,6 +1,7 @@
 """Who may call, and when: bearer tokens for admin and inference calls, and no new calls while draining.
 
-Every `cartridge.v1` call passes here before its handler runs. Health and reflection stay open,
+Every `cartridge.v1` call passes here before its handler runs, and every OpenAI HTTP completion
+(server/http_edge.py) through `admit`/`leave` and `check_token`. Health and reflection stay open,
 so a load balancer can still read NOT_SERVING while the server drains.
 """
 from __future__ import annotations
@@ -39,6 +40,10 @@ class CallGate(grpc.ServerInterceptor):
         self._draining = False
 
     @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
     def in_flight(self) -> int:
         with self._lock:
             return self._in_flight
@@ -47,6 +52,18 @@ class CallGate(grpc.ServerInterceptor):
         """From now on new calls get UNAVAILABLE; those already admitted run on."""
         with self._lock:
             self._draining = True
+
+    def admit(self) -> None:
+        """Counts a call in, or refuses it (Unavailable) while draining; `leave` when it ends."""
+        with self._lock:
+            if self._draining:
+                raise Unavailable(DRAINING)
+            self._in_flight += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            self._lock.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
         """True once no admitted call is running, False if `timeout` seconds pass first."""
@@ -57,17 +74,18 @@ class CallGate(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(GUARDED):
             return handler
-        refusal = self._check_token(handler_call_details)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        refusal = self.check_token(handler_call_details.method, metadata.get("authorization"))
 
         def admit(context: grpc.ServicerContext) -> None:
             if refusal is not None:
                 abort(context, refusal)
-            with self._lock:
-                if self._draining:
-                    abort(context, Unavailable(DRAINING))
-                self._in_flight += 1
-            if not context.add_callback(self._leave):   # fires however the call ends
-                self._leave()
+            try:
+                self.admit()
+            except Unavailable as error:
+                abort(context, error)
+            if not context.add_callback(self.leave):   # fires however the call ends
+                self.leave()
 
         if handler.unary_unary:
             behaviour = handler.unary_unary
@@ -83,29 +101,24 @@ class CallGate(grpc.ServerInterceptor):
             yield from behaviour(request, context)
         return handler._replace(unary_stream=stream)
 
-    def _leave(self) -> None:
-        with self._lock:
-            self._in_flight -= 1
-            self._lock.notify_all()
-
-    def _check_token(self, details) -> ServingError | None:
-        admin = details.method in ADMIN_METHODS
+    def check_token(self, method: str, authorization: str | None) -> ServingError | None:
+        """The refusal for a call to `method` with this authorization header, None when it may go on."""
+        admin = method in ADMIN_METHODS
         # The admin token opens inference calls too; an open kind of call needs no token at all.
         accepted = [self._admin] if admin else [self._inference, self._admin] if self._inference else []
         accepted = [token for token in accepted if token is not None]
         if not accepted:
             return None
         kind = "admin" if admin else "inference"
-        given = dict(details.invocation_metadata or ()).get("authorization")
-        if given is None:
-            return Unauthenticated(f"{details.method} needs the {kind} token: send metadata "
+        if authorization is None:
+            return Unauthenticated(f"{method} needs the {kind} token: send metadata "
                                    f"'authorization: Bearer <token>'")
-        scheme, _, token = given.partition(" ")
+        scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return Unauthenticated("the authorization metadata must read 'Bearer <token>'")
         presented = token.strip().encode()
         # Compare with every accepted token, in constant time, so timing tells nothing about either.
         matches = [hmac.compare_digest(presented, expected) for expected in accepted]
         if not any(matches):
-            return PermissionDenied(f"the token does not grant {kind} calls such as {details.method}")
+            return PermissionDenied(f"the token does not grant {kind} calls such as {method}")
         return None

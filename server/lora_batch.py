@@ -58,6 +58,10 @@ class LoraStack:
 
             self._bgmv = lora_bgmv
 
+    @property
+    def size_bytes(self) -> int:
+        return self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()
+
     def load(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scaling: float) -> None:
         """Puts one adapter's A [r, in] and B [out, r] in `slot`; None clears the slot (not targeted)."""
         self.a[slot].zero_()

@@ -13,6 +13,7 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, MetricsHandler
 from prometheus_client.core import GaugeMetricFamily
 
+from .scheduler import Scheduler
 from .sequence import Sequence
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
@@ -45,6 +46,24 @@ class _MemoryCollector:
         yield reserved
 
 
+class _LoraInfoCollector:
+    """vLLM's lora_requests_info under our name: the adapters of running and waiting requests and the
+    device slot limit, as labels (what the Gateway API Inference Extension's endpoint picker reads).
+    The value is when the engine last looked, as vLLM's is."""
+
+    def __init__(self, max_lora: int):
+        self.max_lora = str(max_lora)
+        self.snapshot: tuple[float, str, str] = (time.time(), "", "")   # replaced whole by the engine thread
+
+    def collect(self):
+        at, running, waiting = self.snapshot
+        info = GaugeMetricFamily("cartridge_lora_requests_info", "Adapters of running and waiting requests "
+                                 "(comma-separated) and the adapters a device holds at once",
+                                 labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+        info.add_metric([running, waiting, self.max_lora], at)
+        yield info
+
+
 class _MetricsOnly(MetricsHandler):
     """Prometheus text at /metrics, 404 on every other path (the stock handler answers any path)."""
 
@@ -63,7 +82,7 @@ class _HTTPServer(ThreadingHTTPServer):
 
 
 class ServerMetrics:
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, max_lora: int):
         self.registry = CollectorRegistry()
         r = self.registry
         self.latency = Histogram("cartridge_request_latency_seconds", "Arrival to last token of a request",
@@ -81,6 +100,12 @@ class ServerMetrics:
         self.decode_batch = Histogram("cartridge_decode_batch_size", "Requests advanced together by one decode pass",
                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.adapters_resident = Gauge("cartridge_adapters_resident", "Adapters loaded in device slots", registry=r)
+        self.kv_cache_usage = Gauge("cartridge_kv_cache_usage_ratio",
+                                    "Share of KV-cache slots held by running requests (0 to 1); each request "
+                                    "reserves a whole slot, so at 1 new requests wait", registry=r)
+        self.device_memory = Gauge("cartridge_device_memory_bytes", "Device memory reserved at start, by part: "
+                                   "base_weights, lora_slots (every adapter slot), kv_cache", ["part"], registry=r)
+        self._lora_info = _LoraInfoCollector(max_lora)
         # The adapter store (serve --store): versions served live or asked for as name@vN only, so labels stay bounded.
         self.version_requests = Counter("cartridge_version_requests", "Finished requests per stored adapter version",
                                         ["adapter", "version"], registry=r)
@@ -91,6 +116,7 @@ class ServerMetrics:
         self.store_load_failures = Counter("cartridge_store_load_failures", "Live versions that failed to load "
                                            "(the previous one kept serving)", ["adapter"], registry=r)
         r.register(_MemoryCollector(device))
+        r.register(self._lora_info)
         self._per_adapter = (self.latency, self.ttft, self.tpot, self.requests, self.prompt_tokens,
                              self.generated_tokens)
 
@@ -101,6 +127,16 @@ class ServerMetrics:
         server = type("HTTPServer", (_HTTPServer,), {"address_family": family})((host, port), handler)
         threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         return server.server_port
+
+    def observe_schedule(self, scheduler: Scheduler) -> None:
+        """Called by the engine after every step."""
+        self.running.set(len(scheduler.running))
+        self.waiting.set(scheduler.num_waiting)
+        self.kv_cache_usage.set(len(scheduler.running) / scheduler.num_kv_slots)
+        self.adapters_resident.set(scheduler.adapter_slots.num_resident)
+        running, waiting = scheduler.adapter_names()
+        if (running, waiting) != self._lora_info.snapshot[1:]:
+            self._lora_info.snapshot = (time.time(), running, waiting)
 
     def forget_adapter(self, name: str) -> None:
         """Removes every series labelled with an unregistered adapter, so labels stay bounded."""

@@ -22,12 +22,20 @@ class Scheduler:
         self.adapter_slots = adapter_slots
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_kv_slots = num_kv_slots
         self._free_kv = list(range(num_kv_slots))   # a heap: lowest slot first keeps decode rows dense
         self._lock = threading.Lock()                # add() comes from gRPC threads
 
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
+
+    def adapter_names(self) -> tuple[str, str]:
+        """Distinct adapters of running and of waiting requests, each sorted and comma-separated."""
+        with self._lock:
+            waiting = {s.adapter_name for s in self.waiting}
+        running = {s.adapter_name for s in self.running}
+        return ",".join(sorted(running - {""})), ",".join(sorted(waiting - {""}))
 
     def add(self, seq: Sequence) -> None:
         with self._lock:

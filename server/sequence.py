@@ -22,7 +22,7 @@ class FinishReason(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """Validated at the gRPC edge; temperature 0 means greedy."""
+    """Validated at the edge (generate_request.py); temperature 0 means greedy."""
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0

@@ -88,3 +88,18 @@ def load_model(directory: Path, config, dtype: torch.dtype, device: torch.device
     model = Transformer(args, embed, layers, lm_head, rope.inv_freq.to(device), rope.attention_scaling)
     model.norm.weight.data = weight("model.norm.weight")
     return model.eval(), stacks
+
+
+def base_weight_bytes(model: Transformer) -> int:
+    """Bytes of the base model's tensors on the device: weights (packed, for NF4, with their block
+    scales), norms and RoPE tables; a tied lm_head counts once. LoRA stacks are not the model's."""
+    tensors = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers())}
+    for module in model.modules():
+        # Plain tensor attributes too: the NF4 kernel keeps its decoded block scales that way.
+        tensors.update({t.data_ptr(): t for t in vars(module).values() if isinstance(t, torch.Tensor)})
+        state = getattr(module, "quant_state", None)
+        while state is not None:    # double quantization nests the scales' own state
+            parts = (getattr(state, name, None) for name in ("absmax", "code", "offset"))
+            tensors.update({t.data_ptr(): t for t in parts if isinstance(t, torch.Tensor)})
+            state = state.state2
+    return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -77,6 +77,7 @@ class ServerProcess:
     metrics_url: str
     process: subprocess.Popen
     log: list[str]               # everything the server printed, kept for failure reports
+    http_url: str | None = None  # the OpenAI API's base URL (.../v1), with --http-port
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
@@ -98,11 +99,11 @@ def start_server(*flags: str) -> ServerProcess:
         if not line:
             break
         lines.append(line)
-        ready = re.search(r"serving gRPC on (\S+), metrics on (\S+)", line)
+        ready = re.search(r"serving gRPC on (\S+), metrics on ([^\s,]+)(?:, OpenAI HTTP on (\S+))?", line)
         if ready:
             # Keep reading its log so the server never blocks on a full pipe.
             threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
-            return ServerProcess(ready[1], ready[2], process, lines)
+            return ServerProcess(ready[1], ready[2], process, lines, ready[3])
     process.kill()
     raise RuntimeError("server did not start:\n" + "".join(lines))
 

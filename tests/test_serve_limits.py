@@ -18,7 +18,7 @@ COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"   # the base model keeps counting: a
 
 @pytest.fixture(scope="module")
 def server_flags(adapter_dirs) -> list[str]:
-    return ["--max-batch-size", "1", "--max-queue", "1", "--max-adapters", "1", "--max-lora-rank", "16",
+    return ["--http-port", "0", "--max-batch-size", "1", "--max-queue", "1", "--max-adapters", "1", "--max-lora-rank", "16",
             "--max-seq-len", "400", "--adapter", f"qv8={adapter_dirs['qv8']}", "--adapter", f"mlp4={adapter_dirs['mlp4']}"]
 
 
@@ -53,6 +53,33 @@ def test_full_queue_is_resource_exhausted_and_a_cancel_frees_the_slot(client, se
     assert client.generate(PROMPT, max_tokens=3).completion_tokens == 3
 
 
+def test_http_full_queue_is_429_and_a_client_timeout_frees_the_slot(client, server):
+    import openai
+
+    api = openai.OpenAI(base_url=server.http_url, api_key="unused", max_retries=0, timeout=120)
+    running = client.generate_stream(COUNTING, max_tokens=350)
+    next(running)                                       # holds the only decode slot
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(api.completions.create, model="base", prompt=COUNTING, max_tokens=5, temperature=0)
+        deadline = time.monotonic() + 10
+        while gauge(server, "cartridge_requests_waiting") < 1:
+            assert time.monotonic() < deadline, "the HTTP request never queued"
+            time.sleep(0.02)
+        with pytest.raises(openai.RateLimitError) as err:
+            api.completions.create(model="base", prompt=PROMPT, max_tokens=2)
+        assert err.value.status_code == 429 and "queue is full" in err.value.body["message"]
+        running.close()
+        assert waiting.result().usage.completion_tokens == 5
+    before = cancelled_count(server)
+    with pytest.raises(openai.APITimeoutError):
+        api.with_options(timeout=0.5).completions.create(model="base", prompt=COUNTING, max_tokens=350)
+    deadline = time.monotonic() + 10
+    while cancelled_count(server) < before + 1:        # the server saw the caller leave and freed the slot
+        assert time.monotonic() < deadline, "the abandoned HTTP request was never cancelled"
+        time.sleep(0.05)
+    assert api.completions.create(model="base", prompt=PROMPT, max_tokens=3).usage.completion_tokens == 3
+
+
 def test_expired_deadline_frees_the_slot(server):
     before = cancelled_count(server)
     with CartridgeClient(server.address, timeout=0.5) as hurried:
@@ -78,3 +105,28 @@ def test_replace_swaps_weights_for_new_requests(client, adapter_dirs):
     assert info.rank == 4
     assert client.generate(PROMPT, adapter="qv8", max_tokens=12).text == mlp4
     client.register_adapter("qv8", str(adapter_dirs["qv8"]), replace=True)
+
+
+def test_router_metrics_show_running_and_waiting_adapters(client, server):
+    """What the endpoint picker reads: queue, KV-cache use, and which adapters run and wait."""
+    running = client.generate_stream(COUNTING, adapter="qv8", max_tokens=350)
+    next(running)                                       # qv8 holds the only decode slot and adapter slot
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(client.generate, PROMPT, adapter="mlp4", max_tokens=2)
+        deadline = time.monotonic() + 10
+        while gauge(server, "cartridge_requests_waiting") < 1:
+            assert time.monotonic() < deadline, "the mlp4 request never queued"
+            time.sleep(0.02)
+        text = urllib.request.urlopen(server.metrics_url).read().decode()
+        running.close()
+        assert waiting.result().completion_tokens == 2
+    assert re.search(r"^cartridge_requests_running 1\.0$", text, re.M)
+    assert re.search(r"^cartridge_kv_cache_usage_ratio 1\.0$", text, re.M)
+    info = re.search(r"^cartridge_lora_requests_info\{(.*)\} (\S+)$", text, re.M)
+    assert dict(re.findall(r'(\w+)="([^"]*)"', info[1])) == \
+        {"running_lora_adapters": "qv8", "waiting_lora_adapters": "mlp4", "max_lora": "1"}
+    assert abs(float(info[2]) - time.time()) < 60      # when the engine last saw a change, as vLLM's
+    deadline = time.monotonic() + 10
+    while gauge(server, "cartridge_kv_cache_usage_ratio") != 0:   # all finished: the cache is free again
+        assert time.monotonic() < deadline
+        time.sleep(0.05)

@@ -1,6 +1,9 @@
 """The 4-bit path end to end. NF4 is the default on CUDA; bitsandbytes runs it on the CPU here too."""
 from __future__ import annotations
 
+import re
+import urllib.request
+
 import pytest
 
 from .conftest import PROMPT
@@ -19,3 +22,11 @@ def test_nf4_base_answers_and_adapters_apply(client):
     base = client.generate(PROMPT, max_tokens=12)
     adapted = client.generate(PROMPT, adapter="all16-rs", max_tokens=12)
     assert adapted.completion_tokens == 12 and adapted.text != base.text
+
+
+def test_nf4_base_weights_take_about_an_eighth_of_float32(server):
+    text = urllib.request.urlopen(server.metrics_url).read().decode()
+    base = float(re.search(r'^cartridge_device_memory_bytes\{part="base_weights"\} (\S+)', text, re.M)[1])
+    # 106M projection weights at 4 bits with their scales, 28M embedding weights in bfloat16: ~0.11 GB,
+    # against 0.54 GB in float32.
+    assert 100e6 < base < 125e6

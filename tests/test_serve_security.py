@@ -53,8 +53,8 @@ def adapter_root(adapter_dirs, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server_flags(secrets, adapter_root) -> list[str]:
-    return ["--max-batch-size", "2", "--max-adapters", "2", "--max-lora-rank", "16", "--max-seq-len", "256",
-            "--admin-token-file", str(secrets["admin"]), "--inference-token-file", str(secrets["user"]),
+    return ["--http-port", "0", "--max-batch-size", "2", "--max-adapters", "2", "--max-lora-rank", "16",
+            "--max-seq-len", "256", "--admin-token-file", str(secrets["admin"]), "--inference-token-file", str(secrets["user"]),
             "--tls-cert", str(secrets["cert.pem"]), "--tls-key", str(secrets["key.pem"]),
             "--adapter-root", str(adapter_root), "--max-adapter-bytes", str(MAX_ADAPTER_BYTES)]
 
@@ -116,6 +116,32 @@ def test_inference_needs_the_inference_or_admin_token(server, secrets, monkeypat
     for token in ({"inference_token": USER}, {"admin_token": ADMIN}):
         with connect(server, secrets, **token) as c:
             assert c.generate(PROMPT, max_tokens=2).completion_tokens == 2
+
+
+def test_the_openai_http_api_takes_the_same_tokens_over_https(server, secrets):
+    import json
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    import openai
+
+    assert server.http_url.startswith("https://")
+
+    def api(key: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=server.http_url, api_key=key, max_retries=0, timeout=60,
+                             http_client=openai.DefaultHttpxClient(verify=str(secrets["cert.pem"])))
+    trusted = ssl.create_default_context(cafile=str(secrets["cert.pem"]))
+    with pytest.raises(urllib.error.HTTPError) as anonymous:   # the openai package always sends a key
+        urllib.request.urlopen(server.http_url + "/models", context=trusted)
+    assert anonymous.value.code == 401 and "inference token" in json.load(anonymous.value)["error"]["message"]
+    with pytest.raises(openai.PermissionDeniedError) as denied:
+        api("guess").models.list()
+    assert "inference" in denied.value.body["message"]
+    for key in (USER, ADMIN):
+        assert api(key).completions.create(model="base", prompt=PROMPT, max_tokens=2).usage.completion_tokens == 2
+    with urllib.request.urlopen(server.http_url.removesuffix("/v1") + "/health", context=trusted) as health:
+        assert health.status == 200                           # open, as gRPC health is
 
 
 def test_health_stays_open_and_plaintext_is_refused(server, secrets):

@@ -1,0 +1,32 @@
+"""`import_path: server.ray_entry:app` for a RayService (KubeRay) or `serve run`: the application of
+`cartridge serve-ray`, configured from the environment instead of flags.
+
+    CARTRIDGE_ADAPTER_ROOT   the adapter store every replica reads (required)
+    CARTRIDGE_REPLICAS       engine replicas (default 2)
+    CARTRIDGE_SERVE_ARGS     engine flags of `cartridge serve`, e.g. "--max-adapters 16 --max-lora-rank 64"
+    CARTRIDGE_GPUS_PER_REPLICA / CARTRIDGE_CPUS_PER_REPLICA   (default: 1 GPU on CUDA, else 0; 1 CPU)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+
+from .cli import engine_flags, server_config
+from .ray_app import build_app
+
+
+def _app():
+    parser = argparse.ArgumentParser(prog="CARTRIDGE_SERVE_ARGS")
+    engine_flags(parser)
+    config = server_config(parser.parse_args(shlex.split(os.environ.get("CARTRIDGE_SERVE_ARGS", ""))))
+    gpus = os.environ.get("CARTRIDGE_GPUS_PER_REPLICA")
+    root = os.environ.get("CARTRIDGE_ADAPTER_ROOT")
+    if not root:
+        raise ValueError("CARTRIDGE_ADAPTER_ROOT must name the adapter store every replica reads")
+    return build_app(config, root, int(os.environ.get("CARTRIDGE_REPLICAS", "2")),
+                     float(os.environ.get("CARTRIDGE_CPUS_PER_REPLICA", "1")),
+                     float(gpus) if gpus is not None else float(config.on_cuda))
+
+
+app = _app()

@@ -1,0 +1,215 @@
+"""Scale-out on Ray Serve: `cartridge serve-ray` with 2 replicas of the default model on this CPU.
+
+Requests for 8 adapters with Zipf popularity go in through Ray's HTTP proxy (the `openai` package)
+and Ray's gRPC proxy (our own proto); every answer says which replica served it and whether that
+replica already held the adapter. Then one replica's process is killed mid-run: the other keeps
+serving and Ray starts a replacement.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import openai
+import psutil
+import pytest
+from transformers import AutoConfig
+
+from cartridge.v1 import inference_pb2, inference_pb2_grpc
+
+from .bench.serve_bench import write_random_adapter
+from .conftest import PROMPT
+
+pytestmark = pytest.mark.slow
+ADAPTERS = [f"zipf-{i}" for i in range(8)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_server(base_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapter-store")
+    config = AutoConfig.from_pretrained(base_dir)
+    for i, name in enumerate(ADAPTERS):
+        write_random_adapter(root / name, config, rank=4, seed=i)
+    http_port, grpc_port = free_port(), free_port()
+    command = [sys.executable, "-m", "client.cli", "serve-ray", "--replicas", "2", "--adapter-root", str(root),
+               "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--max-batch-size", "4",
+               "--max-seq-len", "256", "--max-prefill-tokens", "1024", "--max-adapters", "3", "--max-lora-rank", "8"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"})
+    lines = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "cartridge: Ray Serve with" in line:
+            threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+            break
+    else:
+        line = ""
+    if "cartridge: Ray Serve with" not in line:
+        process.kill()
+        raise RuntimeError("serve-ray did not start:\n" + "".join(lines))
+    yield process, f"http://127.0.0.1:{http_port}/v1", f"127.0.0.1:{grpc_port}"
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def replica_processes(process: subprocess.Popen) -> list[psutil.Process]:
+    """The engine replicas' worker processes, found in the server's own process tree."""
+    found = []
+    for child in psutil.Process(process.pid).children(recursive=True):
+        try:
+            if "CartridgeReplica" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+class Caller:
+    """Sends one request for an adapter through HTTP or gRPC; returns (replica, cache) as the answer says."""
+
+    def __init__(self, http_url: str, grpc_address: str):
+        self.api = openai.OpenAI(base_url=http_url, api_key="unused", max_retries=0, timeout=120)
+        self.channel = grpc.insecure_channel(grpc_address)
+        self.stub = inference_pb2_grpc.InferenceStub(self.channel)
+
+    def http(self, adapter: str) -> tuple[str, str]:
+        raw = self.api.completions.with_raw_response.create(model=adapter, prompt=PROMPT, max_tokens=6, temperature=0)
+        answer = raw.parse()
+        assert answer.usage.completion_tokens >= 1 and answer.model == adapter
+        return raw.headers["x-cartridge-replica"], raw.headers["x-cartridge-adapter-cache"]
+
+    def grpc(self, adapter: str) -> tuple[str, str]:
+        request = inference_pb2.GenerateRequest(prompt=PROMPT, max_tokens=6)
+        answer, call = self.stub.Generate.with_call(request, metadata=[("multiplexed_model_id", adapter)], timeout=120)
+        assert answer.completion_tokens >= 1 and answer.adapter == adapter
+        trailers = dict(call.trailing_metadata())
+        return trailers["x-cartridge-replica"], trailers["x-cartridge-adapter-cache"]
+
+    def call(self, i: int, adapter: str) -> tuple[str, str]:
+        return (self.http if i % 2 else self.grpc)(adapter)
+
+
+def zipf_adapters(count: int, seed: int) -> list[str]:
+    weights = [1 / (rank + 1) ** 1.1 for rank in range(len(ADAPTERS))]
+    return random.Random(seed).choices(ADAPTERS, weights, k=count)
+
+
+def random_routing_hit_share(requests: list[str], replicas: int, slots: int, trials: int = 1000) -> tuple[float, float]:
+    """Mean and best hit share of the same requests routed at random to replicas with the same LRU
+    caches: what affinity has to beat."""
+    shares = []
+    for trial in range(trials):
+        rng, caches, hits = random.Random(trial), [OrderedDict() for _ in range(replicas)], 0
+        for adapter in requests:
+            cache = caches[rng.randrange(replicas)]
+            hits += adapter in cache
+            cache[adapter] = None
+            cache.move_to_end(adapter)
+            if len(cache) > slots:
+                cache.popitem(last=False)
+        shares.append(hits / len(requests))
+    return sum(shares) / trials, max(shares)
+
+
+def test_adapters_go_to_replicas_that_hold_them_and_a_killed_replica_is_replaced(ray_server):
+    process, http_url, grpc_address = ray_server
+    caller = Caller(http_url, grpc_address)
+
+    # Both front doors agree with each other on an adapter's greedy text, and the base needs no adapter.
+    text_http = caller.api.completions.create(model="zipf-0", prompt=PROMPT, max_tokens=8, temperature=0)
+    text_grpc = caller.stub.Generate(inference_pb2.GenerateRequest(prompt=PROMPT, max_tokens=8, adapter="zipf-0"),
+                                     metadata=[("multiplexed_model_id", "zipf-0")], timeout=120)
+    assert text_http.choices[0].text == text_grpc.text
+    assert {m.id for m in caller.api.models.list()} >= set(ADAPTERS)
+    with pytest.raises(openai.NotFoundError):
+        caller.api.completions.create(model="not-in-the-store", prompt=PROMPT, max_tokens=2)
+    with pytest.raises(grpc.RpcError) as refused:
+        caller.stub.Generate(inference_pb2.GenerateRequest(prompt=PROMPT, max_tokens=2, temperature=-1),
+                             metadata=[("multiplexed_model_id", "zipf-1")], timeout=120)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "temperature" in refused.value.details()
+
+    # Phase 1: Zipf traffic, 4 callers at once, half HTTP, half gRPC. Nothing may fail.
+    requests = zipf_adapters(48, seed=0)
+    with ThreadPoolExecutor(4) as pool:
+        served = list(pool.map(lambda job: caller.call(*job), enumerate(requests)))
+    hits = sum(cache == "hit" for _, cache in served)
+    replicas = {replica for replica, _ in served}
+    share = hits / len(served)
+    holders = {}
+    for adapter, (replica, _) in zip(requests, served):
+        holders.setdefault(adapter, set()).add(replica)
+    random_mean, random_best = random_routing_hit_share(requests, replicas=2, slots=3)
+    print(f"\naffinity: {hits}/{len(served)} = {share:.0%} of requests landed on a replica already holding "
+          f"their adapter (random routing, same caches: {random_mean:.0%} mean, {random_best:.0%} best of 1000); "
+          f"replicas per adapter {json.dumps({a: len(r) for a, r in sorted(holders.items())})}")
+    assert len(replicas) == 2, "both replicas should serve"
+    assert random_best < 0.6 <= share, "affinity should beat every random routing of the same requests"
+
+    # Phase 2: kill one replica's process mid-run; the other keeps serving, Ray starts a new one.
+    victims = replica_processes(process)
+    assert len(victims) == 2
+    rss = sum(p.memory_info().rss for p in psutil.Process(process.pid).children(recursive=True))
+    print(f"process tree RSS {rss / 2**30:.2f} GiB; each replica "
+          f"{', '.join(f'{p.memory_info().rss / 2**30:.2f}' for p in victims)} GiB")
+    assert max(p.memory_info().rss for p in victims) < 4 * 2**30
+    victims[0].send_signal(signal.SIGKILL)
+    killed_at, failures, served_during, new_replica = time.monotonic(), 0, 0, None
+    traffic = iter(zipf_adapters(400, seed=1))
+    while new_replica is None:
+        assert time.monotonic() - killed_at < 150, "no replacement replica served within 150 s"
+        adapter = next(traffic)
+        try:
+            replica, _ = caller.call(served_during, adapter)
+        except (openai.APIError, grpc.RpcError):
+            failures += 1           # in flight on, or routed to, the killed replica before Ray noticed
+            continue
+        served_during += 1
+        if replica not in replicas:
+            new_replica = replica
+    print(f"replacement served after {time.monotonic() - killed_at:.0f} s; {served_during} requests served "
+          f"meanwhile, {failures} failed (sent to the killed replica)")
+    assert served_during > 1, "the surviving replica should have served while the other was replaced"
+    assert failures <= 4
+    assert len(replica_processes(process)) == 2
+
+
+def test_an_evicted_adapter_is_released_only_after_its_last_request():
+    """Ray's LRU evicts by calling __del__ whatever still runs; the release waits for the last user."""
+    from server.ray_app import ResidentAdapter
+
+    released = []
+    adapter = ResidentAdapter("sql", released.append)
+    adapter.acquire()
+    adapter.acquire()
+    adapter.__del__()                   # Ray's eviction, two requests still running on it
+    adapter.done()
+    assert released == []
+    adapter.done()                      # the last one ends: now it goes
+    assert released == [adapter]
+    adapter.__del__()                   # Python's own collection later: nothing more
+    idle = ResidentAdapter("idle", released.append)
+    idle.__del__()                      # evicted with nobody on it: at once
+    assert released == [adapter, idle]
