@@ -35,7 +35,8 @@ from .kv_cache import KVCache
 from .metrics import ServerMetrics
 from .runner import ModelRunner
 from .scheduler import Scheduler
-from .service import MAX_REQUEST_BYTES, AdaptersService, InferenceService
+from .generate_request import MAX_REQUEST_BYTES
+from .service import AdaptersService, InferenceService
 from .store_adapters import StoreAdapters
 from .weights import base_weight_bytes, load_model
 

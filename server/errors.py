@@ -40,6 +40,12 @@ class ResourceExhausted(ServingError):
     http_status, http_type = 429, "rate_limit_error"
 
 
+class RequestTooLarge(ServingError):
+    """A request over the documented size limit, refused before it is read whole."""
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status, http_type = 413, "invalid_request_error"
+
+
 class FailedPrecondition(ServingError):
     code = grpc.StatusCode.FAILED_PRECONDITION
     http_status, http_type = 409, "conflict_error"

@@ -20,6 +20,7 @@ from .text_stream import TextStream
 DEFAULT_MAX_TOKENS = 256
 MAX_STOP_STRINGS = 16
 # Far above anything a context fits, so a huge request is refused in microseconds instead of costing memory.
+MAX_REQUEST_BYTES = 2 * 2**20        # a gRPC message or HTTP body; larger is RESOURCE_EXHAUSTED / 413
 MAX_PROMPT_CHARS = 262_144           # prompt, or all messages' content together
 MAX_MESSAGES = 256
 ROLES = ("system", "user", "assistant")

@@ -25,9 +25,9 @@ from adapters.formats.adapter_dir import AdapterFormatError
 
 from .adapter_registry import AdapterRegistry
 from .engine import Engine
-from .errors import InvalidArgument, ServingError, http_error_of
+from .errors import InvalidArgument, RequestTooLarge, ServingError, http_error_of
 from .gate import CallGate
-from .generate_request import GenerateRequest, RequestValidator
+from .generate_request import MAX_REQUEST_BYTES, GenerateRequest, RequestValidator
 from .openai_api import OpenAIRequest, ResponseWriter, parse
 from .sequence import Event, Sequence
 
@@ -163,11 +163,7 @@ async def _error_response(_: Request, error: Exception) -> Response:
 
 async def _complete(backend: Backend, http: Request, chat: bool) -> Response:
     backend.authorize(f"POST {http.url.path}", http.headers.get("authorization"))
-    try:
-        body = await http.json()
-    except ValueError:
-        raise InvalidArgument("the request body is not valid JSON") from None
-    request = parse(body, chat, backend.base_name)
+    request = parse(await _json_body(http), chat, backend.base_name)
     generation = await backend.generate(request.generate)
     writer = ResponseWriter(request)
     if request.stream:
@@ -187,6 +183,23 @@ async def _complete(backend: Backend, http: Request, chat: bool) -> Response:
     return JSONResponse(writer.response("".join(e.text for e in pieces), last.finish_reason,
                                         generation.prompt_tokens, last.completion_tokens),
                         headers=generation.headers)
+
+
+async def _json_body(http: Request) -> object:
+    """The parsed body, read no further than MAX_REQUEST_BYTES: the same bound as a gRPC message."""
+    too_large = RequestTooLarge(f"the request body is over {MAX_REQUEST_BYTES} bytes, this server's limit")
+    declared = http.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_REQUEST_BYTES:
+        raise too_large
+    body = bytearray()
+    async for chunk in http.stream():
+        body += chunk
+        if len(body) > MAX_REQUEST_BYTES:
+            raise too_large
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise InvalidArgument("the request body is not valid JSON") from None
 
 
 async def _collect(events: AsyncIterator[Event]) -> list[Event]:

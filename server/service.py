@@ -15,7 +15,6 @@ from .store_adapters import StoreAdapters
 
 PIN_WAIT_S = 30.0   # how long RegisterAdapter waits for a device slot to pin into
 # Bounds on what one call may make the server hold (README: Limits); prompt bounds are in generate_request.py.
-MAX_REQUEST_BYTES = 2 * 2**20        # gRPC refuses larger messages with RESOURCE_EXHAUSTED
 MAX_PATH_CHARS = 4096
 _FINISH = {
     FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,

@@ -170,6 +170,24 @@ def test_malformed_bodies_are_400s_and_the_server_keeps_serving(server, api):
     assert api.chat.completions.create(model="base", messages=CHAT, max_tokens=2).usage.completion_tokens == 2
 
 
+def test_a_body_over_the_size_limit_is_a_413_before_it_is_sent_and_the_server_keeps_serving(server, api):
+    import http.client
+    import urllib.parse
+
+    # The server answers on the declared length alone; the client never has to send the 3 MiB.
+    url = urllib.parse.urlsplit(server.http_url)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    connection.putrequest("POST", url.path + "/chat/completions")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", str(3 * 2**20))
+    connection.endheaders()
+    reply = connection.getresponse()
+    assert reply.status == 413
+    assert "over 2097152 bytes" in json.load(reply)["error"]["message"]
+    connection.close()
+    assert api.chat.completions.create(model="base", messages=CHAT, max_tokens=2).usage.completion_tokens == 2
+
+
 def test_draining_server_answers_503_while_running_calls_go_on(server, client, api):
     """SIGTERM: /health and new requests get 503 while a running gRPC call still streams.
     It stops the module's server, so it is the module's last test."""
