@@ -29,13 +29,12 @@ from .cuda_graphs import DecodeGraphs
 from .engine import Engine
 from .errors import StatusInterceptor, Unavailable
 from .gate import CallGate
-from .generate_request import RequestValidator
+from .generate_request import MAX_REQUEST_BYTES, RequestValidator
 from .http_edge import EngineBackend, HttpServer, openai_app
 from .kv_cache import KVCache
 from .metrics import ServerMetrics
 from .runner import ModelRunner
 from .scheduler import Scheduler
-from .generate_request import MAX_REQUEST_BYTES
 from .service import AdaptersService, InferenceService
 from .store_adapters import StoreAdapters
 from .weights import base_weight_bytes, load_model
