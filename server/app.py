@@ -28,7 +28,7 @@ from .config import ServerConfig
 from .cuda_graphs import DecodeGraphs
 from .engine import Engine
 from .errors import StatusInterceptor, Unavailable
-from .gate import CallGate
+from .call_gate import CallGate
 from .generate_request import MAX_REQUEST_BYTES, RequestValidator
 from .http_edge import EngineBackend, HttpServer, openai_app
 from .kv_cache import KVCache

@@ -26,7 +26,7 @@ from adapters.formats.adapter_dir import AdapterFormatError
 from .adapter_registry import AdapterRegistry
 from .engine import Engine
 from .errors import InvalidArgument, RequestTooLarge, ServingError, http_error_of
-from .gate import CallGate
+from .call_gate import CallGate
 from .generate_request import MAX_REQUEST_BYTES, GenerateRequest, RequestValidator
 from .openai_api import OpenAIRequest, ResponseWriter, parse
 from .sequence import Event, Sequence
