@@ -136,6 +136,13 @@ class AdapterRegistry:
         with self._lock:
             return self._adapters.get(adapter.name) is adapter
 
+    def version_in_use(self, store_name: str, version: int) -> bool:
+        """Whether a registered adapter, or one a request still holds, is `store_name`'s version `version`."""
+        with self._lock:
+            return any(a.version == version and a.store_name == store_name
+                       and (a.users or self._adapters.get(a.name) is a)
+                       for a in (*self._adapters.values(), *self._on_host))
+
     def contains(self, name: str) -> bool:
         with self._lock:
             return name in self._adapters

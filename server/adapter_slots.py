@@ -45,7 +45,11 @@ class AdapterSlots:
         slot = self._slot_of.get(adapter)
         if slot is None:
             slot = self._free.pop() if self._free else self._evict()
-            self._load(slot, adapter)
+            try:
+                self._load(slot, adapter)
+            except BaseException:
+                self._free.append(slot)   # a failed copy (the device out of memory) leaves the slot free, not lost
+                raise
         self._idle.pop(slot, None)
         self._users[slot] = self._users.get(slot, 0) + 1
         return slot

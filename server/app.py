@@ -106,7 +106,8 @@ def eos_ids(directory, tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
-def build_core(config: ServerConfig) -> ServingCore:
+def build_core(config: ServerConfig, *, store_on_demand: bool = False) -> ServingCore:
+    """`store_on_demand`: follow only the store names asked for (a Ray replica), not every one from the start."""
     started = time.monotonic()
     device = torch.device(config.device)
     directory = resolve_base(config.base_model)
@@ -140,7 +141,8 @@ def build_core(config: ServerConfig) -> ServingCore:
     engine.start()
     store = None
     if config.store is not None:
-        store = StoreAdapters(AdapterStore(Path(config.store).resolve()), registry, engine, metrics)
+        store = StoreAdapters(AdapterStore(Path(config.store).resolve()), registry, engine, metrics,
+                              on_demand=store_on_demand)
         store.start()
     log.info("base %s on %s (%s, %s): weights+cache ready in %.1f s; KV cache %.0f MiB for %d x %d tokens",
              directory.name, device, "nf4" if config.quantize else "dense", str(config.torch_dtype).split(".")[-1],

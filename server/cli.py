@@ -41,10 +41,15 @@ def register(commands) -> None:
     safety.add_argument("--max-host-adapter-bytes", type=byte_count, metavar="BYTES",
                         help="host memory for adapter weights; idle ones past it are dropped and read again "
                         "when used (default: no limit)")
+    store_flag(parser)
+    parser.set_defaults(run=run)
+
+
+def store_flag(parser) -> None:
+    """--store: `cartridge serve` and `cartridge serve-ray` (a parser or a mutually exclusive group)."""
     parser.add_argument("--store", nargs="?", const="", metavar="DIR",
                         help="serve every live version of the adapter store DIR (alone: $CARTRIDGE_STORE or the "
                         "cache's store/) as NAME, any version as NAME@vN, and follow releases and rollbacks")
-    parser.set_defaults(run=run)
 
 
 def engine_flags(parser: argparse.ArgumentParser) -> None:

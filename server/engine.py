@@ -82,6 +82,25 @@ class Engine:
         self._on_engine_thread(job)
         return done
 
+    def warm(self, adapter: RegisteredAdapter) -> Future:
+        """Resolves True once `adapter`, read but not yet visible to requests, sits in an idle device slot,
+        so its first request copies nothing; False when running requests hold every slot."""
+        done: Future = Future()
+
+        def job() -> bool:
+            slots = self.scheduler.adapter_slots
+            try:
+                if slots.can_acquire(adapter):
+                    slots.release(slots.acquire(adapter))
+                    done.set_result(True)
+                else:
+                    done.set_result(False)
+            except Exception as err:  # noqa: BLE001 - the caller keeps the old version serving
+                done.set_exception(err)
+            return True
+        self._on_engine_thread(job)
+        return done
+
     def discard(self, adapter: RegisteredAdapter) -> None:
         """A replaced or unregistered version gives up its pin and, once idle, its slot."""
         self._on_engine_thread(lambda: self.scheduler.adapter_slots.discard(adapter) or True)
@@ -171,5 +190,12 @@ class Engine:
         self.metrics.finished(seq)
         if seq.adapter is not None:
             self.registry.release(seq.adapter)
-            if not self.registry.contains(seq.adapter.name):
-                self.metrics.forget_adapter(seq.adapter.name)   # it finished after its name was unregistered
+            self.forget_if_unused(seq.adapter)   # it may have finished after its name or version moved on
+
+    def forget_if_unused(self, adapter: RegisteredAdapter) -> None:
+        """Removes the metric series of `adapter`'s name, and of its store version, once nothing registered or
+        running uses them, so labels stay bounded (versions: live and asked for as name@vN only)."""
+        if not self.registry.contains(adapter.name):
+            self.metrics.forget_adapter(adapter.name)
+        if adapter.version is not None and not self.registry.version_in_use(adapter.store_name, adapter.version):
+            self.metrics.forget_version(adapter.store_name, adapter.version)

@@ -143,6 +143,10 @@ class ServerMetrics:
         for metric in self._per_adapter:
             metric.remove_by_labels({"adapter": name})
 
+    def forget_version(self, name: str, version: int) -> None:
+        """Removes a store version's series once it is neither live nor asked for by number."""
+        self.version_requests.remove_by_labels({"adapter": name, "version": f"v{version}"})
+
     def finished(self, seq: Sequence) -> None:
         now, adapter = time.monotonic(), seq.adapter_name
         if seq.adapter is not None and seq.adapter.version is not None:

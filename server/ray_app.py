@@ -1,12 +1,15 @@
 """Scale-out on Ray Serve: N replicas, each one Cartridge engine, with adapter affinity
 (started by `cartridge serve-ray`, server/ray_cli.py).
 
-`CartridgeReplica` wraps one engine (build_core: one GPU, or the CPU). Adapters are the
-directories under --adapter-root, storage every replica reads, named by their directory. Ray's
-`@serve.multiplexed`, with the adapter name as model id, routes a request to a replica that already
-holds its adapter and keeps at most --max-adapters of them per replica (its LRU decides which).
-Ray's LRU counts nothing in flight, so an adapter it evicts stays registered until the last
-request using it on that replica has finished.
+`CartridgeReplica` wraps one engine (build_core: one GPU, or the CPU). Adapters come from storage
+every replica reads: the versioned store (--store; `legal` is its live version, `legal@v3` that
+version, and each replica follows the releases of the names it holds, as `cartridge serve --store`
+does, server/store_adapters.py), or the directories under --adapter-root, named by their directory.
+Ray's `@serve.multiplexed`, with the adapter name as model id, routes a request to a replica that
+already holds its adapter and keeps at most --max-adapters of them per replica (its LRU decides
+which). Ray's LRU counts nothing in flight, so an adapter it evicts stays registered until the last
+request using it on that replica has finished; a release switches a name for new requests while
+running ones finish on their version.
 
 Requests come in through Ray's proxies to `Ingress`, two ways: gRPC with our own proto (the adapter
 in the `multiplexed_model_id` metadata and/or the request), and the OpenAI HTTP API (`model` in the
@@ -25,6 +28,8 @@ from typing import AsyncIterator
 
 from ray import serve
 
+from adapters.store.live import read_live
+from adapters.store.versions import AdapterStore
 from cartridge.v1 import inference_pb2
 
 from .errors import InvalidArgument, ServingError, status_of
@@ -73,33 +78,43 @@ class ResidentAdapter:
 
 @serve.deployment(name="CartridgeReplica")
 class CartridgeReplica:
-    def __init__(self, config, adapter_root: str):
+    def __init__(self, config):
         from .app import build_core
         from .http_edge import EngineBackend
 
-        self.core = build_core(config)
+        self.core = build_core(config, store_on_demand=True)
         self.backend = EngineBackend(self.core.engine, self.core.validator, self.core.registry, self.core.gate,
                                      self.core.base_name)
-        self.root = Path(adapter_root)
+        self.root = Path(config.adapter_root) if config.adapter_root else None
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._resident: dict[str, ResidentAdapter] = {}
 
         # The decorator takes its limit when applied, so it is applied here, where the config is known.
         async def load(name: str) -> ResidentAdapter:
-            path = str(self.root / name)
-            _, replaced = await asyncio.to_thread(self.core.registry.register, name, path, True)
-            if replaced is not None:
-                self.core.engine.discard(replaced)
+            await asyncio.to_thread(self._serve, name)
             self._resident[name] = ResidentAdapter(name, self._release)
             return self._resident[name]
         self._load = serve.multiplexed(max_num_models_per_replica=config.max_adapters)(load)
 
+    def _serve(self, name: str) -> None:
+        if self.core.store is not None:
+            self.core.store.serve(name)
+            return
+        _, replaced = self.core.registry.register(name, str(self.root / name), True)
+        if replaced is not None:
+            self.core.engine.discard(replaced)
+
     def _release(self, adapter: ResidentAdapter) -> None:
         # A later load of the same name made a new ResidentAdapter: that one owns the name now.
-        if self._resident.get(adapter.name) is adapter:
-            del self._resident[adapter.name]
-            self.core.engine.discard(self.core.registry.unregister(adapter.name))
-            self.core.metrics.forget_adapter(adapter.name)
+        if self._resident.get(adapter.name) is not adapter:
+            return
+        del self._resident[adapter.name]
+        if self.core.store is not None:
+            self.core.store.drop(adapter.name)
+            return
+        registered = self.core.registry.unregister(adapter.name)
+        self.core.engine.discard(registered)
+        self.core.engine.forget_if_unused(registered)
 
     async def generate(self, request) -> AsyncIterator[Started | object]:
         """Started, then the engine's events, the last with the outcome. `request` is a GenerateRequest
@@ -115,7 +130,8 @@ class CartridgeReplica:
         if not request.adapter:
             generation = await self.backend.generate(request)
             return Started(generation.prompt_tokens, self.replica, ""), generation.events
-        check_name(request.adapter, request.adapter_field)      # before it becomes a path under the store
+        if self.core.store is None:
+            check_name(request.adapter, request.adapter_field)  # before it becomes a path under --adapter-root
         cache = "hit" if request.adapter in self._resident else "miss"
         adapter = await self._load(request.adapter)
         adapter.acquire()
@@ -138,8 +154,10 @@ async def _releasing(events: AsyncIterator, adapter: ResidentAdapter) -> AsyncIt
 class RayBackend:
     """The HTTP app's backend in Ray: each request goes to a replica chosen by its adapter."""
 
-    def __init__(self, replicas, base_name: str, adapter_root: str):
-        self.replicas, self.base_name, self.root = replicas, base_name, Path(adapter_root)
+    def __init__(self, replicas, base_name: str, adapter_root: str | None, store: str | None):
+        self.replicas, self.base_name = replicas, base_name
+        self.root = Path(adapter_root) if adapter_root else None
+        self.store = AdapterStore(Path(store)) if store else None
 
     @property
     def draining(self) -> bool:
@@ -149,6 +167,8 @@ class RayBackend:
         """Open: put access control in front of Ray's proxies (an authenticating gateway)."""
 
     def adapters(self) -> list[str]:
+        if self.store is not None:
+            return [name for name in self.store.names() if read_live(self.store, name) is not None]
         return sorted(p.name for p in self.root.iterdir() if (p / "adapter_config.json").is_file())
 
     async def generate(self, request):
@@ -186,8 +206,8 @@ class Ingress:
     """The application's front: Ray's proxies send every request here, HTTP (the OpenAI app) and gRPC
     (our Inference service), and it routes each to a replica by its adapter."""
 
-    def __init__(self, replicas, base_name: str, adapter_root: str):
-        self.backend = RayBackend(replicas, base_name, adapter_root)
+    def __init__(self, replicas, base_name: str, adapter_root: str | None, store: str | None):
+        self.backend = RayBackend(replicas, base_name, adapter_root, store)
 
     def __serve_build_asgi_app__(self):
         from .http_edge import openai_app
@@ -232,11 +252,15 @@ def _refuse(grpc_context, error: ServingError) -> inference_pb2.GenerateResponse
     return inference_pb2.GenerateResponse()
 
 
-def build_app(config, adapter_root: str, replicas: int, cpus_per_replica: float, gpus_per_replica: float):
-    """The Ray Serve application: Ingress in front of `replicas` CartridgeReplicas."""
+def build_app(config, replicas: int, cpus_per_replica: float, gpus_per_replica: float):
+    """The Ray Serve application: Ingress in front of `replicas` CartridgeReplicas, serving the adapters of
+    `config.store` or of `config.adapter_root` (exactly one; absolute paths, as every Ray worker sees them)."""
     from adapters.formats.base_checkpoint import resolve_base
 
+    if (config.store is None) == (config.adapter_root is None):
+        raise ValueError("give the replicas one place to read adapters from: a store, or an adapter root")
     engines = CartridgeReplica.options(num_replicas=replicas, ray_actor_options={
-        "num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica}).bind(config, adapter_root)
+        "num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica}).bind(config)
     base_name = resolve_base(config.base_model).name
-    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(engines, base_name, adapter_root)
+    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(engines, base_name, config.adapter_root,
+                                                                   config.store)

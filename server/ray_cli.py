@@ -1,19 +1,20 @@
 """`cartridge serve-ray`: the Ray Serve application (server/ray_app.py) on a Ray cluster, started here or given.
 
-    cartridge serve-ray --replicas 2 --adapter-root /shared/adapters --http-port 8000 --grpc-port 9000
+    cartridge serve-ray --replicas 2 --store /shared/store --http-port 8000 --grpc-port 9000
 
 Ray is an extra (`pip install 'cartridge[ray]'`): it is imported only when the command runs.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
 import threading
 from pathlib import Path
 
-from .cli import engine_flags, server_config
+from .cli import engine_flags, server_config, store_flag
 
 INFERENCE_SERVICER = "cartridge.v1.inference_pb2_grpc.add_InferenceServicer_to_server"
 
@@ -23,8 +24,11 @@ def register(commands) -> None:
                                  description="N Cartridge engines behind Ray Serve's HTTP (OpenAI) and gRPC "
                                  "proxies; each adapter's requests go to replicas that hold it.")
     parser.add_argument("--replicas", type=int, default=2, help="engine replicas (default: %(default)s)")
-    parser.add_argument("--adapter-root", required=True, metavar="DIR",
-                        help="directory every replica reads; each subdirectory is a peft adapter named by it")
+    source = parser.add_mutually_exclusive_group(required=True)
+    store_flag(source)
+    source.add_argument("--adapter-root", metavar="DIR",
+                        help="instead of a store: a directory every replica reads; each subdirectory is a peft "
+                        "adapter named by it")
     parser.add_argument("--host", default="127.0.0.1", help="address of Ray's proxies (default: %(default)s)")
     parser.add_argument("--http-port", type=int, default=8000, help="Ray's HTTP proxy (default: %(default)s)")
     parser.add_argument("--grpc-port", type=int, default=9000, help="Ray's gRPC proxy (default: %(default)s)")
@@ -43,8 +47,9 @@ def run(args: argparse.Namespace) -> int:
         config = server_config(args)
         if args.replicas < 1:
             raise ValueError(f"--replicas must be at least 1, got {args.replicas}")
-        if not Path(args.adapter_root).is_dir():
-            raise ValueError(f"--adapter-root {args.adapter_root!r} is not a directory")
+        # Absolute, as every Ray worker sees them whatever its working directory.
+        config = dataclasses.replace(config, **{field: str(Path(value).resolve()) for field in ("store", "adapter_root")
+                                                if (value := getattr(config, field)) is not None})
     except ValueError as err:
         print(f"cartridge serve-ray: {err}", file=sys.stderr)
         return 2
@@ -61,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     serve.start(http_options={"host": args.host, "port": args.http_port},
                 grpc_options={"port": args.grpc_port,
                               "grpc_servicer_functions": [INFERENCE_SERVICER]})
-    serve.run(build_app(config, str(Path(args.adapter_root).resolve()), args.replicas, args.cpus_per_replica, gpus),
+    serve.run(build_app(config, args.replicas, args.cpus_per_replica, gpus),
               name=APP_NAME, route_prefix="/")
     print(f"cartridge: Ray Serve with {args.replicas} replicas, OpenAI HTTP on http://{args.host}:{args.http_port}/v1, "
           f"gRPC on {args.host}:{args.grpc_port} (metadata application={APP_NAME})", flush=True)
