@@ -61,31 +61,42 @@ class PermissionDenied(ServingError):
     http_status, http_type = 403, "permission_error"
 
 
+class DataLoss(ServingError):
+    """A stored version whose files no longer match their manifest."""
+    code = grpc.StatusCode.DATA_LOSS
+    http_status, http_type = 500, "server_error"
+
+
 class Unavailable(ServingError):
     """The server is draining (or shut down before the request ended)."""
     code = grpc.StatusCode.UNAVAILABLE
     http_status, http_type = 503, "service_unavailable_error"
 
 
+def serving_error(error: Exception) -> Exception:
+    """The ServingError that an adapter file's or the store's error stands for; any other error as it is."""
+    if isinstance(error, AdapterFormatError):
+        return InvalidArgument(str(error))
+    if isinstance(error, VersionNotFound):
+        return NotFound(str(error))
+    if isinstance(error, IntegrityError):
+        return DataLoss(str(error))
+    if isinstance(error, StoreError):
+        return FailedPrecondition(str(error))
+    return error
+
+
 def status_of(error: Exception) -> tuple[grpc.StatusCode, str] | None:
     """The status a handler's exception stands for; None for a bug (left to gRPC as UNKNOWN)."""
+    error = serving_error(error)
     if isinstance(error, ServingError):
         return error.code, str(error)
-    if isinstance(error, AdapterFormatError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
-    if isinstance(error, VersionNotFound):
-        return grpc.StatusCode.NOT_FOUND, str(error)
-    if isinstance(error, IntegrityError):  # a stored version whose files no longer match their manifest
-        return grpc.StatusCode.DATA_LOSS, str(error)
-    if isinstance(error, StoreError):
-        return grpc.StatusCode.FAILED_PRECONDITION, str(error)
     return None
 
 
 def http_error_of(error: Exception) -> tuple[int, dict]:
     """HTTP status and OpenAI's error body for a handler's exception; a bug is a 500 that says little."""
-    if isinstance(error, AdapterFormatError):
-        error = InvalidArgument(str(error))
+    error = serving_error(error)
     if not isinstance(error, ServingError):
         error = ServingError("the server failed while handling this request")
     return error.http_status, {"error": {"message": str(error), "type": error.http_type, "param": error.field,

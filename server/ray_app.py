@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from adapters.store.live import read_live
 from adapters.store.versions import AdapterStore
 from cartridge.v1 import inference_pb2
 
-from .errors import InvalidArgument, ServingError, status_of
+from .errors import InvalidArgument, ServingError, serving_error, status_of
 from .service import from_proto, response_proto
 
 APP_NAME = "cartridge"
@@ -82,6 +83,8 @@ class CartridgeReplica:
         from .app import build_core
         from .http_edge import EngineBackend
 
+        # The engine's and the store's log lines (releases followed), as `cartridge serve` prints them.
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         self.core = build_core(config, store_on_demand=True)
         self.backend = EngineBackend(self.core.engine, self.core.validator, self.core.registry, self.core.gate,
                                      self.core.base_name)
@@ -196,7 +199,7 @@ async def _unwrapped(pending):
         return await pending
     except RayTaskError as error:
         if isinstance(error.cause, Exception):
-            raise error.cause from None
+            raise serving_error(error.cause) from None
         raise
 
 
@@ -259,8 +262,13 @@ def build_app(config, replicas: int, cpus_per_replica: float, gpus_per_replica: 
 
     if (config.store is None) == (config.adapter_root is None):
         raise ValueError("give the replicas one place to read adapters from: a store, or an adapter root")
-    engines = CartridgeReplica.options(num_replicas=replicas, ray_actor_options={
-        "num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica}).bind(config)
+    # Ray's default of 5 requests in flight per replica would cap an engine below its batch, and the one
+    # Ingress replica would cap the whole application at 5: a replica takes what its engine decodes at
+    # once (beyond that Ray queues, and may route to another replica), the Ingress all the replicas can hold.
+    engines = CartridgeReplica.options(num_replicas=replicas, max_ongoing_requests=config.max_batch_size,
+                                       ray_actor_options={"num_cpus": cpus_per_replica,
+                                                          "num_gpus": gpus_per_replica}).bind(config)
     base_name = resolve_base(config.base_model).name
-    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(engines, base_name, config.adapter_root,
+    return Ingress.options(max_ongoing_requests=replicas * (config.max_batch_size + config.max_queue),
+                           ray_actor_options={"num_cpus": 0}).bind(engines, base_name, config.adapter_root,
                                                                    config.store)

@@ -18,6 +18,8 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import grpc
 import openai
@@ -40,14 +42,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ray_server(base_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapter-store")
-    config = AutoConfig.from_pretrained(base_dir)
-    for i, name in enumerate(ADAPTERS):
-        write_random_adapter(root / name, config, rank=4, seed=i)
+@dataclass
+class RayServer:
+    process: subprocess.Popen
+    http_url: str
+    grpc_address: str
+    log: list[str]               # everything the cluster printed, replicas' log lines included
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def start_serve_ray(*flags: str) -> RayServer:
+    """`cartridge serve-ray` with 2 small replicas of the default model on free ports; waits for its ready line."""
     http_port, grpc_port = free_port(), free_port()
-    command = [sys.executable, "-m", "client.cli", "serve-ray", "--replicas", "2", "--adapter-root", str(root),
+    command = [sys.executable, "-m", "client.cli", "serve-ray", "--replicas", "2", *flags,
                "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--max-batch-size", "4",
                "--max-seq-len", "256", "--max-prefill-tokens", "1024", "--max-adapters", "3", "--max-lora-rank", "8"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -61,18 +74,20 @@ def ray_server(base_dir, tmp_path_factory):
         lines.append(line)
         if "cartridge: Ray Serve with" in line:
             threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
-            break
-    else:
-        line = ""
-    if "cartridge: Ray Serve with" not in line:
-        process.kill()
-        raise RuntimeError("serve-ray did not start:\n" + "".join(lines))
-    yield process, f"http://127.0.0.1:{http_port}/v1", f"127.0.0.1:{grpc_port}"
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
+            return RayServer(process, f"http://127.0.0.1:{http_port}/v1", f"127.0.0.1:{grpc_port}", lines)
+    process.kill()
+    raise RuntimeError("serve-ray did not start:\n" + "".join(lines))
+
+
+@pytest.fixture(scope="module")
+def ray_server(base_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapter-root")
+    config = AutoConfig.from_pretrained(base_dir)
+    for i, name in enumerate(ADAPTERS):
+        write_random_adapter(root / name, config, rank=4, seed=i)
+    server = start_serve_ray("--adapter-root", str(root))
+    yield server.process, server.http_url, server.grpc_address
+    server.stop()
 
 
 def replica_processes(process: subprocess.Popen) -> list[psutil.Process]:
@@ -87,28 +102,37 @@ def replica_processes(process: subprocess.Popen) -> list[psutil.Process]:
     return found
 
 
-class Caller:
-    """Sends one request for an adapter through HTTP or gRPC; returns (replica, cache) as the answer says."""
+class Answer(NamedTuple):
+    replica: str      # which replica served it, as the answer says
+    cache: str        # hit: that replica already held the adapter; miss: it loaded it for this request
+    text: str
 
-    def __init__(self, http_url: str, grpc_address: str):
+
+class Caller:
+    """Sends one greedy request for an adapter through HTTP or gRPC."""
+
+    def __init__(self, http_url: str, grpc_address: str, max_tokens: int = 6):
         self.api = openai.OpenAI(base_url=http_url, api_key="unused", max_retries=0, timeout=120)
         self.channel = grpc.insecure_channel(grpc_address)
         self.stub = inference_pb2_grpc.InferenceStub(self.channel)
+        self.max_tokens = max_tokens
 
-    def http(self, adapter: str) -> tuple[str, str]:
-        raw = self.api.completions.with_raw_response.create(model=adapter, prompt=PROMPT, max_tokens=6, temperature=0)
+    def http(self, adapter: str) -> Answer:
+        raw = self.api.completions.with_raw_response.create(model=adapter, prompt=PROMPT, max_tokens=self.max_tokens,
+                                                            temperature=0)
         answer = raw.parse()
         assert answer.usage.completion_tokens >= 1 and answer.model == adapter
-        return raw.headers["x-cartridge-replica"], raw.headers["x-cartridge-adapter-cache"]
+        return Answer(raw.headers["x-cartridge-replica"], raw.headers["x-cartridge-adapter-cache"],
+                      answer.choices[0].text)
 
-    def grpc(self, adapter: str) -> tuple[str, str]:
-        request = inference_pb2.GenerateRequest(prompt=PROMPT, max_tokens=6)
+    def grpc(self, adapter: str) -> Answer:
+        request = inference_pb2.GenerateRequest(prompt=PROMPT, max_tokens=self.max_tokens)
         answer, call = self.stub.Generate.with_call(request, metadata=[("multiplexed_model_id", adapter)], timeout=120)
         assert answer.completion_tokens >= 1 and answer.adapter == adapter
         trailers = dict(call.trailing_metadata())
-        return trailers["x-cartridge-replica"], trailers["x-cartridge-adapter-cache"]
+        return Answer(trailers["x-cartridge-replica"], trailers["x-cartridge-adapter-cache"], answer.text)
 
-    def call(self, i: int, adapter: str) -> tuple[str, str]:
+    def call(self, i: int, adapter: str) -> Answer:
         return (self.http if i % 2 else self.grpc)(adapter)
 
 
@@ -155,12 +179,12 @@ def test_adapters_go_to_replicas_that_hold_them_and_a_killed_replica_is_replaced
     requests = zipf_adapters(48, seed=0)
     with ThreadPoolExecutor(4) as pool:
         served = list(pool.map(lambda job: caller.call(*job), enumerate(requests)))
-    hits = sum(cache == "hit" for _, cache in served)
-    replicas = {replica for replica, _ in served}
+    hits = sum(answer.cache == "hit" for answer in served)
+    replicas = {answer.replica for answer in served}
     share = hits / len(served)
     holders = {}
-    for adapter, (replica, _) in zip(requests, served):
-        holders.setdefault(adapter, set()).add(replica)
+    for adapter, answer in zip(requests, served):
+        holders.setdefault(adapter, set()).add(answer.replica)
     random_mean, random_best = random_routing_hit_share(requests, replicas=2, slots=3)
     print(f"\naffinity: {hits}/{len(served)} = {share:.0%} of requests landed on a replica already holding "
           f"their adapter (random routing, same caches: {random_mean:.0%} mean, {random_best:.0%} best of 1000); "
@@ -182,7 +206,7 @@ def test_adapters_go_to_replicas_that_hold_them_and_a_killed_replica_is_replaced
         assert time.monotonic() - killed_at < 150, "no replacement replica served within 150 s"
         adapter = next(traffic)
         try:
-            replica, _ = caller.call(served_during, adapter)
+            replica = caller.call(served_during, adapter).replica
         except (openai.APIError, grpc.RpcError):
             failures += 1           # in flight on, or routed to, the killed replica before Ray noticed
             continue
