@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .datasets import Example, read_dataset
 from .general_text import general_training_text
-from .store.versions import StoredVersion
+from .formats.store_layout import StoredVersion
 from .train_config import TrainConfig
 
 

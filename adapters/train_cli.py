@@ -20,7 +20,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from .datasets import DataError
     from .formats.adapter_dir import AdapterFormatError
     from .formats.base_checkpoint import BaseModelError
-    from .store.refs import StoreError
+    from .formats.store_layout import StoreError
     from .train_checkpoint import CheckpointError
 
     return ConfigError, DataError, BaseModelError, CheckpointError, AdapterFormatError, StoreError

@@ -12,9 +12,8 @@ from pathlib import Path
 from .datasets import Example
 from .formats.adapter_dir import read_config
 from .replay import Replay
-from .store.live import read_live
-from .store.refs import StoreError, VersionRef, default_store_dir, parse_ref
-from .store.versions import AdapterStore, StoredVersion, VersionDraft
+from .formats.store_layout import StoredVersion, StoreError, VersionRef, default_store_dir, parse_ref, read_live
+from .store.versions import AdapterStore, VersionDraft
 from .train_config import ConfigError, TrainConfig
 
 _SHAPE = ("r", "lora_alpha", "target_modules", "use_rslora")

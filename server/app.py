@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 from adapters.formats.adapter_dir import BaseShape
 from adapters.formats.base_checkpoint import resolve_base
 from adapters.formats.base_fingerprint import base_fingerprint
-from adapters.store.versions import AdapterStore
+from adapters.formats.store_layout import StoreReader
 from cartridge.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 from .adapter_files import AdapterFilePolicy
@@ -141,7 +141,7 @@ def build_core(config: ServerConfig, *, store_on_demand: bool = False) -> Servin
     engine.start()
     store = None
     if config.store is not None:
-        store = StoreAdapters(AdapterStore(Path(config.store).resolve()), registry, engine, metrics,
+        store = StoreAdapters(StoreReader(Path(config.store).resolve()), registry, engine, metrics,
                               on_demand=store_on_demand)
         store.start()
     log.info("base %s on %s (%s, %s): weights+cache ready in %.1f s; KV cache %.0f MiB for %d x %d tokens",

@@ -106,7 +106,7 @@ def server_config(args: argparse.Namespace):
     names = {f.name for f in fields(ServerConfig)} - {"adapters", "admin_token", "inference_token"}
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}
     if given.get("store") == "":
-        from adapters.store.refs import default_store_dir
+        from adapters.formats.store_layout import default_store_dir
 
         given["store"] = str(default_store_dir())
     return ServerConfig(**given, adapters=tuple(adapters), admin_token=admin_token, inference_token=inference_token)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import grpc
 
 from adapters.formats.adapter_dir import AdapterFormatError
-from adapters.store.refs import IntegrityError, StoreError, VersionNotFound
+from adapters.formats.store_layout import IntegrityError, StoreError, VersionNotFound
 
 
 class ServingError(Exception):

@@ -29,8 +29,7 @@ from typing import AsyncIterator
 
 from ray import serve
 
-from adapters.store.live import read_live
-from adapters.store.versions import AdapterStore
+from adapters.formats.store_layout import StoreReader, read_live
 from cartridge.v1 import inference_pb2
 
 from .errors import InvalidArgument, ServingError, serving_error, status_of
@@ -160,7 +159,7 @@ class RayBackend:
     def __init__(self, replicas, base_name: str, adapter_root: str | None, store: str | None):
         self.replicas, self.base_name = replicas, base_name
         self.root = Path(adapter_root) if adapter_root else None
-        self.store = AdapterStore(Path(store)) if store else None
+        self.store = StoreReader(Path(store)) if store else None
 
     @property
     def draining(self) -> bool:

@@ -14,7 +14,7 @@ import dataclasses
 import os
 import shlex
 
-from adapters.store.refs import STORE_ENV
+from adapters.formats.store_layout import STORE_ENV
 
 from .cli import engine_flags, server_config
 from .ray_app import build_app

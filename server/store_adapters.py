@@ -19,9 +19,8 @@ import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from adapters.store.live import LiveMove, live_file, read_live, release_log
-from adapters.store.refs import StoreError, VersionRef, parse_ref
-from adapters.store.versions import AdapterStore
+from adapters.formats.store_layout import (LiveMove, StoreError, StoreReader, VersionRef, live_file, parse_ref, read_live,
+                                           release_log)
 
 from .adapter_registry import AdapterRegistry, RegisteredAdapter
 from .engine import Engine
@@ -35,7 +34,7 @@ WARM_WAIT_S = 5.0  # the engine thread copies between steps; past this the name 
 
 
 class StoreAdapters:
-    def __init__(self, store: AdapterStore, registry: AdapterRegistry, engine: Engine, metrics: ServerMetrics,
+    def __init__(self, store: StoreReader, registry: AdapterRegistry, engine: Engine, metrics: ServerMetrics,
                  *, on_demand: bool = False):
         """`on_demand`: follow only the names asked for through `serve` (a Ray replica), not the whole store."""
         self.store, self.registry, self.engine, self.metrics = store, registry, engine, metrics

@@ -18,7 +18,7 @@ import grpc
 import openai
 import pytest
 
-from adapters.store.live import live_file
+from adapters.formats.store_layout import live_file
 from adapters.store.versions import AdapterStore
 
 from .test_ray_serve import Answer, Caller, start_serve_ray

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from adapters.store.refs import VersionRef
+from adapters.formats.store_layout import VersionRef
 from adapters.store.versions import AdapterStore
 from client.client import CartridgeClient, CartridgeError
 from tests.conftest import start_server

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.store.versions import AdapterStore, StoredVersion
+from adapters.formats.store_layout import StoredVersion
+from adapters.store.versions import AdapterStore
 from cartridge.v1 import adapters_pb2
 from client.client import CartridgeClient
 

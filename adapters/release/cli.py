@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..store.refs import StoreError, default_store_dir, parse_ref
+from ..formats.store_layout import StoreError, default_store_dir, parse_ref
 from ..store.versions import AdapterStore
 
 EXIT_REFUSED, EXIT_BAD_INPUT = 1, 2

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..formats.hashing import file_sha256
-from ..store.refs import StoreError, VersionRef
-from ..store.versions import GATE_DIR, AdapterStore, StoredVersion, now
+from ..formats.store_layout import GATE_DIR, StoredVersion, StoreError, VersionRef
+from ..store.versions import AdapterStore, now
 from .lifecycle import REPORT_FILE, VERDICT_FILE, Verdict, gate_dir, live_version, read_verdict
 
 

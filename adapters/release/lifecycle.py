@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..formats.hashing import file_sha256
-from ..store.live import LiveMove, move_live, read_live, release_log
-from ..store.refs import IntegrityError, StoreError, VersionRef
-from ..store.versions import GATE_DIR, AdapterStore, StoredVersion
+from ..formats.store_layout import (GATE_DIR, IntegrityError, LiveMove, StoredVersion, StoreError, VersionRef, read_live,
+                                     release_log)
+from ..store.live import move_live
+from ..store.versions import AdapterStore
 
 VERDICT_FILE = "verdict.json"
 REPORT_FILE = "report.json"

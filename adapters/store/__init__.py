@@ -1,3 +1,3 @@
-"""The adapter store: every version of every adapter, immutable and checked (versions.py), and which one
-of each name is live, with the log of every release and rollback (live.py). Torch-free, so the release
-commands start at once and the server can read it."""
+"""The adapter store's write side: new immutable versions (versions.py) and moves of each name's live
+pointer, logged (live.py). Reading and checking them is adapters/formats/store_layout.py, which the
+server shares. Torch-free, so the release commands start at once."""

@@ -10,50 +10,16 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 
-from .refs import StoreError
+from ..formats.store_layout import LIVE_FILE, LOG_FILE, LiveMove, StoreError, read_live
 from .versions import AdapterStore, now
 
-LIVE_FILE = "live.json"
-LOG_FILE = "releases.jsonl"
 _LOCK_FILE = ".lock"
 
 
 class LiveMoved(StoreError):
     """The live version is not the one the move was made against."""
-
-
-@dataclass(frozen=True, slots=True)
-class LiveMove:
-    """One line of the release log, and the content of the live pointer after it."""
-    time: str
-    action: str                       # release, forced release, rollback
-    from_version: int | None
-    to_version: int
-    gate_report_sha256: str | None    # of the gate report the release relied on; None for rollbacks and forced ones
-    reason: str
-
-
-def live_file(store: AdapterStore, name: str) -> Path:
-    return store.root / name / LIVE_FILE
-
-
-def read_live(store: AdapterStore, name: str) -> LiveMove | None:
-    """The move that made the live version live; None when the name has never been released."""
-    try:
-        return LiveMove(**json.loads(live_file(store, name).read_text()))
-    except FileNotFoundError:
-        return None
-
-
-def release_log(store: AdapterStore, name: str) -> list[LiveMove]:
-    try:
-        lines = (store.root / name / LOG_FILE).read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    return [LiveMove(**json.loads(line)) for line in lines if line.strip()]
 
 
 def move_live(store: AdapterStore, name: str, *, expected: int | None, to: int, action: str,
