@@ -24,7 +24,7 @@ from adapters.formats.store_layout import (LiveMove, StoreError, StoreReader, Ve
 
 from .adapter_registry import AdapterRegistry, RegisteredAdapter
 from .engine import Engine
-from .errors import NotFound
+from .errors import FailedPrecondition, NotFound
 from .metrics import ServerMetrics
 
 log = logging.getLogger("cartridge.store")
@@ -43,7 +43,6 @@ class StoreAdapters:
         self._logged: dict[str, int] = {}        # name -> release-log lines already counted
         self._read_lock = threading.Lock()       # one read per name@vN
         self._follow_lock = threading.Lock()     # one switch at a time, never beside a drop
-        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="store-watch", daemon=True)
 
     def start(self) -> None:
@@ -51,11 +50,6 @@ class StoreAdapters:
         for name in self._names():
             self._begin(name)
         self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        if self._thread.is_alive():
-            self._thread.join()
 
     def versions(self, name: str) -> list[int]:
         return self.store.version_numbers(name)
@@ -65,16 +59,21 @@ class StoreAdapters:
         ref = self._parse(text)
         if ref.number is not None:
             return self.by_version(text)
-        with self._follow_lock:
-            self._followed.add(ref.name)
-        self._begin(ref.name)
+        if self._followed is not None:
+            with self._follow_lock:
+                self._followed.add(ref.name)
+            self._begin(ref.name)
         try:
             return self.registry.get(ref.name)
         except NotFound:
             self.drop(ref.name)
-            raise NotFound(f"adapter {ref.name!r} has no live version in the store {self.store.root} "
-                           f"(versions: {', '.join(f'v{n}' for n in self.versions(ref.name)) or 'none'}); "
-                           f"release one first") from None
+        live = read_live(self.store, ref.name)
+        if live is not None:   # the switch logged and counted why
+            raise FailedPrecondition(f"adapter {ref.name!r}: its live version v{live.to_version} failed to load "
+                                     f"from the store {self.store.root}; see the server's log")
+        raise NotFound(f"adapter {ref.name!r} has no live version in the store {self.store.root} "
+                       f"(versions: {', '.join(f'v{n}' for n in self.versions(ref.name)) or 'none'}); "
+                       f"release one first")
 
     def drop(self, text: str) -> None:
         """Stops serving `text` (name or name@vN): requests running on it finish, new ones get NOT_FOUND."""
@@ -123,7 +122,8 @@ class StoreAdapters:
         self._follow(name)
 
     def _watch(self) -> None:
-        while not self._stopping.wait(POLL_S):
+        while True:
+            time.sleep(POLL_S)
             for name in self._names():
                 try:
                     self._follow(name)

@@ -80,32 +80,45 @@ class ServerProcess:
     http_url: str | None = None  # the OpenAI API's base URL (.../v1), with --http-port
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        stop_process(self.process)
 
 
-def start_server(*flags: str) -> ServerProcess:
-    """`cartridge serve` on free loopback ports, as a user would start it; waits for its ready line."""
-    command = [sys.executable, "-m", "client.cli", "serve", "--port", "0", "--metrics-port", "0", *flags]
+def launch(command: list[str], ready: str, seconds: float,
+           env: dict[str, str] | None = None) -> tuple[subprocess.Popen, list[str], re.Match]:
+    """Starts a `cartridge` command and waits for the line that matches `ready`; its output is kept."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                               env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     lines = []
-    deadline = time.monotonic() + 300   # a 7B base quantizes on load
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         line = process.stdout.readline()
         if not line:
             break
         lines.append(line)
-        ready = re.search(r"serving gRPC on (\S+), metrics on ([^\s,]+)(?:, OpenAI HTTP on (\S+))?", line)
-        if ready:
-            # Keep reading its log so the server never blocks on a full pipe.
+        found = re.search(ready, line)
+        if found:
+            # Keep reading its log so the process never blocks on a full pipe.
             threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
-            return ServerProcess(ready[1], ready[2], process, lines, ready[3])
+            return process, lines, found
     process.kill()
-    raise RuntimeError("server did not start:\n" + "".join(lines))
+    raise RuntimeError(f"{' '.join(command[3:5])} did not start:\n" + "".join(lines))
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """SIGTERM, as an orchestrator stops a server (it drains), then SIGKILL after a minute."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def start_server(*flags: str) -> ServerProcess:
+    """`cartridge serve` on free loopback ports, as a user would start it; waits for its ready line."""
+    command = [sys.executable, "-m", "client.cli", "serve", "--port", "0", "--metrics-port", "0", *flags]
+    process, lines, ready = launch(command, r"serving gRPC on (\S+), metrics on ([^\s,]+)(?:, OpenAI HTTP on (\S+))?",
+                                   300)   # a 7B base quantizes on load
+    return ServerProcess(ready[1], ready[2], process, lines, ready[3])
 
 
 @pytest.fixture(scope="module")

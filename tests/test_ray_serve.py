@@ -8,13 +8,11 @@ serving and Ray starts a replacement.
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +28,7 @@ from transformers import AutoConfig
 from cartridge.v1 import inference_pb2, inference_pb2_grpc
 
 from .bench.serve_bench import write_random_adapter
-from .conftest import PROMPT
+from .conftest import PROMPT, launch, stop_process
 
 pytestmark = pytest.mark.slow
 ADAPTERS = [f"zipf-{i}" for i in range(8)]
@@ -50,11 +48,7 @@ class RayServer:
     log: list[str]               # everything the cluster printed, replicas' log lines included
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        stop_process(self.process)
 
 
 def start_serve_ray(*flags: str) -> RayServer:
@@ -63,20 +57,8 @@ def start_serve_ray(*flags: str) -> RayServer:
     command = [sys.executable, "-m", "client.cli", "serve-ray", "--replicas", "2", *flags,
                "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--max-batch-size", "4",
                "--max-seq-len", "256", "--max-prefill-tokens", "1024", "--max-adapters", "3", "--max-lora-rank", "8"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"})
-    lines = []
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if "cartridge: Ray Serve with" in line:
-            threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
-            return RayServer(process, f"http://127.0.0.1:{http_port}/v1", f"127.0.0.1:{grpc_port}", lines)
-    process.kill()
-    raise RuntimeError("serve-ray did not start:\n" + "".join(lines))
+    process, lines, _ = launch(command, "cartridge: Ray Serve with", 240, env={"RAY_DEDUP_LOGS": "0"})
+    return RayServer(process, f"http://127.0.0.1:{http_port}/v1", f"127.0.0.1:{grpc_port}", lines)
 
 
 @pytest.fixture(scope="module")
