@@ -42,7 +42,8 @@ class StoreAdapters:
         self._seen: dict[str, int] = {}          # name -> mtime_ns of the live pointer last acted on
         self._logged: dict[str, int] = {}        # name -> release-log lines already counted
         self._read_lock = threading.Lock()       # one read per name@vN
-        self._follow_lock = threading.Lock()     # one switch at a time, never beside a drop
+        self._names_lock = threading.Lock()      # guards _followed
+        self._name_locks: dict[str, threading.Lock] = {}   # per name: one switch at a time, never beside a drop
         self._thread = threading.Thread(target=self._watch, name="store-watch", daemon=True)
 
     def start(self) -> None:
@@ -60,7 +61,7 @@ class StoreAdapters:
         if ref.number is not None:
             return self.by_version(text)
         if self._followed is not None:
-            with self._follow_lock:
+            with self._names_lock:
                 self._followed.add(ref.name)
             self._begin(ref.name)
         try:
@@ -77,9 +78,10 @@ class StoreAdapters:
 
     def drop(self, text: str) -> None:
         """Stops serving `text` (name or name@vN): requests running on it finish, new ones get NOT_FOUND."""
-        with self._follow_lock:
+        with self._lock_of(text):
             if self._followed is not None:
-                self._followed.discard(text)
+                with self._names_lock:
+                    self._followed.discard(text)
             self._seen.pop(text, None)
             self._logged.pop(text, None)
             try:
@@ -113,8 +115,12 @@ class StoreAdapters:
     def _names(self) -> list[str]:
         if self._followed is None:
             return self.store.names()
-        with self._follow_lock:
+        with self._names_lock:
             return sorted(self._followed)
+
+    def _lock_of(self, name: str) -> threading.Lock:
+        # A drop runs on a Ray replica's event loop: it must not wait for another name's switch.
+        return self._name_locks.setdefault(name, threading.Lock())
 
     def _begin(self, name: str) -> None:
         if name not in self._logged:
@@ -131,8 +137,8 @@ class StoreAdapters:
                     log.exception("following %s failed", name)
 
     def _follow(self, name: str) -> None:
-        with self._follow_lock:
-            if self._followed is not None and name not in self._followed:
+        with self._lock_of(name):
+            if self._followed is not None and name not in self._names():
                 return   # dropped while the watcher was on its way
             try:
                 stamp = live_file(self.store, name).stat().st_mtime_ns
