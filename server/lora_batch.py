@@ -13,37 +13,39 @@ import torch
 
 @dataclass(frozen=True, slots=True)
 class LoraBatch:
-    """Semantics: for row i, y[i] += x[i] @ A[slot[i], :rank].T @ B[slot[i], :, :rank].T.
+    """Semantics: for token row i, y[i] += x[i] @ A[slot[i], :rank].T @ B[slot[i], :, :rank].T.
 
     `rank` is the largest rank among the batch's adapters, so stacks are read only that far.
-    `segments` (prefill) lists each distinct adapter with its rows: one pair of GEMMs per adapter
-    over its whole prompts (SGMV). Without segments (decode, one token a row) A and B are gathered
-    per row and applied with two batched GEMVs (BGMV), one launch for any mix of adapters."""
-    slots: torch.Tensor | None                      # [B] slot per row; None when no row has an adapter
+    On the torch path (CPU), `segments` (prefill) lists each distinct adapter with its rows: one
+    pair of GEMMs per adapter over its whole prompts (SGMV); without segments (decode, one token a
+    row) A and B are gathered per row and applied with two batched GEMVs (BGMV). The Triton kernels
+    (CUDA) take every token row with its own slot, prefill and decode alike: two launches a
+    projection whatever the mix, where segments cost four small launches per adapter."""
+    slots: torch.Tensor | None                      # [B * T] slot per token row; None when no row has an adapter
     rank: int
     projections: frozenset[str]                     # what any adapter of the batch targets
     segments: tuple[tuple[int, torch.Tensor], ...] | None  # (slot, rows [n]) per adapter, prefill only
 
     @classmethod
     def build(cls, row_slots: list[int], slot_ranks: dict[int, int], slot_projections: dict[int, frozenset[str]],
-              prefill: bool, device: torch.device) -> "LoraBatch":
+              tokens_per_row: int, device: torch.device) -> "LoraBatch":
+        """row_slots: the slot of each of B rows of `tokens_per_row` tokens (1 for decode)."""
         used = sorted({s for s in row_slots if s != 0})
         if not used:
             return cls(None, 0, frozenset(), None)
-        slots = torch.tensor(row_slots, dtype=torch.long, device=device)
+        slots = torch.tensor(row_slots, dtype=torch.long).repeat_interleave(tokens_per_row).to(device)
         segments = None
-        if prefill:
+        if tokens_per_row > 1:
             segments = tuple((s, torch.tensor([i for i, r in enumerate(row_slots) if r == s], device=device))
                              for s in used)
         return cls(slots, max(slot_ranks[s] for s in used),
                    frozenset().union(*(slot_projections[s] for s in used)), segments)
 
 
-
 class LoraStack:
     """One projection of one layer: A [slots, max_rank, in] and scaling·B [slots, out, max_rank].
 
-    With `kernels` (CUDA), decode rows go through server.kernels.lora_bgmv, which reads each row's
+    With `kernels` (CUDA), token rows go through server.kernels.lora_bgmv, which reads each row's
     adapter in place up to `ranks[slot]` (0 where the adapter leaves this projection alone)."""
 
     def __init__(self, projection: str, num_slots: int, max_rank: int, in_features: int, out_features: int,
@@ -76,16 +78,16 @@ class LoraStack:
         """y [B, T, out] += LoRA delta of x [B, T, in], per the batch's slots (see LoraBatch)."""
         if batch.slots is None or self.projection not in batch.projections:
             return y
+        if self._bgmv is not None:
+            flat = self._bgmv(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), self.a, self.b, self.ranks,
+                              batch.slots)
+            return flat.view(y.shape)
         rank = batch.rank
         if batch.segments is not None:
             for slot, rows in batch.segments:
                 a, b = self.a[slot, :rank], self.b[slot, :, :rank]             # [r, in], [out, r]
                 y.index_add_(0, rows, (x.index_select(0, rows) @ a.T) @ b.T)
             return y
-        if self._bgmv is not None:
-            flat = self._bgmv(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), self.a, self.b, self.ranks,
-                              batch.slots)
-            return flat.view(y.shape)
         a = self.a[batch.slots, :rank]                                     # [B, r, in]
         b = self.b[batch.slots, :, :rank]                                  # [B, out, r]
         return torch.baddbmm(y, torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
