@@ -43,22 +43,14 @@ class LoraBatch:
 
 
 class LoraStack:
-    """One projection of one layer: A [slots, max_rank, in] and scaling·B [slots, out, max_rank].
-
-    With `kernels` (CUDA), token rows go through server.kernels.lora_bgmv, which reads each row's
-    adapter in place up to `ranks[slot]` (0 where the adapter leaves this projection alone)."""
+    """One projection of one layer: A [slots, max_rank, in] and scaling·B [slots, out, max_rank]."""
 
     def __init__(self, projection: str, num_slots: int, max_rank: int, in_features: int, out_features: int,
-                 dtype: torch.dtype, device: torch.device, kernels: bool = False):
+                 dtype: torch.dtype, device: torch.device):
         self.projection = projection
         self.a = torch.zeros(num_slots, max_rank, in_features, dtype=dtype, device=device)
         self.b = torch.zeros(num_slots, out_features, max_rank, dtype=dtype, device=device)
         self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)   # read by the kernels at replay
-        self._bgmv = None
-        if kernels:
-            from .kernels.lora_bgmv import lora_bgmv
-
-            self._bgmv = lora_bgmv
 
     @property
     def size_bytes(self) -> int:
@@ -78,10 +70,6 @@ class LoraStack:
         """y [B, T, out] += LoRA delta of x [B, T, in], per the batch's slots (see LoraBatch)."""
         if batch.slots is None or self.projection not in batch.projections:
             return y
-        if self._bgmv is not None:
-            flat = self._bgmv(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), self.a, self.b, self.ranks,
-                              batch.slots)
-            return flat.view(y.shape)
         rank = batch.rank
         if batch.segments is not None:
             for slot, rows in batch.segments:
@@ -91,3 +79,32 @@ class LoraStack:
         a = self.a[batch.slots, :rank]                                     # [B, r, in]
         b = self.b[batch.slots, :, :rank]                                  # [B, out, r]
         return torch.baddbmm(y, torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+
+
+class LoraGroup:
+    """The stacks of projections that share one base matmul (q|k|v, gate|up, or one alone).
+
+    With `kernels` (CUDA) every token row goes through server.kernels.lora_bgmv, all the group's
+    slices in one shrink and one expand launch, reading each row's adapter in place up to its own
+    rank for each projection (0 where it leaves one alone); otherwise each stack's torch path."""
+
+    def __init__(self, stacks: list[LoraStack], kernels: bool = False):
+        self.stacks = stacks
+        self.projections = frozenset(s.projection for s in stacks)
+        self._bgmv = None
+        if kernels:
+            from .kernels.lora_bgmv import LoraSlice, lora_bgmv
+
+            self._bgmv = lora_bgmv
+            self._slices = [LoraSlice(s.a, s.b, s.ranks) for s in stacks]
+
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor, batch: LoraBatch) -> list[torch.Tensor]:
+        """y [B, T, sum out] (the group's base outputs side by side) += LoRA deltas of x [B, T, in];
+        -> one [B, T, out] per projection, in order."""
+        outs = y.split([s.b.shape[1] for s in self.stacks], dim=-1) if len(self.stacks) > 1 else (y,)
+        if batch.slots is None or not self.projections & batch.projections:
+            return list(outs)
+        if self._bgmv is not None:
+            self._bgmv(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), self._slices, batch.slots)
+            return list(outs)
+        return [stack.add_delta(out, x, batch) for out, stack in zip(outs, self.stacks)]

@@ -18,7 +18,7 @@ from torch import nn
 
 from .kv_cache import KVCache
 from .linear import BaseLinear
-from .lora_batch import LoraBatch, LoraStack
+from .lora_batch import LoraBatch, LoraGroup
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,16 +93,14 @@ class Projections(nn.Module):
     """Frozen base weights that read the same input (q|k|v, gate|up, or one alone), in one matmul,
     each plus its own slice of every resident adapter."""
 
-    def __init__(self, base: BaseLinear, loras: list[LoraStack]):
+    def __init__(self, base: BaseLinear, lora: LoraGroup):
         super().__init__()
         self.base = base
-        self.loras = loras
+        self.lora = lora
 
     def forward(self, x: torch.Tensor, batch: LoraBatch) -> list[torch.Tensor]:
         """x [B, T, in] -> one [B, T, out_i] per weight, in order."""
-        y = self.base(x)
-        outs = y.split(self.base.splits, dim=-1) if len(self.loras) > 1 else (y,)
-        return [lora.add_delta(out, x, batch) for out, lora in zip(outs, self.loras)]
+        return self.lora.add_delta(self.base(x), x, batch)
 
 
 class Attention(nn.Module):

@@ -14,7 +14,7 @@ from adapters.formats.adapter_dir import PROJECTIONS, BaseShape
 from adapters.formats.checkpoint_shards import CheckpointTensors
 
 from .linear import BaseLinear, DenseLinear, NF4Linear
-from .lora_batch import LoraStack
+from .lora_batch import LoraGroup, LoraStack
 from .model import Attention, FeedForward, ModelArgs, Projections, Transformer, TransformerBlock
 
 _UNSUPPORTED_ROPE = ("dynamic", "longrope")
@@ -75,10 +75,10 @@ def load_model(directory: Path, config, dtype: torch.dtype, device: torch.device
             for projection in group:
                 out_features, in_features = shape.projections[projection]
                 stacks[(i, projection)] = LoraStack(projection, num_lora_slots, max_lora_rank, in_features,
-                                                    out_features, dtype, device, kernels)
+                                                    out_features, dtype, device)
                 group_stacks.append(stacks[(i, projection)])
             names = [f"{prefix}.{PROJECTIONS[projection]}.{projection}.weight" for projection in group]
-            projections.append(Projections(base_linear(names), group_stacks))
+            projections.append(Projections(base_linear(names), LoraGroup(group_stacks, kernels)))
         qkv, o, gate_up, down = projections
         block = TransformerBlock(args, Attention(args, qkv, o, kernels), FeedForward(gate_up, down), kernels)
         block.input_layernorm.weight.data = weight(f"{prefix}.input_layernorm.weight")
