@@ -69,3 +69,42 @@ def test_graph_decode_matches_eager(tmp_path, quantize, kernels):
     for step, (want, got) in enumerate(zip(*runs)):
         assert torch.allclose(got, want, atol=3e-2, rtol=3e-2), f"step {step}: {(got - want).abs().max():.3e}"
         assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.75
+
+
+def test_decode_launched_from_the_tokens_of_the_pass_in_flight_matches_one_at_a_time(tmp_path):
+    """The engine launches pass n+1 from pass n's sampled tokens before reading them on the host:
+    the same greedy tokens come out as when each pass waits for the one before."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=1000, max_position_embeddings=256)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    device = torch.device("cuda")
+    model, stacks = load_model(tmp_path, config, torch.bfloat16, device, True, num_lora_slots=3, max_lora_rank=8,
+                               kernels=True)
+    for (_, projection), stack in stacks.items():
+        stack.load(1, torch.randn(8, stack.a.shape[2]) * 0.1, torch.randn(stack.b.shape[1], 8) * 0.1, 2.0)
+    slots = AdapterSlots(stacks, 2)
+    slots.ranks[1] = 8
+    slots.projections[1] = frozenset(stack.projection for stack in stacks.values())
+
+    def generate(chained: bool) -> list[list[int]]:
+        cache = KVCache(3, 4, 128, 2, 64, torch.bfloat16, device)
+        graphs = DecodeGraphs(model, cache, 8, device)
+        graphs.capture_all()
+        runner = ModelRunner(model, cache, slots, device, graphs)
+        seqs = [Sequence(p, SamplingParams(max_tokens=20), None, TextStream(None)) for p in ([5, 6, 7], [8, 9], [10])]
+        for seq, (lora, kv) in zip(seqs, [(1, 0), (0, 2), (1, 1)]):
+            seq.lora_slot, seq.kv_slot = lora, kv
+        for seq, token in zip(seqs, runner.prefill(seqs).argmax(-1).tolist()):
+            seq.output_ids.append(token)
+        in_flight = runner.launch_decode(seqs)
+        for _ in range(12):
+            following = runner.launch_decode(seqs, fed=in_flight) if chained else None
+            for seq, token in zip(seqs, runner.collect(in_flight)):
+                seq.output_ids.append(token)
+            in_flight = following or runner.launch_decode(seqs)
+        return [seq.output_ids for seq in seqs]
+
+    assert generate(chained=True) == generate(chained=False)
