@@ -48,8 +48,9 @@ class DecodeGraphs:
         rows = cache.num_slots
         # tokens, positions and LoRA slots of each row, and the row of each sequence: one copy a step
         # from pinned host memory, two buffers taken in turn so a step can be prepared while the
-        # previous one's copy may still be in flight.
+        # previous one's copy may still be in flight (nothing else waits for the device here).
         self._host = [torch.zeros(4, rows, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        self._copied = [torch.cuda.Event(), torch.cuda.Event()]   # each buffer's last copy to the device
         self._turn = 0
         self._inputs = torch.zeros(4, rows, dtype=torch.long, device=device)
         self.tokens, self.positions, self.lora_slots = self._inputs[0, :, None], self._inputs[1], self._inputs[2]
@@ -67,12 +68,13 @@ class DecodeGraphs:
         context = next(b for b in self.context_buckets if b >= max(positions) + 1)
         # Rows past `used` are free cache slots: they decode a dummy token at position 0.
         pad = [0] * (rows - used)
-        host = self._host[self._turn]
+        host, copied = self._host[self._turn], self._copied[self._turn]
         self._turn ^= 1
-        # This buffer's last copy, two passes ago, is done: the host has waited for the pass after it.
+        copied.synchronize()     # this buffer's copy two passes ago (long done when the engine runs it)
         host[:, :rows] = torch.tensor([tokens + pad, positions + pad, lora_slots + pad,
                                        seq_rows + [0] * (rows - len(seq_rows))])
         self._inputs[:, :rows].copy_(host[:, :rows], non_blocking=True)
+        copied.record()
         index = self._inputs[3, :len(seq_rows)]
         if fed is not None:
             self._inputs[0].index_copy_(0, index, fed)

@@ -31,7 +31,7 @@ def test_graph_decode_matches_eager(tmp_path, quantize, kernels):
     for (layer, projection), stack in stacks.items():
         if projection in ("q_proj", "v_proj", "down_proj"):      # adapters of ranks 8 and 4 in slots 1 and 2
             for slot, rank in ((1, 8), (2, 4)):
-                stack.load(slot, torch.randn(rank, stack.a.shape[2]) * 0.1, torch.randn(stack.b.shape[1], rank) * 0.1, 2.0)
+                stack.load(slot, torch.randn(rank, stack.a.shape[2]) * 0.1, torch.randn(stack.b.shape[1], rank) * 0.2)
     slots = AdapterSlots(stacks, 3)
     slots.ranks.update({1: 8, 2: 4})
     slots.projections.update({1: frozenset({"q_proj", "v_proj", "down_proj"}), 2: frozenset({"q_proj", "v_proj", "down_proj"})})
@@ -84,7 +84,7 @@ def test_decode_launched_from_the_tokens_of_the_pass_in_flight_matches_one_at_a_
     model, stacks = load_model(tmp_path, config, torch.bfloat16, device, True, num_lora_slots=3, max_lora_rank=8,
                                kernels=True)
     for (_, projection), stack in stacks.items():
-        stack.load(1, torch.randn(8, stack.a.shape[2]) * 0.1, torch.randn(stack.b.shape[1], 8) * 0.1, 2.0)
+        stack.load(1, torch.randn(8, stack.a.shape[2]) * 0.1, torch.randn(stack.b.shape[1], 8) * 0.2)
     slots = AdapterSlots(stacks, 2)
     slots.ranks[1] = 8
     slots.projections[1] = frozenset(stack.projection for stack in stacks.values())

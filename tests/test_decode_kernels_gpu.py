@@ -187,7 +187,7 @@ def test_model_through_kernels_matches_plain_torch(tmp_path, quantize):
             if projection in targets:
                 for slot, rank in ((1, 8), (2, 4)):
                     stack.load(slot, torch.randn(rank, stack.a.shape[2], generator=generator) * 0.1,
-                               torch.randn(stack.b.shape[1], rank, generator=generator) * 0.1, 2.0)
+                               torch.randn(stack.b.shape[1], rank, generator=generator) * 0.2)
         slots = AdapterSlots(stacks, 3)
         slots.ranks.update({1: 8, 2: 4})
         slots.projections.update({1: targets, 2: targets})
