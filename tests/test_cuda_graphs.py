@@ -12,6 +12,7 @@ from server.runner import ModelRunner
 from server.sequence import SamplingParams, Sequence
 from server.text_stream import TextStream
 from server.weights import load_model
+from tests.conftest import tiny_llama_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
@@ -19,12 +20,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA grap
 @pytest.mark.parametrize("quantize", [True, False])
 @pytest.mark.parametrize("kernels", [True, False])
 def test_graph_decode_matches_eager(tmp_path, quantize, kernels):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=1000, max_position_embeddings=256)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    config = tiny_llama_checkpoint(tmp_path)
     device = torch.device("cuda")
     model, stacks = load_model(tmp_path, config, torch.bfloat16, device, quantize, num_lora_slots=4, max_lora_rank=8,
                                kernels=kernels)
@@ -74,12 +70,7 @@ def test_graph_decode_matches_eager(tmp_path, quantize, kernels):
 def test_decode_launched_from_the_tokens_of_the_pass_in_flight_matches_one_at_a_time(tmp_path):
     """The engine launches pass n+1 from pass n's sampled tokens before reading them on the host:
     the same greedy tokens come out as when each pass waits for the one before."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=1000, max_position_embeddings=256)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    config = tiny_llama_checkpoint(tmp_path)
     device = torch.device("cuda")
     model, stacks = load_model(tmp_path, config, torch.bfloat16, device, True, num_lora_slots=3, max_lora_rank=8,
                                kernels=True)
