@@ -105,8 +105,10 @@ class LoraStack:
                 a, b = self.a[slot, :rank], self.b[slot, :, :rank]             # [r, in], [out, r]
                 y.index_add_(0, rows, (x.index_select(0, rows) @ a.T) @ b.T)
             return y
-        a = self.a[batch.slots, :rank]                                     # [B, r, in]
-        b = self.b[batch.slots, :, :rank]                                  # [B, out, r]
+        # index_select, not a[slots, :rank]: on the CPU advanced indexing of the stack took ~10 ms for
+        # one row against 9 µs (a whole decode step of the default model is ~70 ms).
+        a = self.a.index_select(0, batch.slots)[:, :rank]                  # [B, r, in]
+        b = self.b.index_select(0, batch.slots)[:, :, :rank]               # [B, out, r]
         return torch.baddbmm(y, torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
 
 
