@@ -83,6 +83,17 @@ class ServerProcess:
         stop_process(self.process)
 
 
+def tiny_llama_checkpoint(directory: Path):
+    """A 3-layer random Llama (grouped-query heads) saved in bf16 at `directory`; returns its config."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=1000, max_position_embeddings=256)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
+    return config
+
+
 def launch(command: list[str], ready: str, seconds: float,
            env: dict[str, str] | None = None) -> tuple[subprocess.Popen, list[str], re.Match]:
     """Starts a `cartridge` command and waits for the line that matches `ready`; its output is kept."""
