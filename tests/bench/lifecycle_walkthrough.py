@@ -114,15 +114,17 @@ class Walkthrough:
         assert f"wrote {NAME}@v{update.version}" in done.stdout, done.stdout[-2000:]
 
     def gate(self, update: Update) -> bool:
-        done = self.cartridge(f"gate-v{update.version}", "gate", f"{NAME}@v{update.version}",
+        step = f"gate-v{update.version}"
+        if step in self.steps:
+            # Gated on an earlier run, against the version live then; the live version may have moved since.
+            return self.steps[step]["exit"] == 0
+        done = self.cartridge(step, "gate", f"{NAME}@v{update.version}",
                               "--gate-file", str(self.out / "gate.yaml"), ok=(0, 1))
         print(done.stdout, flush=True)
         return done.returncode == 0
 
     def release(self, update: Update, passed: bool) -> None:
-        live = json.loads((self.store / NAME / "live.json").read_text())["version"] \
-            if (self.store / NAME / "live.json").is_file() else None
-        if live == update.version:
+        if f"release-v{update.version}" in self.steps:
             return
         if update.harmful:
             refused = self.cartridge(f"release-v{update.version}", "release", f"{NAME}@v{update.version}", ok=(1,))
@@ -235,7 +237,8 @@ def figures(walk: Walkthrough) -> dict:
         if update.harmful or update.version == last_good:
             continue
         own = rows[update.version]["held_out_accuracy"]
-        after = last_checks[f"retained:{NAME}@v{update.version}:test.jsonl"]["changes"][0]["after"]
+        after = next(c for n, c in last_checks.items()
+                     if n.startswith(f"retained:{NAME}@v{update.version}:"))["changes"][0]["after"]
         retained[update.domain] = {"own": own, "after": after, "change_points": round(100 * (after - own), 1)}
     return {"versions": rows, "retained_after_updates": retained, "rollback": walk.steps.get("rollback"),
             "steps": walk.steps}
