@@ -2,7 +2,7 @@
 
 Decode of a 7B model is a few milliseconds of GPU work but tens of milliseconds of Python and
 launch overhead in eager mode (measured on an H100: BENCHMARKS.md). A graph is captured per
-(rows, context length, LoRA projections) bucket, all of them at start-up (`capture_all`): a capture
+(rows, context length, LoRA projections) bucket (one context with our attention kernel), all of them at start-up (`capture_all`): a capture
 runs the step three times and once took 0.5 s at 7B, which would stall every running stream if it
 happened on first use of a bucket. Shapes inside are static, so a graph applies LoRA at
 the server's largest rank (base-model rows read slot 0, which is zero; the Triton kernels skip
@@ -42,7 +42,9 @@ class DecodeGraphs:
     def __init__(self, model: Transformer, cache: KVCache, max_lora_rank: int, device: torch.device):
         self.model, self.cache, self.max_lora_rank = model, cache, max_lora_rank
         self.row_buckets = _buckets(cache.num_slots, 1)
-        self.context_buckets = _buckets(cache.max_seq_len, min(_MIN_CONTEXT, cache.max_seq_len))
+        # Our decode attention kernel reads each row's own length, so one context serves every step.
+        self.context_buckets = ([cache.max_seq_len] if model.kernels else
+                                _buckets(cache.max_seq_len, min(_MIN_CONTEXT, cache.max_seq_len)))
         rows = cache.num_slots
         # tokens, positions and LoRA slots of each row: one pinned host buffer, one copy a step.
         self._host = torch.zeros(3, rows, dtype=torch.long, pin_memory=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 import time
 from concurrent.futures import Future
@@ -18,6 +19,8 @@ from .sequence import Event, FinishReason, Sequence
 
 log = logging.getLogger(__name__)
 
+SWITCH_INTERVAL_S = 0.0002
+
 
 class Engine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, eos_ids: frozenset[int], metrics: ServerMetrics,
@@ -27,11 +30,17 @@ class Engine:
         self._wake = threading.Event()
         self._stopping = False
         self._abort: ServingError | None = None
+        self._ready_at: float | None = None     # when the last pass's tokens reached the host, while busy
         # Work on the adapter slots from other threads, run between steps; a job returns False to run again.
         self._jobs: queue.SimpleQueue[Callable[[], bool]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
     def start(self) -> None:
+        # The engine thread shares the GIL with every gRPC/HTTP handler thread. At Python's default
+        # 5 ms switch interval it could wait that long to run again after each device sync, and an
+        # adapter being read in another thread held running streams for 68 ms (H200, 32 and 16
+        # streams: BENCHMARKS.md); a short interval hands it back within a fraction of a step.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self._thread.start()
 
     def stop(self) -> None:
@@ -108,6 +117,7 @@ class Engine:
         while not self._stopping:
             retry = self._run_jobs()
             if not self.scheduler.running and not self.scheduler.waiting:
+                self._ready_at = None
                 self._wake.wait(0.005 if retry else None)
                 self._wake.clear()
                 continue
@@ -133,6 +143,8 @@ class Engine:
             self._wake.clear()
 
     def _run(self, seqs: list[Sequence], forward) -> None:
+        if self._ready_at is not None:
+            self.metrics.host_gap.observe(time.monotonic() - self._ready_at)
         try:
             tokens = sample(forward(seqs), seqs)
         except Exception:  # noqa: BLE001 - a failed pass fails its requests, not the server
@@ -140,7 +152,7 @@ class Engine:
             for seq in seqs:
                 self._finish(seq, None, error=ServingError("the server failed while running this request"))
             return
-        now = time.monotonic()
+        now = self._ready_at = time.monotonic()
         for seq, token in zip(seqs, tokens):
             self._advance(seq, token, now)
 

@@ -13,50 +13,44 @@ import torch
 
 @dataclass(frozen=True, slots=True)
 class LoraBatch:
-    """Semantics: for row i, y[i] += x[i] @ A[slot[i], :rank].T @ B[slot[i], :, :rank].T.
+    """Semantics: for token row i, y[i] += x[i] @ A[slot[i], :rank].T @ B[slot[i], :, :rank].T.
 
     `rank` is the largest rank among the batch's adapters, so stacks are read only that far.
-    `segments` (prefill) lists each distinct adapter with its rows: one pair of GEMMs per adapter
-    over its whole prompts (SGMV). Without segments (decode, one token a row) A and B are gathered
-    per row and applied with two batched GEMVs (BGMV), one launch for any mix of adapters."""
-    slots: torch.Tensor | None                      # [B] slot per row; None when no row has an adapter
+    On the torch path (CPU), `segments` (prefill) lists each distinct adapter with its rows: one
+    pair of GEMMs per adapter over its whole prompts (SGMV); without segments (decode, one token a
+    row) A and B are gathered per row and applied with two batched GEMVs (BGMV). The Triton kernels
+    (CUDA) take every token row with its own slot, prefill and decode alike: two launches a
+    projection whatever the mix, where segments cost four small launches per adapter."""
+    slots: torch.Tensor | None                      # [B * T] slot per token row; None when no row has an adapter
     rank: int
     projections: frozenset[str]                     # what any adapter of the batch targets
     segments: tuple[tuple[int, torch.Tensor], ...] | None  # (slot, rows [n]) per adapter, prefill only
 
     @classmethod
     def build(cls, row_slots: list[int], slot_ranks: dict[int, int], slot_projections: dict[int, frozenset[str]],
-              prefill: bool, device: torch.device) -> "LoraBatch":
+              tokens_per_row: int, device: torch.device) -> "LoraBatch":
+        """row_slots: the slot of each of B rows of `tokens_per_row` tokens (1 for decode)."""
         used = sorted({s for s in row_slots if s != 0})
         if not used:
             return cls(None, 0, frozenset(), None)
-        slots = torch.tensor(row_slots, dtype=torch.long, device=device)
+        slots = torch.tensor(row_slots, dtype=torch.long).repeat_interleave(tokens_per_row).to(device)
         segments = None
-        if prefill:
+        if tokens_per_row > 1:
             segments = tuple((s, torch.tensor([i for i, r in enumerate(row_slots) if r == s], device=device))
                              for s in used)
         return cls(slots, max(slot_ranks[s] for s in used),
                    frozenset().union(*(slot_projections[s] for s in used)), segments)
 
 
-
 class LoraStack:
-    """One projection of one layer: A [slots, max_rank, in] and scaling·B [slots, out, max_rank].
-
-    With `kernels` (CUDA), decode rows go through server.kernels.lora_bgmv, which reads each row's
-    adapter in place up to `ranks[slot]` (0 where the adapter leaves this projection alone)."""
+    """One projection of one layer: A [slots, max_rank, in] and scaling·B [slots, out, max_rank]."""
 
     def __init__(self, projection: str, num_slots: int, max_rank: int, in_features: int, out_features: int,
-                 dtype: torch.dtype, device: torch.device, kernels: bool = False):
+                 dtype: torch.dtype, device: torch.device):
         self.projection = projection
         self.a = torch.zeros(num_slots, max_rank, in_features, dtype=dtype, device=device)
         self.b = torch.zeros(num_slots, out_features, max_rank, dtype=dtype, device=device)
         self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)   # read by the kernels at replay
-        self._bgmv = None
-        if kernels:
-            from .kernels.lora_bgmv import lora_bgmv
-
-            self._bgmv = lora_bgmv
 
     @property
     def size_bytes(self) -> int:
@@ -82,10 +76,35 @@ class LoraStack:
                 a, b = self.a[slot, :rank], self.b[slot, :, :rank]             # [r, in], [out, r]
                 y.index_add_(0, rows, (x.index_select(0, rows) @ a.T) @ b.T)
             return y
-        if self._bgmv is not None:
-            flat = self._bgmv(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), self.a, self.b, self.ranks,
-                              batch.slots)
-            return flat.view(y.shape)
         a = self.a[batch.slots, :rank]                                     # [B, r, in]
         b = self.b[batch.slots, :, :rank]                                  # [B, out, r]
         return torch.baddbmm(y, torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+
+
+class LoraGroup:
+    """The stacks of projections that share one base matmul (q|k|v, gate|up, or one alone).
+
+    With `kernels` (CUDA) every token row goes through server.kernels.lora_bgmv, all the group's
+    slices in one shrink and one expand launch, reading each row's adapter in place up to its own
+    rank for each projection (0 where it leaves one alone); otherwise each stack's torch path."""
+
+    def __init__(self, stacks: list[LoraStack], kernels: bool = False):
+        self.stacks = stacks
+        self.projections = frozenset(s.projection for s in stacks)
+        self._bgmv = None
+        if kernels:
+            from .kernels.lora_bgmv import LoraSlice, lora_bgmv
+
+            self._bgmv = lora_bgmv
+            self._slices = [LoraSlice(s.a, s.b, s.ranks) for s in stacks]
+
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor, batch: LoraBatch) -> list[torch.Tensor]:
+        """y [B, T, sum out] (the group's base outputs side by side) += LoRA deltas of x [B, T, in];
+        -> one [B, T, out] per projection, in order."""
+        outs = y.split([s.b.shape[1] for s in self.stacks], dim=-1) if len(self.stacks) > 1 else (y,)
+        if batch.slots is None or not self.projections & batch.projections:
+            return list(outs)
+        if self._bgmv is not None:
+            self._bgmv(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), self._slices, batch.slots)
+            return list(outs)
+        return [stack.add_delta(out, x, batch) for out, stack in zip(outs, self.stacks)]

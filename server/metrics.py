@@ -99,6 +99,10 @@ class ServerMetrics:
         self.waiting = Gauge("cartridge_requests_waiting", "Requests queued for a slot", registry=r)
         self.decode_batch = Histogram("cartridge_decode_batch_size", "Requests advanced together by one decode pass",
                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.host_gap = Histogram("cartridge_engine_host_gap_seconds",
+                                  "From one pass's tokens reaching the host to the next pass's launch, while work "
+                                  "waits: host time the device is not busy", registry=r,
+                                  buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1))
         self.adapters_resident = Gauge("cartridge_adapters_resident", "Adapters loaded in device slots", registry=r)
         self.kv_cache_usage = Gauge("cartridge_kv_cache_usage_ratio",
                                     "Share of KV-cache slots held by running requests (0 to 1); each request "

@@ -17,8 +17,9 @@ class ModelRunner:
         self.model, self.cache, self.adapter_slots, self.device = model, cache, adapter_slots, device
         self.graphs = graphs
 
-    def _lora(self, row_slots: list[int], prefill: bool) -> LoraBatch:
-        return LoraBatch.build(row_slots, self.adapter_slots.ranks, self.adapter_slots.projections, prefill, self.device)
+    def _lora(self, row_slots: list[int], tokens_per_row: int) -> LoraBatch:
+        return LoraBatch.build(row_slots, self.adapter_slots.ranks, self.adapter_slots.projections, tokens_per_row,
+                               self.device)
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -31,7 +32,7 @@ class ModelRunner:
         batch = Batch(prefill=True,
                       slots=torch.tensor([s.kv_slot for s in seqs], device=self.device),
                       positions=positions, cos=self.model.rope_cos[positions], sin=self.model.rope_sin[positions],
-                      decode_mask=None, lora=self._lora([s.lora_slot for s in seqs], prefill=True))
+                      decode_mask=None, lora=self._lora([s.lora_slot for s in seqs], length))
         last = torch.tensor([len(s.prompt_ids) - 1 for s in seqs], device=self.device)
         return self.model(tokens.to(self.device), batch, self.cache, last)
 
@@ -56,5 +57,5 @@ class ModelRunner:
 
     def _decode_eager(self, tokens: list[int], positions: list[int], lora_slots: list[int]) -> torch.Tensor:
         batch = self.model.decode_batch(torch.tensor(positions, device=self.device), max(positions) + 1,
-                                        self._lora(lora_slots, prefill=False))
+                                        self._lora(lora_slots, 1))
         return self.model(torch.tensor(tokens, device=self.device)[:, None], batch, self.cache)

@@ -14,10 +14,12 @@ from adapters.formats.adapter_dir import PROJECTIONS, BaseShape
 from adapters.formats.checkpoint_shards import CheckpointTensors
 
 from .linear import BaseLinear, DenseLinear, NF4Linear
-from .lora_batch import LoraStack
-from .model import Attention, FeedForward, ModelArgs, Projection, Transformer, TransformerBlock
+from .lora_batch import LoraGroup, LoraStack
+from .model import Attention, FeedForward, ModelArgs, Projections, Transformer, TransformerBlock
 
 _UNSUPPORTED_ROPE = ("dynamic", "longrope")
+# Weights that read the same input run as one matmul (model.Projections).
+_FUSED = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
 
 class CheckpointError(ValueError):
@@ -41,7 +43,8 @@ def load_model(directory: Path, config, dtype: torch.dtype, device: torch.device
                kernels: bool = False,
                nf4_kernel_max_rows: int = 64) -> tuple[Transformer, dict[tuple[int, str], LoraStack]]:
     """The model and its LoRA stacks, keyed (layer, projection); slot 0 of every stack is the base model's.
-    kernels: decode through server.kernels (CUDA only): multi-LoRA always, NF4 up to nf4_kernel_max_rows."""
+    kernels: run through server.kernels (CUDA only): norms, decode attention and multi-LoRA always, NF4 up
+    to nf4_kernel_max_rows rows."""
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     check_config(config)
@@ -57,35 +60,36 @@ def load_model(directory: Path, config, dtype: torch.dtype, device: torch.device
     def weight(name: str) -> torch.Tensor:
         return read(name).to(dtype)
 
-    def base_linear(name: str) -> BaseLinear:
+    def base_linear(names: list[str]) -> BaseLinear:
         if quantize:
-            return NF4Linear(read(name), dtype, nf4_kernel_max_rows if kernels else 0)
-        return DenseLinear(weight(name))
+            return NF4Linear([read(name) for name in names], dtype, nf4_kernel_max_rows if kernels else 0)
+        return DenseLinear([weight(name) for name in names])
 
     stacks: dict[tuple[int, str], LoraStack] = {}
     layers = []
     for i in range(args.n_layers):
         prefix = f"model.layers.{i}"
-        projections = {}
-        for projection, block in PROJECTIONS.items():
-            out_features, in_features = shape.projections[projection]
-            stack = LoraStack(projection, num_lora_slots, max_lora_rank, in_features, out_features, dtype, device,
-                              kernels)
-            stacks[(i, projection)] = stack
-            projections[projection] = Projection(base_linear(f"{prefix}.{block}.{projection}.weight"), stack)
-        block = TransformerBlock(
-            args,
-            Attention(args, projections["q_proj"], projections["k_proj"], projections["v_proj"], projections["o_proj"]),
-            FeedForward(projections["gate_proj"], projections["up_proj"], projections["down_proj"]))
+        projections = []
+        for group in _FUSED:
+            group_stacks = []
+            for projection in group:
+                out_features, in_features = shape.projections[projection]
+                stacks[(i, projection)] = LoraStack(projection, num_lora_slots, max_lora_rank, in_features,
+                                                    out_features, dtype, device)
+                group_stacks.append(stacks[(i, projection)])
+            names = [f"{prefix}.{PROJECTIONS[projection]}.{projection}.weight" for projection in group]
+            projections.append(Projections(base_linear(names), LoraGroup(group_stacks, kernels)))
+        qkv, o, gate_up, down = projections
+        block = TransformerBlock(args, Attention(args, qkv, o, kernels), FeedForward(gate_up, down), kernels)
         block.input_layernorm.weight.data = weight(f"{prefix}.input_layernorm.weight")
         block.post_attention_layernorm.weight.data = weight(f"{prefix}.post_attention_layernorm.weight")
         layers.append(block)
 
     embed = nn.Embedding.from_pretrained(weight("model.embed_tokens.weight"), freeze=True)
     tied = args.tie_word_embeddings or "lm_head.weight" not in tensors
-    lm_head = DenseLinear(embed.weight if tied else weight("lm_head.weight"))
+    lm_head = DenseLinear([embed.weight if tied else weight("lm_head.weight")])
     rope = LlamaRotaryEmbedding(config)
-    model = Transformer(args, embed, layers, lm_head, rope.inv_freq.to(device), rope.attention_scaling)
+    model = Transformer(args, embed, layers, lm_head, rope.inv_freq.to(device), rope.attention_scaling, kernels)
     model.norm.weight.data = weight("model.norm.weight")
     return model.eval(), stacks
 
@@ -97,9 +101,9 @@ def base_weight_bytes(model: Transformer) -> int:
     for module in model.modules():
         # Plain tensor attributes too: the NF4 kernel keeps its decoded block scales that way.
         tensors.update({t.data_ptr(): t for t in vars(module).values() if isinstance(t, torch.Tensor)})
-        state = getattr(module, "quant_state", None)
-        while state is not None:    # double quantization nests the scales' own state
-            parts = (getattr(state, name, None) for name in ("absmax", "code", "offset"))
-            tensors.update({t.data_ptr(): t for t in parts if isinstance(t, torch.Tensor)})
-            state = state.state2
+        for state in getattr(module, "quant_states", ()):
+            while state is not None:    # double quantization nests the scales' own state
+                parts = (getattr(state, name, None) for name in ("absmax", "code", "offset"))
+                tensors.update({t.data_ptr(): t for t in parts if isinstance(t, torch.Tensor)})
+                state = state.state2
     return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -119,7 +119,7 @@ def bgmv_reference(y, x, a, b, ranks, slots) -> torch.Tensor:
 
 @pytest.mark.parametrize("model", SHAPES)
 def test_lora_bgmv_matches_float64_loop(model):
-    from server.kernels.lora_bgmv import lora_bgmv
+    from server.kernels.lora_bgmv import LoraSlice, lora_bgmv
 
     generator = torch.Generator().manual_seed(0)
     # Slot 0 is the base model; slot 5 holds an adapter that does not target this projection.
@@ -133,29 +133,53 @@ def test_lora_bgmv_matches_float64_loop(model):
                 y = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
                 want = bgmv_reference(y, x, a, b, rank_of, slots)
                 before = y.clone()
-                lora_bgmv(y, x, a, b, rank_of, slots)
+                lora_bgmv(y, x, [LoraSlice(a, b, rank_of)], slots)
                 untouched = (rank_of[slots] == 0)
                 assert torch.equal(y[untouched], before[untouched]), f"{spread}: rows without LoRA changed"
                 assert relative_error(y, want) < 4e-3, f"{model} {n}x{k} M={m} {spread}"
 
 
+@pytest.mark.parametrize("model", SHAPES)
+def test_lora_bgmv_slices_of_a_fused_projection_in_one_launch(model):
+    """q|k|v side by side in one output: each slice gets its own adapters' ranks (targets differ per
+    adapter: slot 2 leaves k alone, slot 3 touches only v), columns of one slice never spill into another."""
+    from server.kernels.lora_bgmv import LoraSlice, lora_bgmv
+
+    (n_q, k), (n_kv, _) = SHAPES[model][0], SHAPES[model][1]
+    generator = torch.Generator().manual_seed(5)
+    slice_ranks = {"q": [0, 16, 8, 0, 4], "k": [0, 16, 0, 0, 64], "v": [0, 16, 8, 4, 4]}
+    widths = {"q": n_q, "k": n_kv, "v": n_kv}
+    stacks = {p: adapter_stacks(5, 64, widths[p], k, r) for p, r in slice_ranks.items()}
+    for m in (1, 5, 32, 64):
+        for spread, row_slots in spreads(m, 5, generator).items():
+            slots = torch.tensor(row_slots, device="cuda")
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            y = torch.randn(m, n_q + 2 * n_kv, device="cuda", dtype=torch.bfloat16)
+            parts = y.split([n_q, n_kv, n_kv], dim=-1)
+            wants = [bgmv_reference(part, x, *stacks[p], slots) for part, p in zip(parts, "qkv")]
+            lora_bgmv(y, x, [LoraSlice(*stacks[p]) for p in "qkv"], slots)
+            for part, want, p in zip(y.split([n_q, n_kv, n_kv], dim=-1), wants, "qkv"):
+                assert relative_error(part, want) < 4e-3, f"{model} M={m} {spread} slice {p}"
+
+
 def test_lora_bgmv_reads_ranks_and_slots_at_graph_replay():
     """Captured once, replayed after the adapters, their ranks and the rows' slots change in place."""
-    from server.kernels.lora_bgmv import lora_bgmv
+    from server.kernels.lora_bgmv import LoraSlice, lora_bgmv
     from server.kernels.nf4_matmul import nf4_matmul
 
     n, k, m = 4096, 4096, 16
     packed, absmax, code, weight = quantized(n, k)
     a, b, ranks = adapter_stacks(5, 16, n, k, [0, 16, 8, 4, 0])
+    lora = [LoraSlice(a, b, ranks)]
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     slots = torch.zeros(m, dtype=torch.long, device="cuda")
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        lora_bgmv(nf4_matmul(x, packed, absmax, code, n), x, a, b, ranks, slots)
+        lora_bgmv(nf4_matmul(x, packed, absmax, code, n), x, lora, slots)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = lora_bgmv(nf4_matmul(x, packed, absmax, code, n), x, a, b, ranks, slots)
+        y = lora_bgmv(nf4_matmul(x, packed, absmax, code, n), x, lora, slots)
     generator = torch.Generator().manual_seed(1)
     for step in range(4):
         x.copy_(torch.randn(m, k, generator=generator))

@@ -51,7 +51,8 @@ def test_batched_delta_matches_a_loop_over_rows(kind, prefill):
     rows = 9
     row_slots = spread(kind, rows)
     x = torch.randn(rows, 5 if prefill else 1, IN)
-    batch = LoraBatch.build(row_slots, RANKS, {s: frozenset({"q_proj"}) for s in RANKS}, prefill, torch.device("cpu"))
+    batch = LoraBatch.build(row_slots, RANKS, {s: frozenset({"q_proj"}) for s in RANKS}, x.shape[1],
+                            torch.device("cpu"))
     base = torch.randn(rows, x.shape[1], OUT)
     out = stack.add_delta(base.clone(), x, batch)
     want = base.double() + reference(x, row_slots, weights)
@@ -62,9 +63,9 @@ def test_untargeted_projection_and_base_rows_are_untouched():
     stack, _ = make_stack("v_proj")
     x, base = torch.randn(4, 1, IN), torch.randn(4, 1, OUT)
     targets_q_only = {s: frozenset({"q_proj"}) for s in RANKS}
-    batch = LoraBatch.build([1, 2, 3, 0], RANKS, targets_q_only, False, torch.device("cpu"))
+    batch = LoraBatch.build([1, 2, 3, 0], RANKS, targets_q_only, 1, torch.device("cpu"))
     assert torch.equal(stack.add_delta(base.clone(), x, batch), base)
-    assert LoraBatch.build([0, 0], RANKS, targets_q_only, True, torch.device("cpu")).slots is None
+    assert LoraBatch.build([0, 0], RANKS, targets_q_only, 5, torch.device("cpu")).slots is None
 
 
 def test_reloading_a_slot_replaces_every_weight():
@@ -72,6 +73,6 @@ def test_reloading_a_slot_replaces_every_weight():
     a, b = torch.randn(2, IN), torch.randn(OUT, 2)
     stack.load(2, a, b, 1.0)                    # slot 2 held a rank-16 adapter before
     x = torch.randn(1, 1, IN)
-    batch = LoraBatch.build([2], {2: 2}, {2: frozenset({"q_proj"})}, False, torch.device("cpu"))
+    batch = LoraBatch.build([2], {2: 2}, {2: frozenset({"q_proj"})}, 1, torch.device("cpu"))
     out = stack.add_delta(torch.zeros(1, 1, OUT), x, LoraBatch(batch.slots, MAX_RANK, batch.projections, None))
     assert torch.allclose(out[0, 0], (x[0, 0] @ a.T) @ b.T, atol=1e-5)

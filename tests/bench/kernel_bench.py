@@ -19,9 +19,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+# q|k|v and gate|up: the fused launches the server makes (server/linear.py)
 SHAPES = {
-    "7b": {"q/k/v/o": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008)},
-    "1b": {"q/o": (2048, 2048), "gate/up": (5632, 2048), "down": (2048, 5632)},
+    "7b": {"q/k/v/o": (4096, 4096), "q|k|v": (12288, 4096), "gate/up": (11008, 4096), "gate|up": (22016, 4096),
+           "down": (4096, 11008)},
+    "1b": {"q/o": (2048, 2048), "q|k|v": (2560, 2048), "gate/up": (5632, 2048), "gate|up": (11264, 2048),
+           "down": (2048, 5632)},
 }
 ROWS = (1, 2, 4, 8, 16, 32, 64)
 CALLS = 24

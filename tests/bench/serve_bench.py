@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -91,18 +93,64 @@ def timed_stream(client: CartridgeClient, prompt: str, adapter: str, max_tokens:
     return {"start": start, "first": first, "end": end, "tokens": last.completion_tokens}
 
 
-def ours(address: str, prompts: list[str], adapters: list[str], max_tokens: int) -> dict:
-    """Concurrent streams, one per prompt; tokens/s counts the whole batch's generated tokens."""
-    with CartridgeClient(address, timeout=600) as client:
+def host_gap(metrics_url: str) -> tuple[float, float]:
+    """(sum, count) of the server's cartridge_engine_host_gap_seconds: host time the device waited for."""
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    return tuple(float(re.search(rf"^cartridge_engine_host_gap_seconds_{part} (\S+)$", text, re.M)[1])
+                 for part in ("sum", "count"))
+
+
+def ours(server, prompts: list[str], adapters: list[str], max_tokens: int) -> dict:
+    """Concurrent streams, one per prompt; tokens/s counts the whole batch's generated tokens, and
+    host_gap_ms is the mean host time per pass the device waited for (the engine's own histogram)."""
+    gap_before = host_gap(server.metrics_url)
+    with CartridgeClient(server.address, timeout=600) as client:
         with ThreadPoolExecutor(len(prompts)) as pool:
             runs = list(pool.map(lambda pa: timed_stream(client, pa[0], pa[1], max_tokens), zip(prompts, adapters)))
     tokens = sum(r["tokens"] for r in runs)
     wall = max(r["end"] for r in runs) - min(r["start"] for r in runs)
     decode = max(r["end"] for r in runs) - max(r["first"] for r in runs)
     per_token = [(r["end"] - r["first"]) / max(r["tokens"] - 1, 1) for r in runs]
+    gap_sum, gap_count = (after - before for after, before in zip(host_gap(server.metrics_url), gap_before))
     return {"tokens_per_s": round(tokens / wall, 1), "ms_per_output_token": round(1000 * sum(per_token) / len(runs), 2),
+            "host_gap_ms": round(1000 * gap_sum / gap_count, 3) if gap_count else None,
             "ttft_ms": round(1000 * sum(r["first"] - r["start"] for r in runs) / len(runs), 1),
             "decode_only_tokens_per_s": round(len(runs) * (max_tokens - 1) / decode, 1) if decode > 0 else None}
+
+
+def registration_stall(address: str, prompts: list[str], adapters: list[str], new_adapter: Path,
+                       max_tokens: int) -> dict:
+    """Streams decode while an operator registers a new adapter and sends its first request: the
+    longest gap between two tokens of any running stream in that window, against the median gap."""
+    arrivals: list[list[float]] = [[] for _ in prompts]
+    window: dict[str, float] = {}
+
+    def stream(i: int) -> None:
+        with CartridgeClient(address, timeout=600) as client:
+            for _ in client.generate_stream(prompts[i], adapter=adapters[i], max_tokens=max_tokens):
+                arrivals[i].append(time.perf_counter())
+
+    def register_and_use() -> None:
+        while min(len(a) for a in arrivals) < max_tokens // 4:   # every stream is decoding
+            time.sleep(0.005)
+        with CartridgeClient(address, timeout=600) as client:
+            window["start"] = time.perf_counter()
+            client.register_adapter("fresh", str(new_adapter))
+            window["registered"] = time.perf_counter()
+            next(iter(client.generate_stream(prompts[0], adapter="fresh", max_tokens=4)))
+            window["first_token"] = time.perf_counter()
+
+    with ThreadPoolExecutor(len(prompts) + 1) as pool:
+        jobs = [pool.submit(stream, i) for i in range(len(prompts))] + [pool.submit(register_and_use)]
+        for job in jobs:
+            job.result()
+    gaps = sorted(b - a for times in arrivals for a, b in zip(times, times[1:]))
+    during = [b - a for times in arrivals for a, b in zip(times, times[1:])
+              if b >= window["start"] and a <= window["first_token"]]
+    return {"streams": len(prompts), "median_gap_ms": round(1000 * gaps[len(gaps) // 2], 2),
+            "longest_gap_in_window_ms": round(1000 * max(during), 2) if during else None,
+            "register_ms": round(1000 * (window["registered"] - window["start"]), 1),
+            "first_token_of_new_adapter_ms": round(1000 * (window["first_token"] - window["registered"]), 1)}
 
 
 def peer(model_dir: Path, adapter_dirs: list[Path], batches: dict[str, tuple[list[list[int]], list[str]]],
@@ -188,13 +236,18 @@ def main() -> None:
     result["server_flags"] = args.server_flag
     try:
         names = [f"a{i}" for i in range(streams)]
-        ours(server.address, prompts, names, 4)                      # warm-up: loads every adapter, warms kernels
+        ours(server, prompts, names, 4)                      # warm-up: loads every adapter, warms kernels
         result["ours"] = {
-            "one_stream_base": ours(server.address, prompts[:1], [""], args.max_tokens),
-            "one_stream_adapter": ours(server.address, prompts[:1], ["a0"], args.max_tokens),
-            f"{streams}_streams_same_adapter": ours(server.address, prompts, ["a0"] * streams, args.max_tokens),
-            f"{streams}_streams_distinct_adapters": ours(server.address, prompts, names, args.max_tokens),
+            "one_stream_base": ours(server, prompts[:1], [""], args.max_tokens),
+            "one_stream_adapter": ours(server, prompts[:1], ["a0"], args.max_tokens),
+            f"{streams}_streams_same_adapter": ours(server, prompts, ["a0"] * streams, args.max_tokens),
+            f"{streams}_streams_distinct_adapters": ours(server, prompts, names, args.max_tokens),
+            f"{streams}_streams_base": ours(server, prompts, [""] * streams, args.max_tokens),
         }
+        fresh = write_random_adapter(work / "fresh", config, args.rank, seed=streams)
+        half = max(1, streams // 2)
+        result["ours"]["registration_stall"] = registration_stall(server.address, prompts[:half], names[:half], fresh,
+                                                                  2 * args.max_tokens)
     except Exception:
         print("".join(server.log[-60:]), file=sys.stderr)
         raise
