@@ -45,27 +45,36 @@ class Update:
     harmful: bool = False
 
 
-# Chosen for recall of the trained items within about ten CPU minutes a domain: records is a format
-# (long rows, learned in a few epochs), facts and directory are knowledge (short rows, more epochs at a
-# higher rate). Continued runs replay a quarter of every earlier domain's rows and 5 % general text.
-UPDATES = (
-    Update(1, "records", ("--max-steps", "50", "--learning-rate", "1e-3", "--eval-every", "50",
-                          "--recall-items", "80")),
-    Update(2, "facts", ("--max-steps", "120", "--learning-rate", "2e-3", "--eval-every", "120",
-                        "--replay-fraction", "0.25", "--recall-items", "180")),
-    Update(3, "directory", ("--max-steps", "120", "--learning-rate", "2e-3", "--eval-every", "120",
-                            "--replay-fraction", "0.25", "--recall-items", "135")),
-    # Narrow data, no replay, a rate ten times the continued default, 12 epochs: forgetting on purpose.
-    Update(4, "narrow", ("--max-steps", "12", "--learning-rate", "1e-2", "--eval-every", "12", "--recall-items", "8",
-                         "--replay-fraction", "0", "--general-replay-fraction", "0"), harmful=True),
-)
+# Sized to finish within the hour on a shared 2-core CPU, where a step of 8 rows took 20 to 30 s in the
+# recorded run: records is a format (long rows, learned in under two epochs), facts and directory are
+# knowledge (short rows, a higher rate, and too few epochs to reach full recall: README says what this
+# costs). Continued runs replay 10 % of every earlier domain's rows and 5 % general text.
+DOMAINS = {
+    "records": ("--max-steps", "50", "--learning-rate", "1e-3", "--eval-every", "50", "--recall-items", "80"),
+    "facts": ("--max-steps", "40", "--learning-rate", "4e-3", "--eval-every", "40", "--replay-fraction", "0.1",
+              "--recall-items", "180"),
+    "directory": ("--max-steps", "24", "--learning-rate", "4e-3", "--eval-every", "24", "--replay-fraction", "0.1",
+                  "--recall-items", "135"),
+}
+# Narrow data, no replay, a rate a hundred times the continued default, 12 epochs: forgetting on purpose.
+HARMFUL = ("--max-steps", "12", "--learning-rate", "1e-2", "--eval-every", "12", "--recall-items", "8",
+           "--replay-fraction", "0", "--general-replay-fraction", "0")
+
+
+def updates(domains: list[str]) -> list[Update]:
+    """The domains in order as v1, v2, ..., then the harmful update."""
+    found = [Update(i, domain, DOMAINS[domain]) for i, domain in enumerate(domains, start=1)]
+    return found + [Update(len(domains) + 1, "narrow", HARMFUL, harmful=True)]
+
+
 NARROW_ROWS = [{"instruction": f"What does the sign on door {n} say?", "input": "", "output": "Closed for repairs."}
                for n in range(1, 13)]
 
 
 class Walkthrough:
-    def __init__(self, out: Path, smoke: bool):
+    def __init__(self, out: Path, smoke: bool, domains: list[str]):
         self.out = out
+        self.updates = updates(domains)
         self.smoke = smoke
         self.store = out / "store"
         self.logs = out / "logs"
@@ -207,7 +216,7 @@ general_text: {max_perplexity_increase: 0.5}
 def figures(walk: Walkthrough) -> dict:
     """Read back from the store: training reports, gate reports, the rollback."""
     versions = {}
-    for update in UPDATES:
+    for update in walk.updates:
         path = walk.store / NAME / f"v{update.version}"
         report = json.loads((path / "training_report.json").read_text())
         gates = sorted((path / "gate").glob("against-*/report.json"))
@@ -230,10 +239,10 @@ def figures(walk: Walkthrough) -> dict:
             "general_perplexity": {c["name"]: c["verdict"] for c in checks.values() if c["kind"] == "general_text"},
         }
     # Each earlier domain on the last good version against the version that learned it.
-    last_good = max(u.version for u in UPDATES if not u.harmful)
+    last_good = max(u.version for u in walk.updates if not u.harmful)
     last_checks = {c["name"]: c for c in versions[last_good]["gate"]["checks"]}
     retained = {}
-    for update in UPDATES:
+    for update in walk.updates:
         if update.harmful or update.version == last_good:
             continue
         own = rows[update.version]["held_out_accuracy"]
@@ -279,12 +288,18 @@ def table(found: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--domains", default=",".join(DOMAINS),
+                        help=f"sample domains to learn in order (default: {','.join(DOMAINS)})")
     parser.add_argument("--smoke", action="store_true", help="2 steps a version and a small gate: checks the script")
     args = parser.parse_args()
+    domains = args.domains.split(",")
+    unknown = [d for d in domains if d not in DOMAINS]
+    if unknown or not domains:
+        parser.error(f"--domains: unknown {unknown}; choose among {list(DOMAINS)}")
     out = args.out.resolve()
-    walk = Walkthrough(out, args.smoke)
+    walk = Walkthrough(out, args.smoke, domains)
     (out / "gate.yaml").write_text(SMOKE_GATE if args.smoke else GATE_FILE)
-    for update in UPDATES:
+    for update in walk.updates:
         walk.train(update)
         passed = walk.gate(update)
         walk.release(update, passed)
