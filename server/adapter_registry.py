@@ -19,6 +19,7 @@ from adapters.formats.base_fingerprint import check_made_for
 
 from .adapter_files import AdapterFilePolicy, AdapterFiles
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServingError
+from .lora_batch import SlotWeights
 
 log = logging.getLogger(__name__)
 NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -38,7 +39,7 @@ class RegisteredAdapter:
     config_sha256: str
     weights_sha256: str
     pinned: bool
-    weights: LoraWeights | None       # the host copy; None while dropped
+    weights: SlotWeights | None       # the host copy; None while dropped
     problem: str | None = None        # why it can no longer be served
     users: int = 0                    # requests holding it
     reread_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -59,9 +60,12 @@ def check_name(name: str, field: str = "name") -> str:
 
 class AdapterRegistry:
     def __init__(self, base: BaseShape, max_rank: int, files: AdapterFilePolicy, max_pinned: int,
-                 host_budget: int | None = None, *, base_fingerprint: Callable[[], str]):
+                 host_budget: int | None = None, *, base_fingerprint: Callable[[], str],
+                 stage: Callable[[LoraWeights], SlotWeights]):
         """`base_fingerprint` hashes the base's weights; it is called (once, cached by the caller) only when
-        an adapter records the base it was trained on."""
+        an adapter records the base it was trained on. `stage` turns weights as read into the form the
+        device slots take (SlotWeights.stage with the server's dtype), in the reading thread."""
+        self._stage = stage
         self._base, self._max_rank, self._files = base, max_rank, files
         self._max_pinned, self._host_budget = max_pinned, host_budget
         self._base_fingerprint = base_fingerprint
@@ -91,8 +95,9 @@ class AdapterRegistry:
         if rank > self._max_rank:
             raise InvalidArgument(f"adapter {name!r} has rank {rank}, above this server's "
                                   f"--max-lora-rank {self._max_rank}")
-        return RegisteredAdapter(name, path, files, weights.config, rank, weights.size_bytes, config_sha256,
-                                 weights_sha256, pin, weights, version=version, live=live)
+        staged = self._stage(weights)
+        return RegisteredAdapter(name, path, files, weights.config, rank, staged.size_bytes, config_sha256,
+                                 weights_sha256, pin, staged, version=version, live=live)
 
     def install(self, adapter: RegisteredAdapter,
                 replace: bool) -> tuple[RegisteredAdapter, RegisteredAdapter | None]:
@@ -181,14 +186,14 @@ class AdapterRegistry:
                 self._retire(adapter)
             self._shrink()
 
-    def _reread(self, adapter: RegisteredAdapter) -> LoraWeights:
+    def _reread(self, adapter: RegisteredAdapter) -> SlotWeights:
         try:
             files = self._files.check(str(adapter.files.directory))
             if files.sha256() != (adapter.config_sha256, adapter.weights_sha256):
                 raise FailedPrecondition(
                     f"adapter {adapter.name!r} changed on disk since it was registered (its {WEIGHTS_FILE} or "
                     f"config no longer has the sha256 taken then); register it again to serve the new files")
-            return read_adapter(files.directory, self._base)
+            return self._stage(read_adapter(files.directory, self._base))
         except (ServingError, ValueError, OSError) as err:
             message = str(err) if isinstance(err, FailedPrecondition) else \
                 f"adapter {adapter.name!r} could not be read again from {adapter.path!r}: {err}"

@@ -90,10 +90,9 @@ class AdapterSlots:
 
     def _load(self, slot: int, adapter: RegisteredAdapter) -> None:
         weights = adapter.weights
-        for (layer, projection), stack in self._stacks.items():
-            stack.load(slot, weights.a.get((layer, projection)), weights.b.get((layer, projection)),
-                       weights.config.scaling_of(layer, projection))
+        for key, stack in self._stacks.items():
+            stack.load(slot, weights.a.get(key), weights.b.get(key))
         self._slot_of[adapter] = slot
         self._adapter_in[slot] = adapter
         self.ranks[slot] = adapter.rank
-        self.projections[slot] = frozenset(weights.config.target_modules)
+        self.projections[slot] = weights.targets

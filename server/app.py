@@ -32,6 +32,7 @@ from .call_gate import CallGate
 from .generate_request import MAX_REQUEST_BYTES, RequestValidator
 from .http_edge import EngineBackend, HttpServer, openai_app
 from .kv_cache import KVCache
+from .lora_batch import SlotWeights
 from .metrics import ServerMetrics
 from .runner import ModelRunner
 from .scheduler import Scheduler
@@ -122,7 +123,9 @@ def build_core(config: ServerConfig) -> ServingCore:
     registry = AdapterRegistry(BaseShape.from_config(model_config), config.max_lora_rank,
                                AdapterFilePolicy(config.adapter_root, config.max_adapter_bytes),
                                config.max_adapters, config.max_host_adapter_bytes,
-                               base_fingerprint=functools.cache(lambda: base_fingerprint(directory)))
+                               base_fingerprint=functools.cache(lambda: base_fingerprint(directory)),
+                               stage=functools.partial(SlotWeights.stage, dtype=config.torch_dtype,
+                                                       pin=device.type == "cuda"))
     for name, path in config.adapters:
         registry.register(name, path)
     metrics = ServerMetrics(device, config.max_adapters)

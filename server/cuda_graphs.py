@@ -46,31 +46,44 @@ class DecodeGraphs:
         self.context_buckets = ([cache.max_seq_len] if model.kernels else
                                 _buckets(cache.max_seq_len, min(_MIN_CONTEXT, cache.max_seq_len)))
         rows = cache.num_slots
-        # tokens, positions and LoRA slots of each row: one pinned host buffer, one copy a step.
-        self._host = torch.zeros(3, rows, dtype=torch.long, pin_memory=True)
-        self._inputs = torch.zeros(3, rows, dtype=torch.long, device=device)
+        # tokens, positions and LoRA slots of each row, and the row of each sequence: one copy a step
+        # from pinned host memory, two buffers taken in turn so a step can be prepared while the
+        # previous one's copy may still be in flight (nothing else waits for the device here).
+        self._host = [torch.zeros(4, rows, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        self._copied = [torch.cuda.Event(), torch.cuda.Event()]   # each buffer's last copy to the device
+        self._turn = 0
+        self._inputs = torch.zeros(4, rows, dtype=torch.long, device=device)
         self.tokens, self.positions, self.lora_slots = self._inputs[0, :, None], self._inputs[1], self._inputs[2]
         self._graphs: dict[tuple[int, int, frozenset[str]], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle()
 
-    def decode(self, tokens: list[int], positions: list[int], lora_slots: list[int],
-               projections: frozenset[str]) -> torch.Tensor:
-        """Same contract as the eager decode: rows are cache slots 0..len(tokens)-1 -> logits [rows, vocab];
-        `projections` is what the rows' adapters target."""
+    def decode(self, tokens: list[int], positions: list[int], lora_slots: list[int], projections: frozenset[str],
+               seq_rows: list[int], fed: torch.Tensor | None = None) -> torch.Tensor:
+        """Same contract as the eager decode: rows are cache slots 0..len(tokens)-1, `projections` is what
+        the rows' adapters target -> logits [len(seq_rows), vocab] of the sequences' rows, in order.
+        fed: the sequences' input tokens [len(seq_rows)] still on the device (what the pass before
+        sampled), in place of `tokens`, so this pass can be launched before the host has seen them."""
         used = len(tokens)
         rows = next(b for b in self.row_buckets if b >= used)
         context = next(b for b in self.context_buckets if b >= max(positions) + 1)
         # Rows past `used` are free cache slots: they decode a dummy token at position 0.
         pad = [0] * (rows - used)
-        # The previous step's copy has finished: its logits were read on the host.
-        self._host[:, :rows] = torch.tensor([tokens + pad, positions + pad, lora_slots + pad])
-        self._inputs[:, :rows].copy_(self._host[:, :rows], non_blocking=True)
+        host, copied = self._host[self._turn], self._copied[self._turn]
+        self._turn ^= 1
+        copied.synchronize()     # this buffer's copy two passes ago (long done when the engine runs it)
+        host[:, :rows] = torch.tensor([tokens + pad, positions + pad, lora_slots + pad,
+                                       seq_rows + [0] * (rows - len(seq_rows))])
+        self._inputs[:, :rows].copy_(host[:, :rows], non_blocking=True)
+        copied.record()
+        index = self._inputs[3, :len(seq_rows)]
+        if fed is not None:
+            self._inputs[0].index_copy_(0, index, fed)
         key = (rows, context, next(s for s in _LORA_SETS if projections <= s))
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._graphs[key] = self._capture(*key)
         graph[0].replay()
-        return graph[1][:used]
+        return graph[1].index_select(0, index)
 
     def capture_all(self) -> int:
         """Captures every (rows, context, LoRA projections) bucket now; returns how many."""

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import sys
 import threading
 import time
 from concurrent.futures import Future
@@ -12,14 +11,12 @@ from typing import Callable
 from .adapter_registry import AdapterRegistry, RegisteredAdapter
 from .errors import ServingError
 from .metrics import ServerMetrics
-from .runner import ModelRunner
+from .runner import DecodePass, ModelRunner
 from .sampler import sample
 from .scheduler import Scheduler
 from .sequence import Event, FinishReason, Sequence
 
 log = logging.getLogger(__name__)
-
-SWITCH_INTERVAL_S = 0.0002
 
 
 class Engine:
@@ -31,16 +28,12 @@ class Engine:
         self._stopping = False
         self._abort: ServingError | None = None
         self._ready_at: float | None = None     # when the last pass's tokens reached the host, while busy
+        self._in_flight: DecodePass | None = None
         # Work on the adapter slots from other threads, run between steps; a job returns False to run again.
         self._jobs: queue.SimpleQueue[Callable[[], bool]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
     def start(self) -> None:
-        # The engine thread shares the GIL with every gRPC/HTTP handler thread. At Python's default
-        # 5 ms switch interval it could wait that long to run again after each device sync, and an
-        # adapter being read in another thread held running streams for 68 ms (H200, 32 and 16
-        # streams: BENCHMARKS.md); a short interval hands it back within a fraction of a step.
-        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self._thread.start()
 
     def stop(self) -> None:
@@ -117,6 +110,7 @@ class Engine:
         while not self._stopping:
             retry = self._run_jobs()
             if not self.scheduler.running and not self.scheduler.waiting:
+                self._settle()           # a pass launched for requests that have all ended since
                 self._ready_at = None
                 self._wake.wait(0.005 if retry else None)
                 self._wake.clear()
@@ -124,37 +118,88 @@ class Engine:
             self.step()
 
     def step(self) -> None:
+        """Schedule, run, post-process. With CUDA graphs a decode pass of the same requests as the one
+        in flight is launched from that pass's tokens before the host reads them, so detokenizing,
+        streaming and the other threads run while the device works; a pass is then computed for a
+        request that has just finished, and its token is dropped."""
         if self._abort is not None:
+            self._in_flight = None
             for seq in self.scheduler.take_all():
                 self._finish(seq, None, error=self._abort)
         for seq in self.scheduler.take_cancelled():
             self._finish(seq, FinishReason.CANCELLED)
         admitted = self.scheduler.schedule()
         if admitted:
-            self._run(admitted, self.runner.prefill)
+            self._settle()
+            self._run_prefill(admitted)
         decoding = list(self.scheduler.running)
         if decoding:
             self.metrics.decode_batch.observe(len(decoding))
-            self._run(decoding, self.runner.decode)
+            previous = self._in_flight
+            chained = previous is not None and previous.seqs == decoding and self.runner.can_chain
+            if not chained:
+                self._settle()
+                decoding = list(self.scheduler.running)     # less whatever that pass finished
+            if decoding:
+                self._in_flight = self._launch(decoding, previous if chained else None)
+            if chained:
+                self._settle(previous)
+            if not self.runner.can_chain:
+                self._settle()
         self.metrics.observe_schedule(self.scheduler)
         if not admitted and not decoding and self.scheduler.waiting:
             # Everyone waiting needs an adapter slot that running requests still hold.
             self._wake.wait(0.005)
             self._wake.clear()
 
-    def _run(self, seqs: list[Sequence], forward) -> None:
-        if self._ready_at is not None:
+    def _observe_host_gap(self) -> None:
+        """Host time the device waited for: zero while a pass is in flight."""
+        if self._in_flight is not None:
+            self.metrics.host_gap.observe(0.0)
+        elif self._ready_at is not None:
             self.metrics.host_gap.observe(time.monotonic() - self._ready_at)
-        try:
-            tokens = sample(forward(seqs), seqs)
-        except Exception:  # noqa: BLE001 - a failed pass fails its requests, not the server
-            log.exception("forward pass failed for %d requests", len(seqs))
-            for seq in seqs:
+
+    def _fail(self, seqs: list[Sequence]) -> None:
+        log.exception("forward pass failed for %d requests", len(seqs))
+        for seq in seqs:
+            if seq.finish_reason is None:
                 self._finish(seq, None, error=ServingError("the server failed while running this request"))
+
+    def _run_prefill(self, seqs: list[Sequence]) -> None:
+        self._observe_host_gap()
+        try:
+            tokens = sample(self.runner.prefill(seqs), seqs)
+        except Exception:  # noqa: BLE001 - a failed pass fails its requests, not the server
+            self._fail(seqs)
             return
+        self._advance_all(seqs, tokens)
+
+    def _launch(self, seqs: list[Sequence], fed: DecodePass | None) -> DecodePass | None:
+        self._observe_host_gap()
+        try:
+            return self.runner.launch_decode(seqs, fed)
+        except Exception:  # noqa: BLE001
+            self._fail(seqs)
+            return None
+
+    def _settle(self, decode_pass: DecodePass | None = None) -> None:
+        """Waits for a launched decode pass (default: the one in flight) and advances its requests."""
+        if decode_pass is None:
+            decode_pass, self._in_flight = self._in_flight, None
+        if decode_pass is None:
+            return
+        try:
+            tokens = self.runner.collect(decode_pass)
+        except Exception:  # noqa: BLE001
+            self._fail(decode_pass.seqs)
+            return
+        self._advance_all(decode_pass.seqs, tokens)
+
+    def _advance_all(self, seqs: list[Sequence], tokens: list[int]) -> None:
         now = self._ready_at = time.monotonic()
         for seq, token in zip(seqs, tokens):
-            self._advance(seq, token, now)
+            if seq.finish_reason is None:    # a request that ended while this pass ran gets no more tokens
+                self._advance(seq, token, now)
 
     def _advance(self, seq: Sequence, token: int, now: float) -> None:
         if seq.first_token_time is None:

@@ -7,7 +7,13 @@ from .sequence import Sequence
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """logits [B, vocab] float32, one row per sequence -> one token id per sequence.
+    """logits [B, vocab] float32, one row per sequence -> one token id per sequence."""
+    return sample_on_device(logits, seqs).tolist()
+
+
+def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """logits [B, vocab] float32, one row per sequence -> token ids [B] int64 on the logits' device,
+    without waiting for them.
 
     Greedy rows take the argmax. Sampled rows draw by inverse CDF over their filtered, sorted
     distribution, with one uniform number from the row's own seeded generator: deterministic for
@@ -15,7 +21,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     greedy = logits.argmax(dim=-1)
     sampled_rows = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
     if not sampled_rows:
-        return greedy.tolist()
+        return greedy
     device = logits.device
     rows = torch.tensor(sampled_rows, device=device)
     params = [seqs[i].params for i in sampled_rows]
@@ -37,4 +43,4 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     picked = torch.searchsorted(cumulative, threshold[:, None]).clamp_(max=probs.shape[-1] - 1)
     tokens = greedy.clone()
     tokens[rows] = order.gather(1, picked).squeeze(1)
-    return tokens.tolist()
+    return tokens

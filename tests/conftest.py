@@ -87,6 +87,17 @@ class ServerProcess:
             self.process.kill()
 
 
+def tiny_llama_checkpoint(directory: Path):
+    """A 3-layer random Llama (grouped-query heads) saved in bf16 at `directory`; returns its config."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=1000, max_position_embeddings=256)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory)
+    return config
+
+
 def start_server(*flags: str) -> ServerProcess:
     """`cartridge serve` on free loopback ports, as a user would start it; waits for its ready line."""
     command = [sys.executable, "-m", "client.cli", "serve", "--port", "0", "--metrics-port", "0", *flags]

@@ -12,6 +12,7 @@ from server.runner import ModelRunner
 from server.sequence import SamplingParams, Sequence
 from server.text_stream import TextStream
 from server.weights import load_model
+from tests.conftest import tiny_llama_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
@@ -19,19 +20,14 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA grap
 @pytest.mark.parametrize("quantize", [True, False])
 @pytest.mark.parametrize("kernels", [True, False])
 def test_graph_decode_matches_eager(tmp_path, quantize, kernels):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=1000, max_position_embeddings=256)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    config = tiny_llama_checkpoint(tmp_path)
     device = torch.device("cuda")
     model, stacks = load_model(tmp_path, config, torch.bfloat16, device, quantize, num_lora_slots=4, max_lora_rank=8,
                                kernels=kernels)
     for (layer, projection), stack in stacks.items():
         if projection in ("q_proj", "v_proj", "down_proj"):      # adapters of ranks 8 and 4 in slots 1 and 2
             for slot, rank in ((1, 8), (2, 4)):
-                stack.load(slot, torch.randn(rank, stack.a.shape[2]) * 0.1, torch.randn(stack.b.shape[1], rank) * 0.1, 2.0)
+                stack.load(slot, torch.randn(rank, stack.a.shape[2]) * 0.1, torch.randn(stack.b.shape[1], rank) * 0.2)
     slots = AdapterSlots(stacks, 3)
     slots.ranks.update({1: 8, 2: 4})
     slots.projections.update({1: frozenset({"q_proj", "v_proj", "down_proj"}), 2: frozenset({"q_proj", "v_proj", "down_proj"})})
@@ -69,3 +65,37 @@ def test_graph_decode_matches_eager(tmp_path, quantize, kernels):
     for step, (want, got) in enumerate(zip(*runs)):
         assert torch.allclose(got, want, atol=3e-2, rtol=3e-2), f"step {step}: {(got - want).abs().max():.3e}"
         assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.75
+
+
+def test_decode_launched_from_the_tokens_of_the_pass_in_flight_matches_one_at_a_time(tmp_path):
+    """The engine launches pass n+1 from pass n's sampled tokens before reading them on the host:
+    the same greedy tokens come out as when each pass waits for the one before."""
+    config = tiny_llama_checkpoint(tmp_path)
+    device = torch.device("cuda")
+    model, stacks = load_model(tmp_path, config, torch.bfloat16, device, True, num_lora_slots=3, max_lora_rank=8,
+                               kernels=True)
+    for (_, projection), stack in stacks.items():
+        stack.load(1, torch.randn(8, stack.a.shape[2]) * 0.1, torch.randn(stack.b.shape[1], 8) * 0.2)
+    slots = AdapterSlots(stacks, 2)
+    slots.ranks[1] = 8
+    slots.projections[1] = frozenset(stack.projection for stack in stacks.values())
+
+    def generate(chained: bool) -> list[list[int]]:
+        cache = KVCache(3, 4, 128, 2, 64, torch.bfloat16, device)
+        graphs = DecodeGraphs(model, cache, 8, device)
+        graphs.capture_all()
+        runner = ModelRunner(model, cache, slots, device, graphs)
+        seqs = [Sequence(p, SamplingParams(max_tokens=20), None, TextStream(None)) for p in ([5, 6, 7], [8, 9], [10])]
+        for seq, (lora, kv) in zip(seqs, [(1, 0), (0, 2), (1, 1)]):
+            seq.lora_slot, seq.kv_slot = lora, kv
+        for seq, token in zip(seqs, runner.prefill(seqs).argmax(-1).tolist()):
+            seq.output_ids.append(token)
+        in_flight = runner.launch_decode(seqs)
+        for _ in range(12):
+            following = runner.launch_decode(seqs, fed=in_flight) if chained else None
+            for seq, token in zip(seqs, runner.collect(in_flight)):
+                seq.output_ids.append(token)
+            in_flight = following or runner.launch_decode(seqs)
+        return [seq.output_ids for seq in seqs]
+
+    assert generate(chained=True) == generate(chained=False)

@@ -30,7 +30,7 @@ def make_stack(projection: str = "q_proj") -> tuple[LoraStack, dict]:
     for slot, rank in RANKS.items():
         if rank:
             a, b, scaling = torch.randn(rank, IN), torch.randn(OUT, rank), random.random() + 0.5
-            stack.load(slot, a, b, scaling)
+            stack.load(slot, a, b * scaling)
             weights[slot] = (a.double(), b.double(), scaling)
     return stack, weights
 
@@ -71,7 +71,7 @@ def test_untargeted_projection_and_base_rows_are_untouched():
 def test_reloading_a_slot_replaces_every_weight():
     stack, _ = make_stack()
     a, b = torch.randn(2, IN), torch.randn(OUT, 2)
-    stack.load(2, a, b, 1.0)                    # slot 2 held a rank-16 adapter before
+    stack.load(2, a, b)                         # slot 2 held a rank-16 adapter before
     x = torch.randn(1, 1, IN)
     batch = LoraBatch.build([2], {2: 2}, {2: frozenset({"q_proj"})}, 1, torch.device("cpu"))
     out = stack.add_delta(torch.zeros(1, 1, OUT), x, LoraBatch(batch.slots, MAX_RANK, batch.projections, None))

@@ -111,7 +111,7 @@ def lora_bgmv(y: torch.Tensor, x: torch.Tensor, slices: list[LoraSlice], slots: 
     t = torch.empty(len(slices), m, r, dtype=torch.float32, device=x.device)
     _shrink_kernel[(m, triton.cdiv(r, _BLOCK_R), len(slices))](
         x, *(s.a for s in padded), *(s.ranks for s in padded), slots, t, m, k, r, x.stride(0),
-        BLOCK_R=_BLOCK_R, BLOCK_K=256, num_warps=4)
+        BLOCK_R=_BLOCK_R, BLOCK_K=512, num_warps=4)
     r_pad = max(16, triton.next_power_of_2(r))
     block_n = max(16, 4096 // r_pad)
     _expand_kernel[(m, triton.cdiv(max(widths), block_n), len(slices))](

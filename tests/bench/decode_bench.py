@@ -52,7 +52,7 @@ def run(model_dir: Path, rows_list: list[int], context: int, kernels: bool, nf4_
         if projection in TARGETS:
             for slot in range(1, slots_needed + 1):
                 stack.load(slot, torch.randn(RANK, stack.a.shape[2]) / stack.a.shape[2] ** 0.5,
-                           torch.randn(stack.b.shape[1], RANK) * 0.01, 2.0)
+                           torch.randn(stack.b.shape[1], RANK) * 0.02)
     adapter_slots = AdapterSlots(stacks, slots_needed)
     adapter_slots.ranks.update({s: RANK for s in range(1, slots_needed + 1)})
     adapter_slots.projections.update({s: frozenset(TARGETS) for s in range(1, slots_needed + 1)})

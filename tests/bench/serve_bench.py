@@ -118,10 +118,12 @@ def ours(server, prompts: list[str], adapters: list[str], max_tokens: int) -> di
             "decode_only_tokens_per_s": round(len(runs) * (max_tokens - 1) / decode, 1) if decode > 0 else None}
 
 
-def registration_stall(address: str, prompts: list[str], adapters: list[str], new_adapter: Path,
+def registration_stall(address: str, prompts: list[str], adapters: list[str], new_adapter: Path | None,
                        max_tokens: int) -> dict:
     """Streams decode while an operator registers a new adapter and sends its first request: the
-    longest gap between two tokens of any running stream in that window, against the median gap."""
+    longest gap between two tokens of any running stream in that window, against the median gap.
+    new_adapter None: the request uses an adapter already loaded instead (what admitting any new
+    request costs: its prefill runs between two decode passes)."""
     arrivals: list[list[float]] = [[] for _ in prompts]
     window: dict[str, float] = {}
 
@@ -135,9 +137,11 @@ def registration_stall(address: str, prompts: list[str], adapters: list[str], ne
             time.sleep(0.005)
         with CartridgeClient(address, timeout=600) as client:
             window["start"] = time.perf_counter()
-            client.register_adapter("fresh", str(new_adapter))
+            if new_adapter is not None:
+                client.register_adapter("fresh", str(new_adapter))
             window["registered"] = time.perf_counter()
-            next(iter(client.generate_stream(prompts[0], adapter="fresh", max_tokens=4)))
+            next(iter(client.generate_stream(prompts[0], adapter="fresh" if new_adapter else adapters[0],
+                                             max_tokens=4)))
             window["first_token"] = time.perf_counter()
 
     with ThreadPoolExecutor(len(prompts) + 1) as pool:
@@ -246,6 +250,8 @@ def main() -> None:
         }
         fresh = write_random_adapter(work / "fresh", config, args.rank, seed=streams)
         half = max(1, streams // 2)
+        result["ours"]["new_request_stall"] = registration_stall(server.address, prompts[:half], names[:half], None,
+                                                                 2 * args.max_tokens)
         result["ours"]["registration_stall"] = registration_stall(server.address, prompts[:half], names[:half], fresh,
                                                                   2 * args.max_tokens)
     except Exception:
