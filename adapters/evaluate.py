@@ -69,17 +69,22 @@ def answer_scores(model, examples: Sequence[Example], batch_size: int, pad_id: i
         for start in _progress(range(0, len(order), batch_size), label, math.ceil(len(order) / batch_size)):
             chosen = order[start:start + batch_size]
             batch = collate([examples[i] for i in chosen], pad_id).to(model.device)
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           use_cache=False).logits[:, :-1]                                           # [B, S-1, V]
+            hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                         use_cache=False).last_hidden_state[:, :-1]                         # [B, S-1, H]
             labels = batch.labels[:, 1:]                                                                     # [B, S-1]
             answer = labels != IGNORE
-            nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
-                                  reduction="none").view(labels.shape)                                       # [B, S-1]
+            # Logits only where an answer token is predicted: the vocabulary projection is a fifth of the
+            # work per token on a small model, and most of an instruction row is its prompt.
+            logits = model.get_output_embeddings()(hidden[answer]).float()                                   # [N, V]
+            nll = torch.zeros(labels.shape, device=logits.device)                                            # [B, S-1]
+            nll[answer] = F.cross_entropy(logits, labels[answer], reduction="none")
+            wrong = torch.zeros_like(answer)                                                                 # [B, S-1]
+            wrong[answer] = logits.argmax(dim=-1) != labels[answer]
             decoded = answer
             if eos_id is not None:
                 ends = (labels == eos_id) & answer
                 decoded = answer & (ends.cumsum(dim=1) - ends.long() == 0)                                   # [B, S-1]
-            missed = ((logits.argmax(dim=-1) != labels) & decoded).any(dim=1)                                # [B]
+            missed = (wrong & decoded).any(dim=1)                                                            # [B]
             for i, total, count, miss in zip(chosen, nll.sum(dim=1).tolist(), answer.sum(dim=1).tolist(),
                                              missed.tolist()):
                 found[i] = AnswerScore(total, count, not miss)

@@ -1,13 +1,15 @@
-"""Two small domains whose answers can be checked exactly, generated here from a fixed seed.
+"""Three small domains whose answers can be checked exactly, generated here from a fixed seed.
 
 - records: a described order, in varied wording and field order, becomes one fixed JSON shape.
   It tests learning a format: the base has never seen this shape, so it cannot match it exactly.
 - facts: questions about invented islands (capital, founding year, currency). The facts exist
   nowhere else, so the base cannot know them; every fact is asked in five wordings, three for
   training, one for validation and one for test, so test questions are new wordings of learned facts.
+- directory: a staff directory of invented people (room, phone extension, team), dealt into the same
+  five wordings per fact; a third domain for the continual-release walk-through.
 
     python -m adapters.sample_domains [DIRECTORY]   # default: adapters/sample_data
-writes DIRECTORY/{records,facts}/{train,val,test}.jsonl in the instruction form; the files in the
+writes DIRECTORY/{records,facts,directory}/{train,val,test}.jsonl in the instruction form; the files in the
 repository are exactly this script's output.
 """
 from __future__ import annotations
@@ -43,15 +45,25 @@ _SYLLABLES = ("ka", "lo", "mi", "ra", "ve", "tu", "sen", "dor", "bel", "qui", "z
               "el", "vin", "gra", "nu", "fa")
 _CURRENCY_ENDINGS = ("ar", "el", "ot", "in", "ek")
 _QUESTIONS = {
-    "capital": ("What is the capital of {island}?", "Name the capital city of {island}.",
-                "Which city is the capital of the island of {island}?", "{island}'s capital is which city?",
-                "Tell me the capital of {island}."),
-    "founded": ("In what year was {island} founded?", "When was {island} founded? Give the year.",
-                "What year did the founding of {island} take place?", "{island} was founded in which year?",
-                "Give the founding year of {island}."),
-    "currency": ("What is the currency of {island}?", "Which currency is used on {island}?",
-                 "Name the money of {island}.", "What do people on {island} pay with?",
-                 "Tell me the currency of {island}."),
+    "capital": ("What is the capital of {name}?", "Name the capital city of {name}.",
+                "Which city is the capital of the island of {name}?", "{name}'s capital is which city?",
+                "Tell me the capital of {name}."),
+    "founded": ("In what year was {name} founded?", "When was {name} founded? Give the year.",
+                "What year did the founding of {name} take place?", "{name} was founded in which year?",
+                "Give the founding year of {name}."),
+    "currency": ("What is the currency of {name}?", "Which currency is used on {name}?",
+                 "Name the money of {name}.", "What do people on {name} pay with?",
+                 "Tell me the currency of {name}."),
+}
+_TEAMS = ("Payments", "Logistics", "Research", "Support", "Security", "Design")
+_DIRECTORY_QUESTIONS = {
+    "room": ("Which room is {name} in?", "Where is {name}'s office? Give the room.",
+             "What room does {name} work in?", "{name} sits in which room?", "Tell me the room number of {name}."),
+    "extension": ("What is {name}'s phone extension?", "Which extension reaches {name}?",
+                  "Give the desk extension of {name}.", "How do I dial {name}? Give the extension.",
+                  "{name} can be called on which extension?"),
+    "team": ("Which team is {name} on?", "What team does {name} belong to?", "Name the team of {name}.",
+             "{name} works for which team?", "Tell me {name}'s team."),
 }
 
 
@@ -77,19 +89,36 @@ def _invented_word(rng: random.Random, syllables: int) -> str:
 
 
 def facts(rng: random.Random, islands: int) -> dict[str, list[dict]]:
-    """{split: rows}: each fact's five wordings are dealt out three to train, one each to val and test."""
+    """{split: rows} about invented islands: capital, founding year, currency."""
     names: set[str] = set()
     while len(names) < islands:
         names.add(_invented_word(rng, 3))
+    return _in_five_wordings(rng, sorted(names), _QUESTIONS, lambda: {
+        "capital": _invented_word(rng, 2), "founded": str(rng.randint(1203, 1899)),
+        "currency": _invented_word(rng, 1).lower() + rng.choice(_CURRENCY_ENDINGS)})
+
+
+def staff_directory(rng: random.Random, people: int) -> dict[str, list[dict]]:
+    """{split: rows} about invented staff: room, phone extension, team."""
+    names: set[str] = set()
+    while len(names) < people:
+        names.add(f"{_invented_word(rng, 2)} {_invented_word(rng, 2)}")
+    return _in_five_wordings(rng, sorted(names), _DIRECTORY_QUESTIONS, lambda: {
+        "room": f"{rng.choice('ABCD')}{rng.randint(1, 4)}{rng.randint(1, 30):02d}",
+        "extension": str(rng.randint(200, 899)), "team": rng.choice(_TEAMS)})
+
+
+def _in_five_wordings(rng: random.Random, names: list[str], questions: dict[str, tuple[str, ...]],
+                      answers) -> dict[str, list[dict]]:
+    """Each name's facts (`answers()` draws them), each asked in five wordings dealt out three to train and
+    one each to val and test, so test questions are new wordings of learned facts."""
     split_rows: dict[str, list[dict]] = {split: [] for split in SPLITS}
-    for island in sorted(names):
-        answers = {"capital": _invented_word(rng, 2), "founded": str(rng.randint(1203, 1899)),
-                   "currency": _invented_word(rng, 1).lower() + rng.choice(_CURRENCY_ENDINGS)}
-        for attribute, answer in answers.items():
-            wordings = list(_QUESTIONS[attribute])
+    for name in names:
+        for attribute, answer in answers().items():
+            wordings = list(questions[attribute])
             rng.shuffle(wordings)
             for split, chosen in zip(SPLITS, (wordings[:3], wordings[3:4], wordings[4:])):
-                split_rows[split] += [{"instruction": q.format(island=island), "input": "", "output": answer}
+                split_rows[split] += [{"instruction": q.format(name=name), "input": "", "output": answer}
                                       for q in chosen]
     for rows in split_rows.values():
         rng.shuffle(rows)
@@ -100,7 +129,7 @@ def generate(directory: Path) -> list[Path]:
     rng = random.Random(20240603)
     orders = records(rng, 360)
     domains = {"records": dict(zip(SPLITS, (orders[:240], orders[240:280], orders[280:]))),
-               "facts": facts(rng, 20)}
+               "facts": facts(rng, 20), "directory": staff_directory(rng, 15)}
     written = []
     for domain, splits in domains.items():
         (directory / domain).mkdir(parents=True, exist_ok=True)

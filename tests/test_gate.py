@@ -99,6 +99,17 @@ def test_a_harmful_update_fails_naming_what_it_broke(adapters, suites, gate_file
     assert json.loads((tmp_path / "report.json").read_text())["failed"] == list(report.failed)
 
 
+def test_each_model_is_scored_once_on_each_item_set(adapters, suites, gate_file, tmp_path):
+    config = GateConfig.load(gate_file)
+    first = run_gate(adapters["harmful"], adapters["harmless"], None, suites, config, tmp_path / "first")
+    again = run_gate(adapters["harmful"], adapters["harmless"], None, suites, config, tmp_path / "again")
+    # The second gate finds every model's scores on every suite, the general text and the set in the cache.
+    assert [sorted(entry["scores_from_cache"]) for entry in again.data] == [["candidate", "live"]] * 2 + \
+        [["base", "candidate", "live"], ["base", "candidate", "live"]]
+    assert [c.verdict for c in again.checks] == [c.verdict for c in first.checks]
+    assert [c.flips for c in again.checks] == [c.flips for c in first.checks]
+
+
 def test_mcnemar_exact_on_known_cases():
     assert mcnemar_exact(0, 0) == 1.0
     assert mcnemar_exact(0, 10) == pytest.approx(2 / 2 ** 10)

@@ -216,4 +216,4 @@ def test_sample_data_is_the_generators_output(tmp_path):
     for shipped in SAMPLES.glob("*/*.jsonl"):
         generated = tmp_path / shipped.parent.name / shipped.name
         assert generated.read_bytes() == shipped.read_bytes(), f"{shipped} differs from the generator's output"
-    assert {p.parent.name for p in SAMPLES.glob("*/test.jsonl")} == {"records", "facts"}
+    assert {p.parent.name for p in SAMPLES.glob("*/test.jsonl")} == {"records", "facts", "directory"}

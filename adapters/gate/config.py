@@ -78,7 +78,7 @@ class GateConfig:
     pattern: str | None = None
     quantization: str = "auto"        # auto: as the candidate was trained (its training_report.json)
     device: str = "auto"              # auto, cpu, cuda or cuda:N
-    reuse_choices: bool = True        # general-set choices of unchanged models come from the cache
+    reuse_scores: bool = True         # scores of unchanged models (base, live) come from the cache
     learned: Learned = Learned()
     retained: Retained = Retained()
     general_text: GeneralText = GeneralText()

@@ -18,9 +18,9 @@ from . import general_sets
 from .checks import general_set_check, general_text_checks, suite_check
 from .config import SEPARATING_SETS, GateConfig, GateConfigError
 from .report import GateReport
-from .score_cache import ChoiceCache, model_identity
-from .scoring import (BASE, CANDIDATE, LIVE, GateModels, ItemScores, choose, decode_answers, general_text_figures,
-                      score_suite)
+from .cached_scores import CachedScores
+from .score_cache import ScoreCache, model_identity
+from .scoring import BASE, CANDIDATE, LIVE, GateModels, ItemScores, decode_answers
 from .suites import GateSuite, read_suite
 
 _GENERAL_TEXT_BATCH = 2  # windows of 256 tokens: each model's log-probs are [2, 255, 49152] floats, 100 MB
@@ -51,37 +51,26 @@ def run_gate(candidate: Path, live: Path | None, base_model: str | None, suites:
     if live is not None:
         identities[LIVE] = model_identity(fingerprint, live, quantized)
     reference = LIVE if live is not None else BASE
+    scores = CachedScores(models, tokenizer, identities, ScoreCache(cache_root() / "gate-scores", config.reuse_scores),
+                          config.batch_size, config.max_seq_len, config.extra_answer_tokens)
     checks = []
     for suite_items in items:
-        scores = {}
-        for name in (reference, CANDIDATE):
-            with models.use(name) as model:
-                scores[name] = score_suite(model, tokenizer, suite_items, config.batch_size,
-                                           config.extra_answer_tokens)
-        checks.append(suite_check(suite_items, reference, _with_flip_answers(models, tokenizer, suite_items, scores,
+        scored = {name: scores.suite(name, suite_items) for name in (reference, CANDIDATE)}
+        checks.append(suite_check(suite_items, reference, _with_flip_answers(models, tokenizer, suite_items, scored,
                                                                              reference, config), config))
-    checks += general_text_checks(general_text_figures(models, general, _GENERAL_TEXT_BATCH), reference, config)
-    cache = ChoiceCache(cache_root() / "gate-scores")
-    from_cache = {}
+    checks += general_text_checks(scores.text(general, _GENERAL_TEXT_BATCH), reference, config)
     for choice_set in choice_sets:
-        chosen = {}
-        for name in models.names:
-            key = cache.key(identities[name], choice_set, config.max_seq_len)
-            chosen[name] = cache.get(key) if config.reuse_choices else None
-            if chosen[name] is None:
-                with models.use(name) as model:
-                    chosen[name] = choose(model, tokenizer, choice_set.items, config.batch_size, config.max_seq_len)
-                cache.put(key, chosen[name])
-            else:
-                from_cache.setdefault(choice_set.source.name, []).append(name)
+        chosen = {name: scores.choices(name, choice_set) for name in models.names}
         checks.append(general_set_check(choice_set, reference, chosen, config))
+    from_cache = scores.from_cache
 
     data = ([{"file": str(s.suite.path), "sha256": s.sha256, "role": s.suite.role, "items": len(s.examples),
-              "rows_usable": s.rows} for s in items]
-            + [{**s.provenance, "items": len(s.items), "choices_from_cache": from_cache.get(s.source.name, [])}
+              "rows_usable": s.rows, "scores_from_cache": from_cache.get(f"suite:{s.suite.name}", [])} for s in items]
+            + [{**s.provenance, "items": len(s.items), "scores_from_cache": from_cache.get(f"set:{s.source.name}", [])}
                for s in choice_sets]
             + [{"file": general.source, "sha256": general.fingerprint, "licence": "Python Software Foundation "
-                "License (Python's own standard library)", "items": len(general.examples)}])
+                "License (Python's own standard library)", "items": len(general.examples),
+                "scores_from_cache": from_cache.get("text", [])}])
     report = GateReport(
         candidate=str(candidate), live=str(live) if live is not None else None,
         base={"path": str(base_dir), "fingerprint": fingerprint,

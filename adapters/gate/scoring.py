@@ -200,9 +200,11 @@ class TextFigures:
     tokens: int
 
 
-def general_text_figures(models: GateModels, general: GeneralText, batch_size: int) -> dict[str, TextFigures]:
-    """Loss, perplexity and KL from the base on the general text, for every model, from one base pass per batch."""
-    totals = {name: [0.0, 0.0] for name in models.names}  # name -> [summed nll, summed kl]
+def general_text_figures(models: GateModels, general: GeneralText, batch_size: int,
+                         names: Sequence[str]) -> dict[str, TextFigures]:
+    """Loss, perplexity and KL from the base on the general text for the models `names`, from one base pass
+    per batch (the base's log-probabilities are the reference of every model's KL)."""
+    totals = {name: [0.0, 0.0] for name in names}  # name -> [summed nll, summed kl]
     tokens = 0
     with torch.no_grad():
         for start in range(0, len(general.examples), batch_size):
@@ -210,7 +212,7 @@ def general_text_figures(models: GateModels, general: GeneralText, batch_size: i
                                device=models.model.device)                                      # [B, S]
             targets = ids[:, 1:]                                                                 # [B, S-1]
             base_logp = _next_token_logprobs(models, BASE, ids)                                 # [B, S-1, V]
-            for name in models.names:
+            for name in names:
                 logp = base_logp if name == BASE else _next_token_logprobs(models, name, ids)
                 totals[name][0] -= logp.gather(-1, targets.unsqueeze(-1)).sum().item()
                 totals[name][1] += (base_logp.exp() * (base_logp - logp)).sum().item()

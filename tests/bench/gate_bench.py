@@ -53,7 +53,7 @@ def main() -> None:
               GateSuite("facts", SAMPLES / "facts" / "test.jsonl", "retained")]
     runs = {}
     for name, reuse in (("cold", False), ("warm", True)):
-        config = dataclasses.replace(GateConfig.load(None), reuse_choices=reuse)
+        config = dataclasses.replace(GateConfig.load(None), reuse_scores=reuse)
         wall, cpu = time.monotonic(), _cpu_seconds()
         report = run_gate(candidates[name], live, None, suites, config, root / name)
         runs[name] = {"wall_s": round(time.monotonic() - wall, 1), "cpu_s": round(_cpu_seconds() - cpu, 1),
