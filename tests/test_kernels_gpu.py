@@ -48,6 +48,20 @@ def test_nf4_matmul_matches_float64_reference(model):
             assert relative_error(out, want) < 4e-3, f"{model} {n}x{k} M={m}: {relative_error(out, want):.2e}"
 
 
+def test_nf4_matmul_takes_float16_rows_from_one():
+    """The default launch at one row is the bf16 GEMV; float16 (--dtype float16) must get the tensor-core one."""
+    from adapters.formats import nf4
+    from server.kernels.nf4_matmul import decode_absmax, nf4_matmul
+
+    packed, state = nf4.quantize(torch.randn(1024, 2048, device="cuda"), torch.float16)
+    weight = nf4.dequantize(packed, state)
+    for m in (1, 3, 8):
+        x = torch.randn(m, 2048, device="cuda", dtype=torch.float16)
+        out = nf4_matmul(x, packed.view(-1), decode_absmax(state), state.code.float().contiguous(), 1024)
+        assert out.dtype == torch.float16
+        assert relative_error(out, x.double() @ weight.double().T) < 4e-3, f"M={m}"
+
+
 def test_nf4_matmul_every_launch_shape_computes_the_same():
     """Launch shapes the benchmark sweeps: no split (direct bf16 store), uneven K-ranges, several blocks a step."""
     from server.kernels.nf4_matmul import NF4Config, nf4_matmul

@@ -152,9 +152,10 @@ def _sum_splits_kernel(partial_ptr, out_ptr, total, SPLIT_K: tl.constexpr, BLOCK
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def default_config(m: int, n: int, k: int) -> NF4Config:
-    """Launch shape by batch size; from tests/bench/kernel_bench.py sweeps on an H200 (BENCHMARKS.md)."""
-    if m == 1:
+def default_config(m: int, n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> NF4Config:
+    """Launch shape by batch size; from tests/bench/kernel_bench.py sweeps on an H200 (BENCHMARKS.md).
+    The one-row GEMV reads x as bf16 pairs, so other dtypes take the tensor-core launch at one row too."""
+    if m == 1 and dtype == torch.bfloat16:
         return NF4Config(block_n=64, block_m=1, split_k=8, groups=4)
     return NF4Config(block_n=128, block_m=16 if m <= 16 else 32 if m <= 32 else 64, split_k=8 if n <= 4096 else 4,
                      groups=1)
@@ -166,7 +167,7 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code
     m, k = x.shape
     if k % BLOCK:
         raise ValueError(f"in_features {k} is not a multiple of {BLOCK}")
-    config = config or default_config(m, n, k)
+    config = config or default_config(m, n, k, x.dtype)
     split_k = max(1, min(config.split_k, k // BLOCK))
     per_split = triton.cdiv(triton.cdiv(k // BLOCK, split_k), config.groups) * config.groups
     if out is None:
