@@ -30,18 +30,19 @@ class LoraBatch:
 
     @classmethod
     def build(cls, row_slots: list[int], slot_ranks: dict[int, int], slot_projections: dict[int, frozenset[str]],
-              tokens_per_row: int, device: torch.device) -> "LoraBatch":
-        """row_slots: the slot of each of B rows of `tokens_per_row` tokens (1 for decode)."""
+              tokens_per_row: int, device: torch.device, segments: bool = True) -> "LoraBatch":
+        """row_slots: the slot of each of B rows of `tokens_per_row` tokens (1 for decode). segments:
+        whether the torch path will run it (the kernels never read them: no per-adapter index tensors)."""
         used = sorted({s for s in row_slots if s != 0})
         if not used:
             return cls(None, 0, frozenset(), None)
         slots = torch.tensor(row_slots, dtype=torch.long).repeat_interleave(tokens_per_row).to(device)
-        segments = None
-        if tokens_per_row > 1:
-            segments = tuple((s, torch.tensor([i for i, r in enumerate(row_slots) if r == s], device=device))
-                             for s in used)
+        by_adapter = None
+        if segments and tokens_per_row > 1:
+            by_adapter = tuple((s, torch.tensor([i for i, r in enumerate(row_slots) if r == s], device=device))
+                               for s in used)
         return cls(slots, max(slot_ranks[s] for s in used),
-                   frozenset().union(*(slot_projections[s] for s in used)), segments)
+                   frozenset().union(*(slot_projections[s] for s in used)), by_adapter)
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,7 @@ class ModelRunner:
 
     def _lora(self, row_slots: list[int], tokens_per_row: int) -> LoraBatch:
         return LoraBatch.build(row_slots, self.adapter_slots.ranks, self.adapter_slots.projections, tokens_per_row,
-                               self.device)
+                               self.device, segments=not self.model.kernels)
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
