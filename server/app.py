@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,16 +72,16 @@ class RunningServer:
     metrics_port: int
     http: HttpServer | None = None
 
-    def drain(self, timeout: float, hurry: threading.Event | None = None) -> DrainReport:
+    def drain(self, timeout: float, hurried: Callable[[], bool] = lambda: False) -> DrainReport:
         """Graceful stop: NOT_SERVING and UNAVAILABLE for new calls at once, running calls get up to
-        `timeout` s (or until `hurry` is set), then whatever still runs ends with UNAVAILABLE."""
+        `timeout` s (or until `hurried()`), then whatever still runs ends with UNAVAILABLE."""
         started = time.monotonic()
         self.health.enter_graceful_shutdown()
         self.gate.begin_drain()
         in_flight = self.gate.in_flight
         deadline = started + timeout
         while not (finished := self.gate.wait_idle(0.05)):
-            if time.monotonic() >= deadline or (hurry is not None and hurry.is_set()):
+            if time.monotonic() >= deadline or hurried():
                 break
         cut_off = 0 if finished else self.gate.in_flight
         if not finished:

@@ -5,9 +5,9 @@ import argparse
 import logging
 import os
 import re
-import signal
 import sys
-import threading
+
+from .stop_signals import StopSignals
 
 ADMIN_TOKEN_ENV = "CARTRIDGE_ADMIN_TOKEN"
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
@@ -133,18 +133,11 @@ def run(args: argparse.Namespace) -> int:
     http = f", OpenAI HTTP on {server.http.scheme}://{config.host}:{server.http.port}/v1" if server.http else ""
     print(f"cartridge: serving gRPC on {config.host}:{server.port}, metrics on "
           f"http://{config.host}:{server.metrics_port}/metrics{http}", flush=True)
-    stop, hurry = threading.Event(), threading.Event()
-
-    def on_signal(*_) -> None:
-        if stop.is_set():
-            hurry.set()   # a second signal cuts the drain short, still with a status for every call
-        stop.set()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, on_signal)
-    stop.wait()
+    signals = StopSignals()
+    signals.wait()
     log.info("draining: health NOT_SERVING, new calls refused, running requests get up to %g s "
              "(a second signal ends them now)", config.drain_timeout)
-    report = server.drain(config.drain_timeout, hurry)
+    report = server.drain(config.drain_timeout, signals.hurried)
     log.info("drained in %.2f s: %d calls were running, %d of them ended with UNAVAILABLE by the drain timeout",
              report.seconds, report.in_flight, report.cut_off)
     return 0

@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import signal
 import sys
-import threading
 from pathlib import Path
 
 from .cli import engine_flags, server_config, store_flag
+from .stop_signals import StopSignals
 
 INFERENCE_SERVICER = "cartridge.v1.inference_pb2_grpc.add_InferenceServicer_to_server"
 
@@ -70,10 +69,7 @@ def run(args: argparse.Namespace) -> int:
               name=APP_NAME, route_prefix="/")
     print(f"cartridge: Ray Serve with {args.replicas} replicas, OpenAI HTTP on http://{args.host}:{args.http_port}/v1, "
           f"gRPC on {args.host}:{args.grpc_port} (metadata application={APP_NAME})", flush=True)
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    stop.wait()
+    StopSignals().wait()
     serve.shutdown()
     ray.shutdown()
     return 0

@@ -1,6 +1,8 @@
 """Graceful drain: SIGTERM or SIGINT lets running requests finish, refuses new ones, and exits 0."""
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
 import threading
 import time
@@ -102,3 +104,20 @@ def test_requests_past_the_drain_timeout_end_with_unavailable_not_a_dropped_conn
     assert 0 < len(running[0]) < 450, "the running stream kept what it had received"
     assert server.process.returncode == 0
     assert exited_after < 10
+
+
+def signal_a_worker_thread(pid: int, signum: int) -> None:
+    """Sends `signum` to one of `pid`'s threads other than its main one, as Linux may pick for a kill()."""
+    worker = next(int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid)
+    SYS_TGKILL = 234   # x86-64
+    assert ctypes.CDLL(None, use_errno=True).syscall(SYS_TGKILL, pid, worker, signum) == 0
+
+
+def test_a_sigterm_that_lands_on_a_worker_thread_still_drains():
+    server = start_server("--max-seq-len", "256")
+    with CartridgeClient(server.address, timeout=120) as client:
+        client.generate("hello", max_tokens=2)     # gRPC and engine threads are all running now
+    signal_a_worker_thread(server.process.pid, signal.SIGTERM)
+    server.process.wait(30)
+    assert server.process.returncode == 0
+    assert any("drained in" in line for line in server.log)
