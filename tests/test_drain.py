@@ -118,6 +118,9 @@ def test_a_sigterm_that_lands_on_a_worker_thread_still_drains():
     with CartridgeClient(server.address, timeout=120) as client:
         client.generate("hello", max_tokens=2)     # gRPC and engine threads are all running now
     signal_a_worker_thread(server.process.pid, signal.SIGTERM)
-    server.process.wait(30)
+    try:
+        server.process.wait(30)
+    finally:
+        server.process.kill()       # a no-op once it has exited
     assert server.process.returncode == 0
     assert any("drained in" in line for line in server.log)
