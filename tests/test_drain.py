@@ -108,7 +108,11 @@ def test_requests_past_the_drain_timeout_end_with_unavailable_not_a_dropped_conn
 
 def signal_a_worker_thread(pid: int, signum: int) -> None:
     """Sends `signum` to one of `pid`'s threads other than its main one, as Linux may pick for a kill()."""
-    worker = next(int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid)
+    def takes_it(tid: int) -> bool:
+        status = open(f"/proc/{pid}/task/{tid}/status").read()
+        blocked = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigBlk:")), 16)
+        return not blocked >> (signum - 1) & 1
+    worker = next(tid for tid in map(int, os.listdir(f"/proc/{pid}/task")) if tid != pid and takes_it(tid))
     SYS_TGKILL = 234   # x86-64
     assert ctypes.CDLL(None, use_errno=True).syscall(SYS_TGKILL, pid, worker, signum) == 0
 
