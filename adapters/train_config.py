@@ -67,6 +67,7 @@ class TrainConfig:
     max_steps: int = _setting(0, help="optimizer steps to run; 0 = as many as `epochs` takes")
     batch_size: int = _setting(4, help="examples per micro-batch")
     gradient_accumulation: int = _setting(1, help="micro-batches per optimizer step")
+    group_by_length: bool = _setting(True, help="put rows of like length in a micro-batch, so less of it is padding")
     weight_decay: float = _setting(0.0, help="AdamW weight decay on the LoRA weights")
     max_grad_norm: float = _setting(1.0, help="gradient clipping norm; 0 = no clipping")
     max_seq_len: int = _setting(512, help="tokens per example; longer chat rows are rejected, longer text is split")

@@ -105,18 +105,41 @@ def total_steps(num_examples: int, config: TrainConfig) -> int:
     return config.max_steps or math.ceil(config.epochs * steps_per_epoch(num_examples, config))
 
 
-def micro_batches(examples: Sequence[Example], batch_size: int, seed: int, skip: int, pad_id: int) -> Iterator[Batch]:
+# Micro-batches sorted together by length: wide enough to pair rows of like length, narrow enough that an
+# epoch's order stays random.
+GROUP_WINDOW = 32
+
+
+def micro_batches(examples: Sequence[Example], batch_size: int, seed: int, skip: int, pad_id: int,
+                  group_by_length: bool) -> Iterator[Batch]:
     """Endless micro-batches, each epoch in its own seeded order, starting after the first `skip`.
 
-    The order is a function of (seed, epoch) alone, so a resumed run sees the batches it would have seen."""
+    The order is a function of (seed, epoch) alone, so a resumed run sees the batches it would have seen.
+    With `group_by_length` (transformers' option of that name, the same idea) a micro-batch holds rows of
+    like length, so little of it is padding: a replay mix of long records and short facts padded every
+    micro-batch to its longest row."""
     per_epoch = math.ceil(len(examples) / batch_size)
     epoch, index = divmod(skip, per_epoch)
+    lengths = [example.num_tokens for example in examples]
     while True:
-        order = list(range(len(examples)))
-        random.Random(f"{seed}/{epoch}").shuffle(order)
-        for i in range(index, per_epoch):
-            yield collate([examples[j] for j in order[i * batch_size:(i + 1) * batch_size]], pad_id)
+        batches = _epoch_batches(lengths, batch_size, random.Random(f"{seed}/{epoch}"), group_by_length)
+        for rows in batches[index:]:
+            yield collate([examples[j] for j in rows], pad_id)
         epoch, index = epoch + 1, 0
+
+
+def _epoch_batches(lengths: Sequence[int], batch_size: int, rng: random.Random,
+                   group_by_length: bool) -> list[list[int]]:
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if group_by_length:
+        window = batch_size * GROUP_WINDOW
+        order = [j for start in range(0, len(order), window)
+                 for j in sorted(order[start:start + window], key=lengths.__getitem__, reverse=True)]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if group_by_length:
+        rng.shuffle(batches)   # else every window would run from its longest rows to its shortest
+    return batches
 
 
 def fit(trainer: Trainer, train: Sequence[Example], config: TrainConfig, state: TrainState, steps: int,
@@ -125,7 +148,8 @@ def fit(trainer: Trainer, train: Sequence[Example], config: TrainConfig, state: 
     and stops early when validation loss stops falling for early_stopping_patience validations."""
     from tqdm import tqdm
 
-    stream = micro_batches(train, config.batch_size, config.seed, state.step * config.gradient_accumulation, pad_id)
+    stream = micro_batches(train, config.batch_size, config.seed, state.step * config.gradient_accumulation, pad_id,
+                           config.group_by_length)
     started, tokens_at_start = time.perf_counter() - state.training_s, state.tokens_trained
     resumed_at = time.perf_counter()
     with tqdm(total=steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True) as progress:
