@@ -164,7 +164,7 @@ def build_server(config: ServerConfig) -> RunningServer:
                          options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(core.engine, core.validator), server)
     adapters_pb2_grpc.add_AdaptersServicer_to_server(
-        AdaptersService(core.registry, core.engine, core.metrics, core.store), server)
+        AdaptersService(core.registry, core.engine, core.store), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,

@@ -104,8 +104,10 @@ class Engine:
         return done
 
     def discard(self, adapter: RegisteredAdapter) -> None:
-        """A replaced or unregistered version gives up its pin and, once idle, its slot."""
+        """A replaced or unregistered version gives up its pin and, once idle, its slot, and its metric
+        series once nothing uses them."""
         self._on_engine_thread(lambda: self.scheduler.adapter_slots.discard(adapter) or True)
+        self._forget_if_unused(adapter)
 
     def _on_engine_thread(self, job: Callable[[], bool]) -> None:
         self._jobs.put(job)
@@ -247,9 +249,9 @@ class Engine:
         self.metrics.finished(seq)
         if seq.adapter is not None:
             self.registry.release(seq.adapter)
-            self.forget_if_unused(seq.adapter)   # it may have finished after its name or version moved on
+            self._forget_if_unused(seq.adapter)   # it may have finished after its name or version moved on
 
-    def forget_if_unused(self, adapter: RegisteredAdapter) -> None:
+    def _forget_if_unused(self, adapter: RegisteredAdapter) -> None:
         """Removes the metric series of `adapter`'s name, and of its store version, once nothing registered or
         running uses them, so labels stay bounded (versions: live and asked for as name@vN only)."""
         if not self.registry.contains(adapter.name):

@@ -114,9 +114,7 @@ class CartridgeReplica:
         if self.core.store is not None:
             self.core.store.drop(adapter.name)
             return
-        registered = self.core.registry.unregister(adapter.name)
-        self.core.engine.discard(registered)
-        self.core.engine.forget_if_unused(registered)
+        self.core.engine.discard(self.core.registry.unregister(adapter.name))
 
     async def generate(self, request) -> AsyncIterator[Started | object]:
         """Started, then the engine's events, the last with the outcome. `request` is a GenerateRequest

@@ -9,7 +9,6 @@ from .adapter_registry import AdapterRegistry, RegisteredAdapter, check_name
 from .engine import Engine
 from .errors import InvalidArgument
 from .generate_request import GenerateRequest, RequestValidator
-from .metrics import ServerMetrics
 from .sequence import Event, FinishReason, Sequence
 from .store_adapters import StoreAdapters
 
@@ -77,9 +76,8 @@ def from_proto(request: inference_pb2.GenerateRequest) -> GenerateRequest:
 
 
 class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
-    def __init__(self, registry: AdapterRegistry, engine: Engine, metrics: ServerMetrics,
-                 store: StoreAdapters | None = None):
-        self.registry, self.engine, self.metrics, self.store = registry, engine, metrics, store
+    def __init__(self, registry: AdapterRegistry, engine: Engine, store: StoreAdapters | None = None):
+        self.registry, self.engine, self.store = registry, engine, store
 
     def RegisterAdapter(self, request, context) -> adapters_pb2.AdapterInfo:
         if len(request.path) > MAX_PATH_CHARS or "\0" in request.path:
@@ -97,7 +95,6 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
     def UnregisterAdapter(self, request, context) -> adapters_pb2.UnregisterAdapterResponse:
         name = check_name(request.name)
         self.engine.discard(self.registry.unregister(name))
-        self.metrics.forget_adapter(name)
         return adapters_pb2.UnregisterAdapterResponse()
 
     def ListAdapters(self, request, context) -> adapters_pb2.ListAdaptersResponse:

@@ -95,7 +95,6 @@ class StoreAdapters:
             if adapter.live:
                 self.metrics.live_version.remove(text)
         self.engine.discard(adapter)
-        self.engine.forget_if_unused(adapter)
 
     def by_version(self, text: str) -> RegisteredAdapter:
         """The adapter for a request naming `name@vN`, read and checked on first use, then kept."""
@@ -174,7 +173,6 @@ class StoreAdapters:
         _, replaced = self.registry.install(adapter, replace=True)
         if replaced is not None:
             self.engine.discard(replaced)
-            self.engine.forget_if_unused(replaced)
         self.metrics.live_version.labels(name).set(ref.number)
         log.info("%s: now serving %s (%s), %.3f s after the pointer moved; %s", name, ref, move.action,
                  time.time() - stamp / 1e9, warm)
