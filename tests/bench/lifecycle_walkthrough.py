@@ -102,16 +102,14 @@ class Walkthrough:
         return done
 
     def data(self, domain: str) -> list[str]:
-        if domain != "narrow":
-            folder = SAMPLES / domain
-            return ["--data", str(folder / "train.jsonl"), "--val-data", str(folder / "val.jsonl"),
-                    "--test-data", str(folder / "test.jsonl")]
-        folder = self.out / "narrow"
-        folder.mkdir(exist_ok=True)
-        lines = [json.dumps(row) + "\n" for row in NARROW_ROWS]
-        (folder / "train.jsonl").write_text("".join(lines[:8]))
-        (folder / "val.jsonl").write_text("".join(lines[8:10]))
-        (folder / "test.jsonl").write_text("".join(lines[10:]))
+        folder = SAMPLES / domain
+        if domain == "narrow":
+            folder = self.out / "narrow"
+            folder.mkdir(exist_ok=True)
+            lines = [json.dumps(row) + "\n" for row in NARROW_ROWS]
+            (folder / "train.jsonl").write_text("".join(lines[:8]))
+            (folder / "val.jsonl").write_text("".join(lines[8:10]))
+            (folder / "test.jsonl").write_text("".join(lines[10:]))
         return ["--data", str(folder / "train.jsonl"), "--val-data", str(folder / "val.jsonl"),
                 "--test-data", str(folder / "test.jsonl")]
 
@@ -137,16 +135,13 @@ class Walkthrough:
     def release(self, update: Update, passed: bool) -> None:
         if f"release-v{update.version}" in self.steps:
             return
-        if not passed and self.smoke and not update.harmful:
-            # Two steps learn nothing: release anyway, so the rollback under load is exercised too.
-            print(self.cartridge(f"release-v{update.version}", "release", f"{NAME}@v{update.version}", "--force",
-                                 "--reason", "walk-through --smoke").stdout)
-            return
-        if not passed:
-            refused = self.cartridge(f"release-v{update.version}", "release", f"{NAME}@v{update.version}", ok=(1,))
-            print(refused.stderr, flush=True)
-            return
-        print(self.cartridge(f"release-v{update.version}", "release", f"{NAME}@v{update.version}").stdout)
+        step, ref = f"release-v{update.version}", f"{NAME}@v{update.version}"
+        if passed or (self.smoke and not update.harmful):
+            # Two steps learn nothing: --smoke releases anyway, so the rollback under load is exercised too.
+            forced = [] if passed else ["--force", "--reason", "walk-through --smoke"]
+            print(self.cartridge(step, "release", ref, *forced).stdout)
+        else:
+            print(self.cartridge(step, "release", ref, ok=(1,)).stderr, flush=True)
 
     def rollback_under_load(self) -> dict:
         """16 streams on the live version; `cartridge rollback` mid-way; when the server serves the previous one."""
