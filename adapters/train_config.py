@@ -112,8 +112,10 @@ class TrainConfig:
                f"{unknown or 'nothing'} given; choose among {list(PROJECTIONS)}")
         _check(0 < self.learning_rate < 1, "learning_rate", f"must be in (0, 1), got {self.learning_rate}")
         _check(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
-        for key in ("replay_fraction", "general_replay_fraction"):
-            _check(0 <= getattr(self, key) < 1, key, f"must be in [0, 1), got {getattr(self, key)}")
+        _check(0 <= self.replay_fraction <= 1, "replay_fraction", f"must be in [0, 1], got {self.replay_fraction}")
+        # A share of the whole mix: at 1 there would be no room left for the new data.
+        _check(0 <= self.general_replay_fraction < 1, "general_replay_fraction",
+               f"must be in [0, 1), got {self.general_replay_fraction}")
         _check(self.recall_items >= 0, "recall_items", f"must not be negative, got {self.recall_items}")
         for key in ("epochs", "batch_size", "gradient_accumulation", "max_seq_len", "eval_every",
                     "general_eval_tokens"):

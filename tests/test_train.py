@@ -206,6 +206,11 @@ def test_bad_settings_are_named(tmp_path):
     assert "use_rslora: expected true or false, got 'maybe'" in cartridge("train", "--config", str(config)).stderr
     dropout = cartridge("train", "--config", str(config), "--use-rslora")
     assert dropout.returncode == 2 and "lora_dropout: must be in [0, 1), got 1.5" in dropout.stderr
+    # Replaying every earlier row is allowed; a mix of nothing but general text is not.
+    general = cartridge("train", "--data", "x.jsonl", "--output", "out", "--replay-fraction", "1",
+                        "--general-replay-fraction", "1")
+    assert general.returncode == 2 and "general_replay_fraction: must be in [0, 1), got 1.0" in general.stderr
+    assert "replay_fraction" not in general.stderr.replace("general_replay_fraction", "")
 
     assert "data: required" in cartridge("train", "--output", str(tmp_path / "out")).stderr
     assert not (tmp_path / "out").exists()
