@@ -51,7 +51,7 @@ class Update:
 # replay earlier rows and general text. Six epochs of directory with half the earlier rows and 10 %
 # general text forgot 5 of 60 facts and raised general-text perplexity 155 % (gate FAIL); five epochs
 # with 80 % of the rows and 20 % general text forgot one, a fact none of whose three training wordings
-# was drawn: directory replays every earlier row. On an unshared 2-core CPU a step of 8 rows takes 3 to 6 s.
+# was drawn: directory replays every earlier row. On an unshared 2-core CPU a step of 8 rows takes 3 to 9 s.
 DOMAINS = {
     "records": ("--epochs", "3", "--learning-rate", "1e-3", "--recall-items", "80"),
     "facts": ("--epochs", "6", "--learning-rate", "2e-3", "--general-replay-fraction", "0.1", "--recall-items", "180"),
