@@ -99,7 +99,7 @@ def base_weight_bytes(model: Transformer) -> int:
     scales), norms and RoPE tables; a tied lm_head counts once. LoRA stacks are not the model's."""
     tensors = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers())}
     for module in model.modules():
-        # Plain tensor attributes too: the NF4 kernel keeps its decoded block scales that way.
+        # Plain tensor attributes too, should a module keep one outside its buffers.
         tensors.update({t.data_ptr(): t for t in vars(module).values() if isinstance(t, torch.Tensor)})
         for state in getattr(module, "quant_states", ()):
             while state is not None:    # double quantization nests the scales' own state

@@ -1,4 +1,4 @@
-"""Our Triton kernels (server/kernels) against float64 references on fresh random inputs.
+"""Our GPU kernels (server/kernels) against float64 references on fresh random inputs.
 
 Needs a GPU: skipped on CPU-only hosts (CI); run on the GPU machine with
 `python -m pytest tests/test_kernels_gpu.py`. Shapes are the projections of the default model
@@ -18,93 +18,105 @@ SHAPES = {
     "7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
 }
 ROWS = [1, 2, 3, 5, 8, 13, 16, 17, 31, 32, 48, 64]
+# Against a float64 evaluation of the kernel's own formula, the error is the output's rounding:
+# relative 2^-9 for bf16 (8 significant bits), 2^-12 for fp16.
+TOLERANCE = {torch.bfloat16: 4e-3, torch.float16: 1e-3}
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).norm() / want.norm()).item()
 
 
-def quantized(n: int, k: int):
+def quantized(n: int, k: int, dtype: torch.dtype = torch.bfloat16, scale: float = 1.0):
+    """A fresh random [n, k] weight: (PackedNF4, bnb's dense dequantized weight, the NF4 code)."""
     from adapters.formats import nf4
-    from server.kernels.nf4_matmul import decode_absmax
+    from server.kernels.nf4_layout import decode_absmax, repack
 
-    packed, state = nf4.quantize(torch.randn(n, k, device="cuda"), torch.bfloat16)
-    return packed.view(-1), decode_absmax(state), state.code.float().contiguous(), nf4.dequantize(packed, state)
+    packed, state = nf4.quantize(torch.randn(n, k, device="cuda") * scale, dtype)
+    return (repack(packed.view(-1), decode_absmax(state), state.code, n, k, dtype), nf4.dequantize(packed, state),
+            state.code)
+
+
+def poisoned(m: int, n: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    return torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
 
 
 @pytest.mark.parametrize("model", SHAPES)
 def test_nf4_matmul_matches_float64_reference(model):
+    """The kernel's own formula (fp16 block scales on fp32 block sums, nf4_matmul's docstring) in float64,
+    and bnb's dequantize-then-matmul within bf16's usual tolerance."""
+    from server.kernels.nf4_layout import reference
     from server.kernels.nf4_matmul import nf4_matmul
 
     for n, k in SHAPES[model]:
-        packed, absmax, code, weight = quantized(n, k)
+        packed, weight, code = quantized(n, k)
         for m in ROWS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-            nf4_matmul(x, packed, absmax, code, n, out=out)
-            want = x.double() @ weight.double().T
+            out = nf4_matmul(x, packed, out=poisoned(m, n))
             assert not out.isnan().any(), f"{model} {n}x{k} M={m}: unwritten outputs"
-            # bf16 output rounding alone gives ~1e-3.
-            assert relative_error(out, want) < 4e-3, f"{model} {n}x{k} M={m}: {relative_error(out, want):.2e}"
+            exact = relative_error(out, reference(x, packed, code, torch.bfloat16))
+            assert exact < TOLERANCE[torch.bfloat16], f"{model} {n}x{k} M={m}: {exact:.2e} against the formula"
+            bnb_error = relative_error(out, x.double() @ weight.double().T)
+            assert bnb_error < 1e-2, f"{model} {n}x{k} M={m}: {bnb_error:.2e} against bnb's weight"
 
 
-def test_nf4_matmul_takes_float16_rows_from_one():
-    """The default launch at one row is the bf16 GEMV; float16 (--dtype float16) must get the tensor-core one."""
-    from adapters.formats import nf4
-    from server.kernels.nf4_matmul import decode_absmax, nf4_matmul
+def test_nf4_matmul_in_float16_and_with_tiny_scales():
+    """--dtype float16 rows, and a weight whose scales would be fp16 subnormals without the power-of-two shift."""
+    from server.kernels.nf4_layout import reference
+    from server.kernels.nf4_matmul import nf4_matmul
 
-    packed, state = nf4.quantize(torch.randn(1024, 2048, device="cuda"), torch.float16)
-    weight = nf4.dequantize(packed, state)
-    for m in (1, 3, 8):
-        x = torch.randn(m, 2048, device="cuda", dtype=torch.float16)
-        out = nf4_matmul(x, packed.view(-1), decode_absmax(state), state.code.float().contiguous(), 1024)
-        assert out.dtype == torch.float16
-        assert relative_error(out, x.double() @ weight.double().T) < 4e-3, f"M={m}"
+    for dtype, scale in ((torch.float16, 1.0), (torch.bfloat16, 1e-6)):
+        packed, _, code = quantized(1024, 2048, dtype, scale)
+        for m in (1, 3, 8, 40):
+            x = torch.randn(m, 2048, device="cuda", dtype=dtype)
+            out = nf4_matmul(x, packed, out=poisoned(m, 1024, dtype))
+            assert out.dtype == dtype
+            error = relative_error(out, reference(x, packed, code, dtype))
+            assert error < TOLERANCE[dtype], f"{dtype} scale {scale} M={m}: {error:.2e}"
 
 
 def test_nf4_matmul_every_launch_shape_computes_the_same():
-    """Launch shapes the benchmark sweeps: no split (direct bf16 store), uneven K-ranges, several blocks a step."""
+    """Launch shapes the benchmark sweeps: no split (direct store), uneven K-ranges, partial chunks,
+    two slabs a warp, more than 64 rows (a second grid column)."""
+    from server.kernels.nf4_layout import reference
     from server.kernels.nf4_matmul import NF4Config, nf4_matmul
 
-    n, k = 1000, 4096 + 192                                   # N not a multiple of any block, K-ranges uneven
-    packed, absmax, code, weight = quantized(n, k)
-    for m, config in [(1, NF4Config(32, 1, 1, 1)), (1, NF4Config(128, 1, 8, 4)), (1, NF4Config(64, 1, 3, 2)),
-                      (5, NF4Config(64, 16, 1, 1)), (20, NF4Config(128, 32, 8, 2, num_stages=2)),
-                      (64, NF4Config(64, 64, 5, 2)), (40, NF4Config(128, 16, 2, 1))]:
+    n, k = 1024 + 32, 4096 + 192
+    packed, _, code = quantized(n, k)
+    for m, config in [(1, NF4Config(4, 1, 1, 2, 1)), (1, NF4Config(8, 2, 4, 4, 8)), (3, NF4Config(4, 2, 3, 3, 5)),
+                      (20, NF4Config(4, 1, 2, 2, 7)), (64, NF4Config(8, 1, 1, 3, 2)), (64, NF4Config(4, 2, 2, 4, 1)),
+                      (100, NF4Config(4, 1, 2, 3, 3))]:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-        nf4_matmul(x, packed, absmax, code, n, config, out=out)
-        want = x.double() @ weight.double().T
-        assert relative_error(out, want) < 4e-3, f"M={m} {config}: {relative_error(out, want):.2e}"
+        out = nf4_matmul(x, packed, config, out=poisoned(m, n))
+        error = relative_error(out, reference(x, packed, code, torch.bfloat16))
+        assert error < TOLERANCE[torch.bfloat16], f"M={m} {config}: {error:.2e}"
 
 
-def test_nf4_matmul_decodes_exactly_what_bitsandbytes_dequantizes():
-    """Unit rows pick single columns: out[i, n] = W[n, c + i] with no rounding in between."""
+def test_nf4_matmul_reads_strided_rows():
+    """x as a view with a row stride wider than K (a slice of a larger activation buffer)."""
+    from server.kernels.nf4_layout import reference
     from server.kernels.nf4_matmul import nf4_matmul
 
+    packed, _, code = quantized(512, 1024)
+    x = torch.randn(9, 1024 + 64, device="cuda", dtype=torch.bfloat16)[:, 64:]
+    out = nf4_matmul(x, packed)
+    assert relative_error(out, reference(x, packed, code, torch.bfloat16)) < TOLERANCE[torch.bfloat16]
+
+
+def test_nf4_dequantize_gives_the_kernels_weight():
+    """Unit rows pick single columns of the kernel's weight; the dense dequantization equals them exactly
+    (scale times code, times a power of two, rounded once in both)."""
+    from server.kernels.nf4_matmul import nf4_dequantize, nf4_matmul
+
     n, k = 4096, 4096
-    packed, absmax, code, weight = quantized(n, k)
+    packed, weight, _ = quantized(n, k)
+    dense = nf4_dequantize(packed, torch.bfloat16)
+    assert relative_error(dense, weight.double()) < 1e-2
     for start in (0, 1000, k - 64):
         x = torch.zeros(64, k, device="cuda", dtype=torch.bfloat16)
         x[torch.arange(64), start + torch.arange(64)] = 1
-        for m in (1, 8, 64):
-            out = nf4_matmul(x[:m], packed, absmax, code, n)
-            assert torch.equal(out, weight[:, start:start + m].T), f"columns {start}.. M={m}"
-
-
-def test_nf4_matmul_agrees_with_bitsandbytes_matmul():
-    import bitsandbytes as bnb
-
-    from adapters.formats import nf4
-    from server.kernels.nf4_matmul import decode_absmax, nf4_matmul
-
-    packed, state = nf4.quantize(torch.randn(11008, 4096, device="cuda"), torch.bfloat16)
-    for m in (1, 16, 64):
-        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
-        ours = nf4_matmul(x, packed.view(-1), decode_absmax(state), state.code.float(), 11008)
-        theirs = bnb.matmul_4bit(x, packed.t(), quant_state=state)
-        # bitsandbytes' one-row GEMV accumulates less precisely than a GEMM (4.03e-3 seen once at M = 1)
-        assert relative_error(ours, theirs.double()) < (8e-3 if m == 1 else 4e-3), f"M={m}"
+        out = nf4_matmul(x, packed)
+        assert torch.equal(out, dense[:, start:start + 64].T), f"columns {start}.."
 
 
 def adapter_stacks(num_slots: int, max_rank: int, n: int, k: int, ranks: list[int]):
@@ -180,21 +192,22 @@ def test_lora_bgmv_slices_of_a_fused_projection_in_one_launch(model):
 def test_lora_bgmv_reads_ranks_and_slots_at_graph_replay():
     """Captured once, replayed after the adapters, their ranks and the rows' slots change in place."""
     from server.kernels.lora_bgmv import LoraSlice, lora_bgmv
+    from server.kernels.nf4_layout import reference
     from server.kernels.nf4_matmul import nf4_matmul
 
     n, k, m = 4096, 4096, 16
-    packed, absmax, code, weight = quantized(n, k)
+    packed, _, code = quantized(n, k)
     a, b, ranks = adapter_stacks(5, 16, n, k, [0, 16, 8, 4, 0])
     lora = [LoraSlice(a, b, ranks)]
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     slots = torch.zeros(m, dtype=torch.long, device="cuda")
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        lora_bgmv(nf4_matmul(x, packed, absmax, code, n), x, lora, slots)
+        lora_bgmv(nf4_matmul(x, packed), x, lora, slots)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = lora_bgmv(nf4_matmul(x, packed, absmax, code, n), x, lora, slots)
+        y = lora_bgmv(nf4_matmul(x, packed), x, lora, slots)
     generator = torch.Generator().manual_seed(1)
     for step in range(4):
         x.copy_(torch.randn(m, k, generator=generator))
@@ -203,6 +216,5 @@ def test_lora_bgmv_reads_ranks_and_slots_at_graph_replay():
         a[4].normal_()
         y.fill_(float("nan"))
         graph.replay()
-        base = x.double() @ weight.double().T
-        want = bgmv_reference(base, x, a, b, ranks, slots)
+        want = bgmv_reference(reference(x, packed, code, torch.bfloat16), x, a, b, ranks, slots)
         assert relative_error(y, want) < 4e-3, f"replay {step}"

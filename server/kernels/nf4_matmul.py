@@ -1,191 +1,133 @@
-"""NF4 x bf16 matmul for decode-sized batches, reading bitsandbytes' packed layout in place.
+"""NF4 x bf16/fp16 matmul for decode-sized batches: a tensor-core CUDA kernel compiled at run time.
 
-Semantics (W is the weight bitsandbytes' `dequantize_4bit` returns, in the compute dtype):
+Semantics (the weight in nf4_layout's order; `dtype` is x's, bf16 or fp16):
 
-    W[n, k] = dtype(code[q(n, k)] * absmax[n, k // 64])          (rounded once, as bnb rounds it)
-    q(n, k) = packed[(n*K + k) // 2] >> 4  if k is even, else  & 0xF   (high nibble = element 2j)
-    out[m, n] = sum_k x[m, k] * W[n, k]                           (fp32 accumulation)
+    out[m, n] = 2^-shift * sum_b scale[n, b] * sum_{k in 64-block b} dtype(code[q(n, k)]) * x[m, k]
+    scale[n, b] = fp16(absmax[n, b] * 2^shift)                       (nf4_layout.repack)
 
-so `out` equals bnb's dequantize + cuBLAS up to the order of accumulation. Arguments:
+with fp32 products and sums. bitsandbytes' dequantize-then-matmul instead rounds each weight once,
+dtype(code * absmax), and multiplies that. The two differ by the rounding of a bf16 weight
+(relative 2^-9 per element, averaging out over K) plus fp16's 2^-12 on each block scale: the
+tests hold the kernel to 1e-3 relative L2 against a float64 evaluation of the formula above, and
+to bf16's usual 1e-2 against bnb's dense weight. Arguments:
 
-    x       [M, K]        compute dtype (bf16/fp16), rows contiguous
-    packed  [N * K // 2]  uint8, bitsandbytes' packing of the row-major [N, K] weight
-    absmax  [N * K // 64] float32, the block scales with double quantization already decoded
-            (done once at load by bnb's own code: exact, see `decode_absmax`)
-    code    [16]          float32, the NF4 values (bnb's quant_state.code)
-    out     [M, N]        compute dtype
+    x       [M, K]   compute dtype, 16-byte aligned rows (K a multiple of 64)
+    packed  PackedNF4 of the [N, K] weight (N a multiple of 16)
+    out     [M, N]   compute dtype, contiguous
 
-The weight is the only large operand, so the kernel is a stream over its bytes: each program
-takes BLOCK_N output features and one K-range (split-K, so that a 4096-wide output fills all
-multiprocessors even when M = 1), walks it one 64-wide scale block at a time, decodes the two
-nibbles of each byte through the 16-entry table against the even and odd columns of x, and
-either sums products on the FMA units (M = 1) or feeds the tensor cores with the weight
-tile as the left operand (out^T = W x^T: the "swap AB" of small-M GEMMs). The M = 1 kernel reads
-x and the weight as 32-bit words, one 64-block row per 8 words. With split-K each
-K-range writes fp32 partial sums that a second small kernel adds in a fixed order, so results
-do not depend on scheduling.
+Why a CUDA kernel (nf4_matmul.cu) rather than Triton: the speed comes from each lane's 16-byte
+load landing in the registers of its tensor-core fragment, decoded by a `prmt` register table (8
+codes in 21 instructions, no table loads) and fed to `mma.sync` with no trip through shared memory;
+Triton picks its own register layouts and would shuffle the decoded tile. NVRTC, which ships with
+every CUDA build of torch, compiles it at first use: no compiler is needed on the host.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 
 import torch
-import triton
-import triton.language as tl
 
-BLOCK = 64   # bitsandbytes' blocksize for NF4 (adapters.formats.nf4.BLOCK_SIZE)
+from .nf4_layout import BLOCK, SLAB, PackedNF4
+
+SOURCE = Path(__file__).with_suffix(".cu").read_text()
+MAX_TILE_ROWS = 64          # batch rows one launch column covers (8 MMA tiles of 8); more go to gridDim.z
 
 
 @dataclass(frozen=True, slots=True)
 class NF4Config:
-    """Launch shape: features per program, rows per program (1 = the GEMV kernel), K-ranges, 64-blocks
-    per loop step."""
-    block_n: int
-    block_m: int
+    """Launch shape: warps per CTA, 16-row slabs per warp, 64-blocks per pipeline chunk, x ring depth,
+    K-ranges (split-K)."""
+    warps: int
+    slabs: int
+    group: int
+    stages: int
     split_k: int
-    groups: int
-    num_warps: int = 4
-    num_stages: int = 3
 
 
-def decode_absmax(state) -> torch.Tensor:
-    """bnb QuantState -> float32 absmax [N*K/64], exactly as bnb's dequantize_4bit computes it."""
-    import bitsandbytes.functional as bnbf
-
-    if not state.nested:
-        return state.absmax.float().contiguous()
-    absmax = bnbf.dequantize_blockwise(state.absmax, state.state2)
-    return (absmax + state.offset).float().contiguous()
-
-
-@triton.jit
-def _code(code_addr, idx):
-    """code[idx] through the L1 cache. Inline PTX rather than tl.load: a gather load makes Triton
-    give the tile a layout of its own and shuffle every element through shared memory (seen in the
-    compiled TTGIR), which cost 3x in the first version."""
-    return tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=r,l", [code_addr + idx.to(tl.int64) * 4],
-                                     dtype=tl.float32, is_pure=True, pack=1)
+def default_config(m: int, n: int, k: int) -> NF4Config:
+    """From tests/bench/kernel_bench.py sweeps on an H100 (BENCHMARKS.md). The kernel is latency-bound at
+    these sizes (Nsight Compute: about 2 warps a scheduler, half the issue slots idle, at 0.7 waves), so
+    K is split until every SM holds about 24 warps, but no range is shorter than 8 blocks."""
+    tiles = math.ceil(min(m, MAX_TILE_ROWS) / 8)
+    warps = 8 if tiles > 4 else 4
+    fill = math.ceil(24 * _multiprocessors() / (n // SLAB))
+    split = max(1, min(fill, k // BLOCK // 8))
+    return NF4Config(warps=warps, slabs=1, group=2 if tiles <= 4 else 1, stages=3, split_k=split)
 
 
-@triton.jit
-def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_addr, out_ptr, N, K, per_split,
-                     BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, PARTIAL: tl.constexpr):
-    """M = 1. On the H200 it still trails bitsandbytes' own GEMV (0.58 against 0.76 TB/s at 4096x4096,
-    BENCHMARKS.md), so NF4Linear sends single rows to bitsandbytes; kept, tested and benchmarked as
-    the starting point of the next round. x_ptr and packed_ptr are int32 views: a word of x is the
-    bf16 pair (x[2i], x[2i+1]), a word of the weight 4 bytes = 8 elements; per-thread fp32 sums,
-    one reduction at the end."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_w = tl.arange(0, 8)                       # word w of a 64-block: elements 8w..8w+7
-    n_mask = offs_n < N
-    k_blocks = K // 64
-    words = (offs_n.to(tl.int64) * (K // 8))[:, None] + offs_w[None, :]
-    acc = tl.zeros((BLOCK_N, 8), dtype=tl.float32)
-    for step in range(0, per_split, GROUPS):
-        for g in tl.static_range(GROUPS):
-            b = pid_k * per_split + step + g
-            live = b < k_blocks
-            q = tl.load(packed_ptr + words + b * 8, mask=n_mask[:, None] & live, other=0)             # [BN, 8]
-            scale = tl.load(absmax_ptr + offs_n * k_blocks + b, mask=n_mask & live, other=0.0)[:, None]
-            for t in tl.static_range(4):           # byte t of each word: elements 8w+2t (high nibble), 8w+2t+1
-                byte = q >> (8 * t)
-                pair = tl.load(x_ptr + b * 32 + 4 * offs_w + t, mask=live, other=0)[None, :]            # [1, 8]
-                w_even = (_code(code_addr, (byte >> 4) & 15) * scale).to(tl.bfloat16).to(tl.float32)
-                w_odd = (_code(code_addr, byte & 15) * scale).to(tl.bfloat16).to(tl.float32)
-                acc += w_even * (pair << 16).to(tl.float32, bitcast=True)
-                acc += w_odd * (pair & -65536).to(tl.float32, bitcast=True)
-    out = tl.sum(acc, axis=1)
-    if PARTIAL:
-        tl.store(out_ptr + pid_k * N + offs_n, out, mask=n_mask)
-    else:
-        tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+@cache
+def _multiprocessors() -> int:
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
-@triton.jit
-def _nf4_mma_kernel(x_ptr, packed_ptr, absmax_ptr, code_addr, out_ptr, M, N, K, stride_xm, per_split,
-                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUPS: tl.constexpr, PARTIAL: tl.constexpr):
-    """M >= 2: out^T tile [BLOCK_N, BLOCK_M] = W tile x^T on the tensor cores, one 64-block (K = 64)
-    a product: the two nibbles of each byte are interleaved back into columns 2j, 2j+1 in registers,
-    so x is read as contiguous rows."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_j = tl.arange(0, 32)                          # byte j of a 64-block holds columns 2j, 2j+1
-    n_mask = offs_n < N
-    m_mask = offs_m < M
-    k_blocks = K // 64
-    row_bytes = (offs_n.to(tl.int64) * (K // 2))[:, None] + offs_j[None, :]
-    x_rows = x_ptr + (offs_m.to(tl.int64) * stride_xm)[:, None] + tl.arange(0, 64)[None, :]
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for step in range(0, per_split, GROUPS):
-        for g in tl.static_range(GROUPS):
-            b = pid_k * per_split + step + g
-            live = b < k_blocks
-            q = tl.load(packed_ptr + row_bytes + b * 32, mask=n_mask[:, None] & live, other=0)          # [BN, 32]
-            scale = tl.load(absmax_ptr + offs_n * k_blocks + b, mask=n_mask & live, other=0.0)[:, None]
-            w_hi = (_code(code_addr, q >> 4) * scale).to(x_ptr.dtype.element_ty)
-            w_lo = (_code(code_addr, q & 15) * scale).to(x_ptr.dtype.element_ty)
-            w = tl.join(w_hi, w_lo).reshape(BLOCK_N, 64)                                              # [BN, 64]
-            x = tl.load(x_rows + b * 64, mask=m_mask[:, None] & live, other=0.0)                      # [BM, 64]
-            acc += tl.dot(w, tl.trans(x))
-    acc = tl.trans(acc)                                                                                 # [BM, BN]
-    out_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
-    if PARTIAL:
-        tl.store(out_ptr + pid_k * M * N + out_offs, acc, mask=mask)
-    else:
-        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+def _module(tiles: int, config: NF4Config, half: bool, partial: bool):
+    """The compiled module for a launch shape; the K split is a launch argument, not compiled in."""
+    return _compile(tiles, config.warps, config.slabs, config.group, config.stages, half, partial)
 
 
-@triton.jit
-def _sum_splits_kernel(partial_ptr, out_ptr, total, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
-    """out[i] = sum over s of partial[s, i], s in order (deterministic), cast to out's dtype."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < total
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        acc += tl.load(partial_ptr + s * total + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+@cache
+def _compile(tiles: int, warps: int, slabs: int, group: int, stages: int, half: bool, partial: bool):
+    """NVRTC, about a second, once per process and shape."""
+    from torch.cuda._utils import _cuda_load_module, _nvrtc_compile
+
+    defines = (f"#define MT {tiles}\n#define SLABS {slabs}\n#define WARPS {warps}\n#define G {group}\n"
+               f"#define STAGES {stages}\n#define F16 {int(half)}\n#define PARTIAL {int(partial)}\n")
+    cubin, _ = _nvrtc_compile(defines + SOURCE, "nf4_matmul")
+    module = _cuda_load_module(cubin)
+    module.nf4_matmul.set_shared_memory_config(_ring_bytes(tiles, warps, slabs, group, stages))
+    return module
 
 
-def default_config(m: int, n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> NF4Config:
-    """Launch shape by batch size; from tests/bench/kernel_bench.py sweeps on an H200 (BENCHMARKS.md).
-    The one-row GEMV reads x as bf16 pairs, so other dtypes take the tensor-core launch at one row too."""
-    if m == 1 and dtype == torch.bfloat16:
-        return NF4Config(block_n=64, block_m=1, split_k=8, groups=4)
-    return NF4Config(block_n=128, block_m=16 if m <= 16 else 32 if m <= 32 else 64, split_k=8 if n <= 4096 else 4,
-                     groups=1)
+def _ring_bytes(tiles: int, warps: int, slabs: int, group: int, stages: int) -> int:
+    """The shared-memory ring (nf4_matmul.cu): a stage is x [8 rows a tile, 64 columns a block + 8 of padding]
+    in 2 bytes, and 16 bytes of codes and 4 of scales per lane per (block, slab)."""
+    return stages * (8 * tiles * (64 * group + 8) * 2 + warps * 32 * group * slabs * 20)
 
 
-def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, n: int,
-               config: NF4Config | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] @ dequant(packed, absmax, code)^T -> out [M, n] (allocated unless given), see the module docstring."""
-    m, k = x.shape
-    if k % BLOCK:
-        raise ValueError(f"in_features {k} is not a multiple of {BLOCK}")
-    config = config or default_config(m, n, k, x.dtype)
-    split_k = max(1, min(config.split_k, k // BLOCK))
-    per_split = triton.cdiv(triton.cdiv(k // BLOCK, split_k), config.groups) * config.groups
+def _check(x: torch.Tensor, packed: PackedNF4) -> None:
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"the NF4 kernel takes bf16 or fp16 rows, not {x.dtype}")
+    if x.shape[-1] != packed.k or x.stride(-1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
+        raise ValueError(f"x must be [M, {packed.k}] with 16-byte aligned rows, got {tuple(x.shape)}")
+
+
+def nf4_matmul(x: torch.Tensor, packed: PackedNF4, config: NF4Config | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ dequant(packed)^T -> out [M, N] (allocated unless given); see the module docstring."""
+    _check(x, packed)
+    m, n, k = x.shape[0], packed.n, packed.k
+    config = config or default_config(m, n, k)
+    if (n // SLAB) % config.slabs:
+        raise ValueError(f"{config.slabs} slabs a warp do not divide {n // SLAB} slabs")
+    tiles = math.ceil(min(m, MAX_TILE_ROWS) / 8)
+    blocks = k // BLOCK
+    split = max(1, min(config.split_k, blocks))
+    per_split = math.ceil(blocks / split)
+    split = math.ceil(blocks / per_split)              # no empty K-range
+    half = x.dtype == torch.float16
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    target = out if split_k == 1 else torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
-    launch = dict(GROUPS=config.groups, PARTIAL=split_k > 1, num_warps=config.num_warps, num_stages=config.num_stages)
-    if config.block_m == 1:
-        if m != 1 or x.dtype != torch.bfloat16:
-            raise ValueError("the GEMV launch takes one bf16 row")
-        x = x.contiguous()
-        _nf4_gemv_kernel[(triton.cdiv(n, config.block_n), split_k)](
-            x.view(torch.int32), packed.view(torch.int32), absmax, code.data_ptr(), target, n, k, per_split,
-            BLOCK_N=config.block_n, **launch)
-    else:
-        grid = (triton.cdiv(n, config.block_n), split_k, triton.cdiv(m, config.block_m))
-        _nf4_mma_kernel[grid](x, packed, absmax, code.data_ptr(), target, m, n, k, x.stride(0), per_split,
-                              BLOCK_N=config.block_n, BLOCK_M=config.block_m, **launch)
-    if split_k > 1:
+    target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    module = _module(tiles, config, half, split > 1)
+    grid = (math.ceil(n // SLAB / (config.warps * config.slabs)), split, math.ceil(m / MAX_TILE_ROWS))
+    module.nf4_matmul(grid=grid, block=(32 * config.warps, 1, 1), shared_mem=_ring_bytes(tiles, config.warps, config.slabs, config.group, config.stages),
+                      args=[packed.words, packed.scales, x, target, m, n, k, x.stride(0), per_split, packed.shift,
+                            *packed.table])
+    if split > 1:
         total = m * n
-        _sum_splits_kernel[(triton.cdiv(total, 1024),)](target, out, total, SPLIT_K=split_k, BLOCK=1024)
+        module.nf4_sum_splits(grid=(math.ceil(total / 256), 1, 1), block=(256, 1, 1),
+                              args=[target, out, total, split, packed.shift])
     return out
+
+
+def nf4_dequantize(packed: PackedNF4, dtype: torch.dtype) -> torch.Tensor:
+    """The dense [N, K] weight the kernel multiplies by, rounded once to `dtype` (for prefill's cuBLAS)."""
+    w = torch.empty(packed.n, packed.k, dtype=dtype, device=packed.words.device)
+    module = _module(1, NF4Config(4, 1, 1, 2, 1), dtype == torch.float16, False)
+    words = packed.n * packed.k // 8
+    module.nf4_dequantize(grid=(math.ceil(words / 256), 1, 1), block=(256, 1, 1),
+                          args=[packed.words, packed.scales, w, packed.n, packed.k, packed.shift, *packed.table])
+    return w
