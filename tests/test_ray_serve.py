@@ -204,7 +204,7 @@ def test_adapters_go_to_replicas_that_hold_them_and_a_killed_replica_is_replaced
 
 def test_an_evicted_adapter_is_released_only_after_its_last_request():
     """Ray's LRU evicts by calling __del__ whatever still runs; the release waits for the last user."""
-    from server.ray_app import ResidentAdapter
+    from server.ray.app import ResidentAdapter
 
     released = []
     adapter = ResidentAdapter("sql", released.append)

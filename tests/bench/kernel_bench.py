@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-# q|k|v and gate|up: the fused launches the server makes (server/linear.py)
+# q|k|v and gate|up: the fused launches the server makes (server/model/linear.py)
 SHAPES = {
     "7b": {"q/k/v/o": (4096, 4096), "q|k|v": (12288, 4096), "gate/up": (11008, 4096), "gate|up": (22016, 4096),
            "down": (4096, 11008)},
