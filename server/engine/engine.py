@@ -45,12 +45,12 @@ class Engine:
         """Queues a request (RESOURCE_EXHAUSTED when the queue is full); events arrive on seq.events.
         Every edge submits here, so every request holds its adapter version until it ends."""
         if seq.adapter is not None:
-            self.registry.hold(seq.adapter)      # released by the engine when the request ends
+            self.registry.hold(seq.adapter)      # dropped by the engine when the request ends
         try:
             self.scheduler.add(seq)
         except ServingError:
             if seq.adapter is not None:
-                self.registry.release(seq.adapter)
+                self.registry.drop_hold(seq.adapter)
             raise
         self._wake.set()
 
@@ -78,7 +78,7 @@ class Engine:
                     if not self.scheduler.adapter_slots.pin(adapter):
                         return False
                 finally:
-                    self.registry.release(adapter)
+                    self.registry.drop_hold(adapter)
             done.set_result(None)
             return True
         self._on_engine_thread(job)
@@ -93,7 +93,7 @@ class Engine:
             slots = self.scheduler.adapter_slots
             try:
                 if slots.can_acquire(adapter):
-                    slots.release(slots.acquire(adapter))
+                    slots.free(slots.acquire(adapter))
                     done.set_result(True)
                 else:
                     done.set_result(False)
@@ -248,7 +248,7 @@ class Engine:
         seq.events.put(Event(piece, seq.finish_reason, len(seq.output_ids), error))
         self.metrics.finished(seq)
         if seq.adapter is not None:
-            self.registry.release(seq.adapter)
+            self.registry.drop_hold(seq.adapter)
             self._forget_if_unused(seq.adapter)   # it may have finished after its name or version moved on
 
     def _forget_if_unused(self, adapter: RegisteredAdapter) -> None:

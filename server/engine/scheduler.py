@@ -83,4 +83,4 @@ class Scheduler:
     def finish(self, seq: Sequence) -> None:
         self.running.remove(seq)
         heapq.heappush(self._free_kv, seq.kv_slot)
-        self.adapter_slots.release(seq.lora_slot)
+        self.adapter_slots.free(seq.lora_slot)

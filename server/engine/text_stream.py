@@ -27,7 +27,7 @@ class TextStream:
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self._text += after[len(before):]
             self._prefix, self._read = self._read, len(self._ids)
-        return self._release()
+        return self._free()
 
     def flush(self) -> str:
         """Whatever is held back, at the end of the output (no stop string can match any more)."""
@@ -35,7 +35,7 @@ class TextStream:
         self._emitted = len(self._text)
         return piece
 
-    def _release(self) -> tuple[str, bool]:
+    def _free(self) -> tuple[str, bool]:
         search_from = max(0, self._emitted - max((len(s) for s in self._stop), default=0))
         hits = [i for i in (self._text.find(s, search_from) for s in self._stop) if i >= 0]
         if hits:

@@ -162,7 +162,7 @@ class AdapterRegistry:
             return sum(a.size_bytes for a in self._on_host)
 
     def hold(self, adapter: RegisteredAdapter) -> None:
-        """A request will use `adapter`: from here until release() its weights stay on the host,
+        """A request will use `adapter`: from here until drop_hold() its weights stay on the host,
         read again from its directory first if they were dropped."""
         with self._lock:
             if adapter.problem:
@@ -183,10 +183,10 @@ class AdapterRegistry:
                         self._on_host[adapter] = None
                         self._shrink()
         except ServingError:
-            self.release(adapter)
+            self.drop_hold(adapter)
             raise
 
-    def release(self, adapter: RegisteredAdapter) -> None:
+    def drop_hold(self, adapter: RegisteredAdapter) -> None:
         with self._lock:
             adapter.users -= 1
             if self._adapters.get(adapter.name) is not adapter:

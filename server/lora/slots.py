@@ -54,7 +54,7 @@ class AdapterSlots:
         self._users[slot] = self._users.get(slot, 0) + 1
         return slot
 
-    def release(self, slot: int) -> None:
+    def free(self, slot: int) -> None:
         if slot == BASE_SLOT:
             return
         self._users[slot] -= 1
@@ -82,7 +82,7 @@ class AdapterSlots:
         if slot is None:
             return
         if slot in self._users:
-            return   # release() makes it idle, and an idle slot is reused in time
+            return   # free() makes it idle, and an idle slot is reused in time
         self._idle.pop(slot, None)
         del self._slot_of[adapter], self._adapter_in[slot]
         self._free.append(slot)

@@ -52,8 +52,8 @@ class ResidentAdapter:
     Ray calls __del__ when its LRU evicts the adapter, whatever still runs on it; the name leaves
     this replica's registry only when that has happened and no request holds it."""
 
-    def __init__(self, name: str, release):
-        self.name, self._release = name, release
+    def __init__(self, name: str, drop):
+        self.name, self._drop = name, drop
         self._users, self._evicted, self._lock = 0, False, threading.Lock()
 
     def acquire(self) -> None:
@@ -65,15 +65,15 @@ class ResidentAdapter:
             self._users -= 1
             last = self._evicted and self._users == 0
         if last:
-            self._release(self)
+            self._drop(self)
 
     def __del__(self) -> None:
-        # Ray calls this on eviction, and Python calls it again at collection: release only once.
+        # Ray calls this on eviction, and Python calls it again at collection: drop only once.
         with self._lock:
             first, self._evicted = not self._evicted, True
             idle = self._users == 0
         if first and idle:
-            self._release(self)
+            self._drop(self)
 
 
 @serve.deployment(name="CartridgeReplica")
@@ -94,7 +94,7 @@ class CartridgeReplica:
         # The decorator takes its limit when applied, so it is applied here, where the config is known.
         async def load(name: str) -> ResidentAdapter:
             await asyncio.to_thread(self._serve, name)
-            self._resident[name] = ResidentAdapter(name, self._release)
+            self._resident[name] = ResidentAdapter(name, self._drop)
             return self._resident[name]
         self._load = serve.multiplexed(max_num_models_per_replica=config.max_adapters)(load)
 
@@ -106,7 +106,7 @@ class CartridgeReplica:
         if replaced is not None:
             self.core.engine.discard(replaced)
 
-    def _release(self, adapter: ResidentAdapter) -> None:
+    def _drop(self, adapter: ResidentAdapter) -> None:
         # A later load of the same name made a new ResidentAdapter: that one owns the name now.
         if self._resident.get(adapter.name) is not adapter:
             return
@@ -140,10 +140,10 @@ class CartridgeReplica:
         except BaseException:
             adapter.done()
             raise
-        return Started(generation.prompt_tokens, self.replica, cache), _releasing(generation.events, adapter)
+        return Started(generation.prompt_tokens, self.replica, cache), _holding(generation.events, adapter)
 
 
-async def _releasing(events: AsyncIterator, adapter: ResidentAdapter) -> AsyncIterator:
+async def _holding(events: AsyncIterator, adapter: ResidentAdapter) -> AsyncIterator:
     try:
         async for event in events:
             yield event
