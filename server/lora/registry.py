@@ -156,11 +156,6 @@ class AdapterRegistry:
         with self._lock:
             return sorted(self._adapters.values(), key=lambda a: a.name)
 
-    @property
-    def host_bytes(self) -> int:
-        with self._lock:
-            return sum(a.size_bytes for a in self._on_host)
-
     def hold(self, adapter: RegisteredAdapter) -> None:
         """A request will use `adapter`: from here until drop_hold() its weights stay on the host,
         read again from its directory first if they were dropped."""
