@@ -71,10 +71,10 @@ def _code(code_addr, idx):
 def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_addr, out_ptr, N, K, per_split,
                      BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, PARTIAL: tl.constexpr):
     """M = 1. On the H200 it still trails bitsandbytes' own GEMV (0.58 against 0.76 TB/s at 4096x4096,
-    BENCHMARKS.md), so NF4Linear sends single rows to bitsandbytes; kept, tested and benchmarked as
-    the starting point of the next round. x_ptr and packed_ptr are int32 views: a word of x is the
-    bf16 pair (x[2i], x[2i+1]), a word of the weight 4 bytes = 8 elements; per-thread fp32 sums,
-    one reduction at the end."""
+    BENCHMARKS.md), so NF4Linear (server/model/linear.py) runs it on fused weights (q|k|v, gate|up: one
+    launch against one GEMV per weight) and sends a lone weight's single rows to bitsandbytes.
+    x_ptr and packed_ptr are int32 views: a word of x is the bf16 pair (x[2i], x[2i+1]), a word of
+    the weight 4 bytes = 8 elements; per-thread fp32 sums, one reduction at the end."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
