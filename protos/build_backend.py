@@ -7,11 +7,13 @@ same place: cartridge.v1.<name>_pb2.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from setuptools import build_meta as _setuptools
 from setuptools.build_meta import *  # noqa: F401,F403  (the hooks not wrapped here)
 from setuptools.command.sdist import sdist as _sdist
+from setuptools.warnings import InformationOnly
 
 PROTOS = Path(__file__).resolve().parent
 
@@ -40,7 +42,12 @@ def build_sdist(sdist_directory, config_settings=None):
 
 def build_editable(wheel_directory, config_settings=None, metadata_directory=None):
     generate_protos()
-    return _setuptools.build_editable(wheel_directory, config_settings, metadata_directory)
+    with warnings.catch_warnings():
+        # setuptools notes on every editable install whose packages are not all under one folder
+        # (cartridge is mapped to protos/cartridge) that same-named folders in the working directory
+        # may shadow the packages; here those folders are the packages themselves.
+        warnings.filterwarnings("ignore", "Editable installation", InformationOnly)
+        return _setuptools.build_editable(wheel_directory, config_settings, metadata_directory)
 
 
 class Sdist(_sdist):
