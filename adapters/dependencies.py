@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Mapping
 
-from .train_config import ConfigError, TrainConfig
+from .train.config import ConfigError, TrainConfig
 
 _INSTALL = "pip install 'cartridge-lora[engine]'"
 _MODELS = {"transformers": "models and tokenizers", "peft": "LoRA layers", "safetensors": "adapter files",

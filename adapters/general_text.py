@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from itertools import chain, zip_longest
 from pathlib import Path
 
-from .datasets import Example
+from .train.datasets import Example
 
 # Pure-Python modules whose docstrings are long, varied and stable across Python releases.
 MODULES = ("argparse", "calendar", "csv", "difflib", "fractions", "heapq", "json", "logging", "shutil",

@@ -7,7 +7,7 @@ import torch
 
 from .formats import nf4
 from .formats.adapter_dir import BaseShape, read_adapter
-from .train_config import ConfigError, TrainConfig
+from .train.config import ConfigError, TrainConfig
 
 
 def pick_device(name: str) -> torch.device:

@@ -21,24 +21,24 @@ from adapters.formats.base_fingerprint import base_fingerprint
 from adapters.formats.store_layout import StoreReader
 from cartridge.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
-from .adapter_files import AdapterFilePolicy
-from .adapter_registry import AdapterRegistry
-from .adapter_slots import AdapterSlots
+from .lora.files import AdapterFilePolicy
+from .lora.registry import AdapterRegistry
+from .lora.slots import AdapterSlots
 from .config import ServerConfig
-from .cuda_graphs import DecodeGraphs
-from .engine import Engine
+from .engine.cuda_graphs import DecodeGraphs
+from .engine.engine import Engine
 from .errors import StatusInterceptor, Unavailable
-from .call_gate import CallGate
-from .generate_request import MAX_REQUEST_BYTES, RequestValidator
-from .http_edge import EngineBackend, HttpServer, openai_app
-from .kv_cache import KVCache
-from .lora_batch import SlotWeights
-from .metrics import ServerMetrics
-from .runner import ModelRunner
-from .scheduler import Scheduler
-from .service import AdaptersService, InferenceService
-from .store_adapters import StoreAdapters
-from .weights import base_weight_bytes, load_model
+from .edge.call_gate import CallGate
+from .edge.generate_request import MAX_REQUEST_BYTES, RequestValidator
+from .edge.http_app import EngineBackend, HttpServer, openai_app
+from .model.kv_cache import KVCache
+from .lora.batch import SlotWeights
+from .engine.metrics import ServerMetrics
+from .engine.runner import ModelRunner
+from .engine.scheduler import Scheduler
+from .edge.grpc_service import AdaptersService, InferenceService
+from .engine.store_follower import StoreAdapters
+from .model.weights import base_weight_bytes, load_model
 
 log = logging.getLogger("cartridge")
 

@@ -91,7 +91,7 @@ def server_config(args: argparse.Namespace):
     from dataclasses import fields
 
     from .config import ServerConfig
-    from .call_gate import read_token
+    from .edge.call_gate import read_token
 
     adapters = []
     for item in getattr(args, "adapter", []):

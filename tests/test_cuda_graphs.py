@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.adapter_slots import AdapterSlots
-from server.cuda_graphs import DecodeGraphs
-from server.kv_cache import KVCache
-from server.runner import ModelRunner
-from server.sequence import SamplingParams, Sequence
-from server.text_stream import TextStream
-from server.weights import load_model
+from server.lora.slots import AdapterSlots
+from server.engine.cuda_graphs import DecodeGraphs
+from server.model.kv_cache import KVCache
+from server.engine.runner import ModelRunner
+from server.engine.sequence import SamplingParams, Sequence
+from server.engine.text_stream import TextStream
+from server.model.weights import load_model
 from tests.conftest import tiny_llama_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -57,7 +57,7 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
 @pytest.mark.parametrize("model", SHAPES)
 def test_add_rms_norm_matches_float64_reference(model):
     from server.kernels.rms_norm import add_rms_norm
-    from server.model import RMSNorm
+    from server.model.llama import RMSNorm
 
     dim = SHAPES[model][3]
     generator = torch.Generator().manual_seed(0)
@@ -141,7 +141,7 @@ def test_fused_nf4_weights_equal_each_weight_alone(rows, kernel_max_rows):
     """q|k|v as one NF4Linear (one launch of our kernel up to kernel_max_rows; bitsandbytes a weight
     at a time otherwise) equals each weight dequantized alone, with its own double-quantized scales."""
     from adapters.formats import nf4
-    from server.linear import NF4Linear
+    from server.model.linear import NF4Linear
 
     generator = torch.Generator().manual_seed(3)
     weights = [torch.randn(n, 2048, generator=generator).to(DEVICE) * scale for n, scale in
@@ -162,12 +162,12 @@ def test_fused_nf4_weights_equal_each_weight_alone(rows, kernel_max_rows):
 @pytest.mark.parametrize("quantize", [True, False])
 def test_model_through_kernels_matches_plain_torch(tmp_path, quantize):
     """Prefill and decode of mixed adapters (ranks 8 and 4, base rows between), same tokens fed to both."""
-    from server.adapter_slots import AdapterSlots
-    from server.kv_cache import KVCache
-    from server.runner import ModelRunner
-    from server.sequence import SamplingParams, Sequence
-    from server.text_stream import TextStream
-    from server.weights import load_model
+    from server.lora.slots import AdapterSlots
+    from server.model.kv_cache import KVCache
+    from server.engine.runner import ModelRunner
+    from server.engine.sequence import SamplingParams, Sequence
+    from server.engine.text_stream import TextStream
+    from server.model.weights import load_model
     from tests.conftest import tiny_llama_checkpoint
 
     config = tiny_llama_checkpoint(tmp_path)

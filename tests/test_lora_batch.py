@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from server.lora_batch import LoraBatch, LoraStack
+from server.lora.batch import LoraBatch, LoraStack
 
 SLOTS, MAX_RANK, IN, OUT = 6, 16, 32, 24
 RANKS = {0: 0, 1: 4, 2: 16, 3: 8, 4: 1, 5: 12}   # slot 0 is the base model: no delta

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from adapters.merge import WeightsSource
-from adapters.verify import verify_merge
+from adapters.merge.merge import WeightsSource
+from adapters.merge.verify import verify_merge
 from client.cli import main as cartridge_main
 
 from .conftest import PROMPT, make_peft_adapter

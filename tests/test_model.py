@@ -4,12 +4,12 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig
 
-from server.adapter_slots import AdapterSlots
-from server.kv_cache import KVCache
-from server.runner import ModelRunner
-from server.sequence import SamplingParams, Sequence
-from server.text_stream import TextStream
-from server.weights import load_model
+from server.lora.slots import AdapterSlots
+from server.model.kv_cache import KVCache
+from server.engine.runner import ModelRunner
+from server.engine.sequence import SamplingParams, Sequence
+from server.engine.text_stream import TextStream
+from server.model.weights import load_model
 
 from .conftest import PROMPT
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from adapters.datasets import DataError, read_dataset
+from adapters.train.datasets import DataError, read_dataset
 from client.client import CartridgeClient, CartridgeError
 
 from .conftest import start_server

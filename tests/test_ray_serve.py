@@ -202,20 +202,20 @@ def test_adapters_go_to_replicas_that_hold_them_and_a_killed_replica_is_replaced
     assert len(replica_processes(process)) == 2
 
 
-def test_an_evicted_adapter_is_released_only_after_its_last_request():
-    """Ray's LRU evicts by calling __del__ whatever still runs; the release waits for the last user."""
-    from server.ray_app import ResidentAdapter
+def test_an_evicted_adapter_is_dropped_only_after_its_last_request():
+    """Ray's LRU evicts by calling __del__ whatever still runs; the drop waits for the last user."""
+    from server.ray.app import ResidentAdapter
 
-    released = []
-    adapter = ResidentAdapter("sql", released.append)
+    dropped = []
+    adapter = ResidentAdapter("sql", dropped.append)
     adapter.acquire()
     adapter.acquire()
     adapter.__del__()                   # Ray's eviction, two requests still running on it
     adapter.done()
-    assert released == []
+    assert dropped == []
     adapter.done()                      # the last one ends: now it goes
-    assert released == [adapter]
+    assert dropped == [adapter]
     adapter.__del__()                   # Python's own collection later: nothing more
-    idle = ResidentAdapter("idle", released.append)
+    idle = ResidentAdapter("idle", dropped.append)
     idle.__del__()                      # evicted with nobody on it: at once
-    assert released == [adapter, idle]
+    assert dropped == [adapter, idle]

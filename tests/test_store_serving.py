@@ -90,7 +90,7 @@ def test_a_release_switches_once_warm_and_metrics_keep_only_live_and_pinned_vers
 def test_a_failed_device_copy_leaves_the_old_version_serving(store, monkeypatch):
     """In-process server, because the failure is injected: the copy into a device slot raises as a CUDA
     out-of-memory would, which this CPU machine cannot produce for real."""
-    from server.adapter_slots import AdapterSlots
+    from server.lora.slots import AdapterSlots
     from server.app import build_server
     from server.config import ServerConfig
 

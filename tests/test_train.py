@@ -225,8 +225,8 @@ def test_sample_data_is_the_generators_output(tmp_path):
 
 
 def test_rows_of_like_length_share_a_micro_batch_and_every_row_comes_once_an_epoch():
-    from adapters.datasets import Example
-    from adapters.trainer import micro_batches
+    from adapters.train.datasets import Example
+    from adapters.train.loop import micro_batches
 
     # A replay mix: one long record to every two short facts, as `--from` builds it.
     # Each row's tokens are its own number, so a batch shows which rows it holds.

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Union, get_args, get_origin, get_type_hints
 
-from ..train_config import ConfigError
+from ..train.config import ConfigError
 from .general_sets import SOURCES
 
 MATCHES = ("exact", "contains", "regex")

@@ -13,7 +13,7 @@ from ..formats.base_checkpoint import cache_root, resolve_base
 from ..formats.base_fingerprint import base_fingerprint
 from ..general_text import general_text
 from ..lora_model import pick_device
-from ..report import REPORT_FILE, library_versions
+from ..train.report import REPORT_FILE, library_versions
 from . import general_sets
 from .checks import general_set_check, general_text_checks, suite_check
 from .config import SEPARATING_SETS, GateConfig, GateConfigError

@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..evaluate import answer_scores, greedy_answers
+from ..eval.evaluate import answer_scores, greedy_answers
 from ..formats.adapter_dir import BaseShape, read_adapter
 from ..general_text import GeneralText
 from ..lora_model import load_base

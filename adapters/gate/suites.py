@@ -10,8 +10,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..datasets import Example, read_dataset
-from ..train_config import TrainConfig
+from ..train.datasets import Example, read_dataset
+from ..train.config import TrainConfig
 from .config import GateConfigError, SuiteRule
 
 ROLES = ("learned", "retained")

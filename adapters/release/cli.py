@@ -83,7 +83,7 @@ def _refusing(action):
 @_refusing
 def _gate(args: argparse.Namespace) -> int:
     from ..gate import GateConfigError, GeneralSetError
-    from ..train_cli import user_errors
+    from ..train.cli import user_errors
     from .gate_run import gate_version
 
     extra = []

@@ -34,14 +34,14 @@ def median(values: list[float]) -> float:
 def run(model_dir: Path, rows_list: list[int], context: int, kernels: bool, nf4_kernel_max_rows: int) -> dict:
     from transformers import AutoConfig
 
-    from server.adapter_slots import AdapterSlots
-    from server.cuda_graphs import DecodeGraphs
-    from server.kv_cache import KVCache
-    from server.runner import ModelRunner
-    from server.sampler import sample
-    from server.sequence import SamplingParams, Sequence
-    from server.text_stream import TextStream
-    from server.weights import load_model
+    from server.lora.slots import AdapterSlots
+    from server.engine.cuda_graphs import DecodeGraphs
+    from server.model.kv_cache import KVCache
+    from server.engine.runner import ModelRunner
+    from server.engine.sampler import sample
+    from server.engine.sequence import SamplingParams, Sequence
+    from server.engine.text_stream import TextStream
+    from server.model.weights import load_model
 
     device = torch.device("cuda")
     config = AutoConfig.from_pretrained(model_dir)

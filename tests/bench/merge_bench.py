@@ -31,7 +31,7 @@ from adapters.formats.checkpoint_shards import CheckpointTensors, plan_shards, w
 
 from .serve_bench import SHAPES, write_random_adapter
 
-IMPORTS_ONLY = "import torch, transformers, peft, safetensors, huggingface_hub; import adapters.merge"
+IMPORTS_ONLY = "import torch, transformers, peft, safetensors, huggingface_hub; import adapters.merge.merge"
 
 
 def random_checkpoint(shape: str, directory: Path) -> Path:

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from adapters.datasets import Batch
+from adapters.train.datasets import Batch
 from adapters.lora_model import load_base, with_new_lora
-from adapters.train_config import TrainConfig
-from adapters.trainer import Trainer
+from adapters.train.config import TrainConfig
+from adapters.train.loop import Trainer
 
 SHAPES = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,

@@ -1,1 +1,1 @@
-"""Generated gRPC code for the cartridge.v1 API; built from protos/ by setup.py, never edited."""
+"""Generated gRPC code for the cartridge.v1 API; built from protos/ by protos/build_backend.py, never edited."""

@@ -1,0 +1,1 @@
+"""`cartridge eval`: an adapter against its base on held-out rows."""

@@ -1,0 +1,1 @@
+"""`cartridge merge`: an adapter folded into its base, with logit verification."""

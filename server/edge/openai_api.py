@@ -1,0 +1,203 @@
+"""OpenAI's wire format: a chat or completions body into a GenerateRequest, and results back into
+OpenAI's response and chunk objects.
+
+Only JSON types and OpenAI's own conventions are checked here (what a field may hold, which fields
+exist); what the values may be is checked in generate_request.py, the path the gRPC edge takes too.
+A field we do not implement is refused by name, never ignored.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+from ..errors import InvalidArgument
+from .generate_request import GenerateRequest
+from ..engine.sequence import FinishReason
+
+BASE_ALIAS = "base"    # `model` naming the base model alone, whatever its directory is called
+_COMMON = ("model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options", "user")
+_CHAT_FIELDS = frozenset({*_COMMON, "messages", "max_completion_tokens"})
+_COMPLETION_FIELDS = frozenset({*_COMMON, "prompt"})
+# Fields accepted only at the value that asks for nothing beyond what we do.
+_NEUTRAL = {"n": (1,), "logprobs": (False,), "echo": (False,), "best_of": (1,), "presence_penalty": (0,),
+            "frequency_penalty": (0,), "logit_bias": ({},), "tools": ([],), "parallel_tool_calls": (False,),
+            "response_format": ({"type": "text"},), "suffix": ("",)}
+_FINISH = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.END_OF_SEQUENCE: "stop"}
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAIRequest:
+    """One checked chat or completions body."""
+    chat: bool
+    model: str                   # as the caller named it: echoed in every response
+    generate: GenerateRequest
+    stream: bool
+    include_usage: bool          # stream_options.include_usage: a last chunk with the token counts
+
+
+def parse(body: object, chat: bool, base_name: str) -> OpenAIRequest:
+    if not isinstance(body, dict):
+        raise InvalidArgument("the request body must be a JSON object")
+    fields = {k: v for k, v in body.items() if v is not None}      # JSON null means unset, as in OpenAI's API
+    _refuse_unsupported(fields, _CHAT_FIELDS if chat else _COMPLETION_FIELDS)
+    model = _typed(fields, "model", str, required=True)
+    stream = _typed(fields, "stream", bool, default=False)
+    options = _typed(fields, "stream_options", dict, default={})
+    if options and not stream:
+        raise InvalidArgument("stream_options is only allowed with stream: true", field="stream_options")
+    unknown = sorted(set(options) - {"include_usage"})
+    if unknown:
+        raise InvalidArgument(f"stream_options.{unknown[0]} is not supported by this server", field="stream_options")
+    include_usage = _typed(options, "include_usage", bool, default=False, prefix="stream_options.")
+    top_p = _number(fields, "top_p", 1.0)
+    if top_p == 0:    # 0 means "no cut" on the gRPC edge; an OpenAI caller asking for 0 means something else
+        raise InvalidArgument("top_p must be above 0 and at most 1 (1 keeps every token)", field="top_p")
+    seed = _typed(fields, "seed", int)
+    if seed is not None and seed < 0:
+        raise InvalidArgument(f"seed must be 0 or more, got {seed}", field="seed")
+    generate = GenerateRequest(
+        **(_messages(fields) if chat else _prompt(fields)),
+        adapter="" if model in (BASE_ALIAS, base_name) else model, adapter_field="model",
+        max_tokens=_max_tokens(fields, chat), temperature=_number(fields, "temperature", 1.0), top_p=top_p,
+        top_k=_typed(fields, "top_k", int, default=0), seed=seed, stop=_stop(fields))
+    return OpenAIRequest(chat, model, generate, stream, include_usage)
+
+
+def _refuse_unsupported(fields: dict, supported: frozenset[str]) -> None:
+    for name, value in fields.items():
+        if name in supported:
+            continue
+        # `True == 1` in Python; in JSON true is no count, so the kinds must agree too.
+        if any(value == n and isinstance(value, bool) == isinstance(n, bool) for n in _NEUTRAL.get(name, ())):
+            continue
+        what = f"{name}={value!r}" if name in _NEUTRAL else name
+        raise InvalidArgument(f"{what} is not supported by this server", field=name)
+
+
+def _typed(fields: dict, name: str, kind: type, default=None, required: bool = False, prefix: str = ""):
+    if name not in fields:
+        if required:
+            raise InvalidArgument(f"{prefix}{name} is required", field=prefix + name)
+        return default
+    value = fields[name]
+    # bool is an int in Python, but not in JSON: true is no token count.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise InvalidArgument(f"{prefix}{name} must be {_JSON_TYPE[kind]}, got {value!r}", field=prefix + name)
+    return value
+
+
+_JSON_TYPE = {str: "a string", bool: "true or false", dict: "an object", int: "an integer", list: "an array"}
+
+
+def _number(fields: dict, name: str, default: float) -> float:
+    value = fields.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgument(f"{name} must be a number, got {value!r}", field=name)
+    return float(value)
+
+
+def _max_tokens(fields: dict, chat: bool) -> int:
+    value = _typed(fields, "max_tokens", int)
+    if chat:
+        newer = _typed(fields, "max_completion_tokens", int)
+        if value is not None and newer is not None and value != newer:
+            raise InvalidArgument(f"max_tokens ({value}) and max_completion_tokens ({newer}) disagree; give one",
+                                  field="max_completion_tokens")
+        value = newer if newer is not None else value
+    if value is not None and value < 1:
+        raise InvalidArgument(f"max_tokens must be at least 1, got {value}", field="max_tokens")
+    return value or 0
+
+
+def _stop(fields: dict) -> tuple[str, ...]:
+    value = fields.get("stop", [])
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise InvalidArgument(f"stop must be a string or an array of strings, got {value!r}", field="stop")
+    return tuple(values)
+
+
+def _prompt(fields: dict) -> dict:
+    prompt = fields.get("prompt")
+    # The openai client sends a list for one prompt too; several prompts would be n requests in one.
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise InvalidArgument("prompt must be one string (arrays of several prompts or of token ids are not "
+                              "supported by this server)", field="prompt")
+    return {"prompt": prompt}
+
+
+def _messages(fields: dict) -> dict:
+    messages = _typed(fields, "messages", list, required=True)
+    if not messages:
+        raise InvalidArgument("messages must hold at least one message", field="messages")
+    pairs = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InvalidArgument(f"messages[{i}] must be an object", field=f"messages[{i}]")
+        extra = sorted(set(message) - {"role", "content", "name"})
+        if extra:
+            raise InvalidArgument(f"messages[{i}].{extra[0]} is not supported by this server",
+                                  field=f"messages[{i}].{extra[0]}")
+        role = _typed(message, "role", str, required=True, prefix=f"messages[{i}].")
+        pairs.append((role, _content(message.get("content"), i)))
+    return {"messages": tuple(pairs)}
+
+
+def _content(content: object, i: int) -> str:
+    if isinstance(content, str):
+        return content
+    # Content parts: text ones are joined; images and audio need a model that sees them.
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        kinds = sorted({p.get("type") for p in content} - {"text"}, key=str)
+        if kinds:
+            raise InvalidArgument(f"messages[{i}].content parts of type {kinds[0]!r} are not supported by this server",
+                                  field=f"messages[{i}].content")
+        if all(isinstance(p.get("text"), str) for p in content):
+            return "".join(p["text"] for p in content)
+    raise InvalidArgument(f"messages[{i}].content must be a string or an array of text parts",
+                          field=f"messages[{i}].content")
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+class ResponseWriter:
+    """OpenAI objects for one request: the whole response, or its stream of chunks."""
+
+    def __init__(self, request: OpenAIRequest):
+        self.request = request
+        self.id = f"{'chatcmpl' if request.chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def _object(self, kind: str, choices: list, **extra) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.request.model,
+                "choices": choices, **extra}
+
+    def response(self, text: str, finish: FinishReason, prompt_tokens: int, completion_tokens: int) -> dict:
+        reason = _FINISH[finish]
+        if self.request.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        return self._object("chat.completion" if self.request.chat else "text_completion", [choice],
+                            usage=usage(prompt_tokens, completion_tokens))
+
+    def chunk(self, text: str, finish: FinishReason | None = None, first: bool = False) -> dict:
+        reason = _FINISH[finish] if finish else None
+        if self.request.chat:
+            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        extra = {"usage": None} if self.request.include_usage else {}
+        return self._object("chat.completion.chunk" if self.request.chat else "text_completion", [choice], **extra)
+
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
+        return self._object("chat.completion.chunk" if self.request.chat else "text_completion", [],
+                            usage=usage(prompt_tokens, completion_tokens))

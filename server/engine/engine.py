@@ -1,0 +1,260 @@
+"""The engine loop: schedule, run, post-process, on one thread that owns the model."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from typing import Callable
+
+from ..lora.registry import AdapterRegistry, RegisteredAdapter
+from ..errors import ServingError
+from .metrics import ServerMetrics
+from .runner import DecodePass, ModelRunner
+from .sampler import sample
+from .scheduler import Scheduler
+from .sequence import Event, FinishReason, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, eos_ids: frozenset[int], metrics: ServerMetrics,
+                 registry: AdapterRegistry):
+        self.runner, self.scheduler, self.eos_ids, self.metrics = runner, scheduler, eos_ids, metrics
+        self.registry = registry
+        self._wake = threading.Event()
+        self._stopping = False
+        self._abort: ServingError | None = None
+        self._ready_at: float | None = None     # when the last pass's tokens reached the host, while busy
+        self._in_flight: DecodePass | None = None
+        # Work on the adapter slots from other threads, run between steps; a job returns False to run again.
+        self._jobs: queue.SimpleQueue[Callable[[], bool]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
+
+    def submit(self, seq: Sequence) -> None:
+        """Queues a request (RESOURCE_EXHAUSTED when the queue is full); events arrive on seq.events.
+        Every edge submits here, so every request holds its adapter version until it ends."""
+        if seq.adapter is not None:
+            self.registry.hold(seq.adapter)      # dropped by the engine when the request ends
+        try:
+            self.scheduler.add(seq)
+        except ServingError:
+            if seq.adapter is not None:
+                self.registry.drop_hold(seq.adapter)
+            raise
+        self._wake.set()
+
+    def cancel(self, seq: Sequence) -> None:
+        seq.cancel()
+        self._wake.set()
+
+    def abort_all(self, error: ServingError) -> None:
+        """Ends every queued and running request, now and from now on, with `error` (drain timeout)."""
+        self._abort = error
+        self._wake.set()
+
+    def pin(self, adapter: RegisteredAdapter) -> Future:
+        """Resolves once `adapter` holds a device slot for good (at once, or when a running request frees one)."""
+        done: Future = Future()
+
+        def job() -> bool:
+            if self.registry.is_current(adapter):   # not replaced or unregistered while it waited
+                try:
+                    self.registry.hold(adapter)      # its weights stay on the host while they are copied
+                except ServingError as err:
+                    done.set_exception(err)
+                    return True
+                try:
+                    if not self.scheduler.adapter_slots.pin(adapter):
+                        return False
+                finally:
+                    self.registry.drop_hold(adapter)
+            done.set_result(None)
+            return True
+        self._on_engine_thread(job)
+        return done
+
+    def warm(self, adapter: RegisteredAdapter) -> Future:
+        """Resolves True once `adapter`, read but not yet visible to requests, sits in an idle device slot,
+        so its first request copies nothing; False when running requests hold every slot."""
+        done: Future = Future()
+
+        def job() -> bool:
+            slots = self.scheduler.adapter_slots
+            try:
+                if slots.can_acquire(adapter):
+                    slots.free(slots.acquire(adapter))
+                    done.set_result(True)
+                else:
+                    done.set_result(False)
+            except Exception as err:  # noqa: BLE001 - the caller keeps the old version serving
+                done.set_exception(err)
+            return True
+        self._on_engine_thread(job)
+        return done
+
+    def discard(self, adapter: RegisteredAdapter) -> None:
+        """A replaced or unregistered version gives up its pin and, once idle, its slot, and its metric
+        series once nothing uses them."""
+        self._on_engine_thread(lambda: self.scheduler.adapter_slots.discard(adapter) or True)
+        self._forget_if_unused(adapter)
+
+    def _on_engine_thread(self, job: Callable[[], bool]) -> None:
+        self._jobs.put(job)
+        self._wake.set()
+
+    def _run_jobs(self) -> bool:
+        """Runs queued jobs; True if some must run again."""
+        again = []
+        while not self._jobs.empty():
+            job = self._jobs.get()
+            try:
+                if not job():
+                    again.append(job)
+            except Exception:  # noqa: BLE001 - a failed job must not stop the engine
+                log.exception("adapter slot job failed")
+        for job in again:
+            self._jobs.put(job)
+        return bool(again)
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            retry = self._run_jobs()
+            if not self.scheduler.running and not self.scheduler.waiting:
+                self._settle()           # a pass launched for requests that have all ended since
+                self._ready_at = None
+                self._wake.wait(0.005 if retry else None)
+                self._wake.clear()
+                continue
+            self.step()
+
+    def step(self) -> None:
+        """Schedule, run, post-process. With CUDA graphs a decode pass of the same requests as the one
+        in flight is launched from that pass's tokens before the host reads them, so detokenizing,
+        streaming and the other threads run while the device works; a pass is then computed for a
+        request that has just finished, and its token is dropped."""
+        if self._abort is not None:
+            self._in_flight = None
+            for seq in self.scheduler.take_all():
+                self._finish(seq, None, error=self._abort)
+        for seq in self.scheduler.take_cancelled():
+            self._finish(seq, FinishReason.CANCELLED)
+        admitted = self.scheduler.schedule()
+        if admitted:
+            self._settle()
+            self._run_prefill(admitted)
+        decoding = list(self.scheduler.running)
+        if decoding:
+            self.metrics.decode_batch.observe(len(decoding))
+            previous = self._in_flight
+            chained = previous is not None and previous.seqs == decoding and self.runner.can_chain
+            if not chained:
+                self._settle()
+                decoding = list(self.scheduler.running)     # less whatever that pass finished
+            if decoding:
+                self._in_flight = self._launch(decoding, previous if chained else None)
+            if chained:
+                self._settle(previous)
+            if not self.runner.can_chain:
+                self._settle()
+        self.metrics.observe_schedule(self.scheduler)
+        if not admitted and not decoding and self.scheduler.waiting:
+            # Everyone waiting needs an adapter slot that running requests still hold.
+            self._wake.wait(0.005)
+            self._wake.clear()
+
+    def _observe_host_gap(self) -> None:
+        """Host time the device waited for: zero while a pass is in flight."""
+        if self._in_flight is not None:
+            self.metrics.host_gap.observe(0.0)
+        elif self._ready_at is not None:
+            self.metrics.host_gap.observe(time.monotonic() - self._ready_at)
+
+    def _fail(self, seqs: list[Sequence]) -> None:
+        log.exception("forward pass failed for %d requests", len(seqs))
+        for seq in seqs:
+            if seq.finish_reason is None:
+                self._finish(seq, None, error=ServingError("the server failed while running this request"))
+
+    def _run_prefill(self, seqs: list[Sequence]) -> None:
+        self._observe_host_gap()
+        try:
+            tokens = sample(self.runner.prefill(seqs), seqs)
+        except Exception:  # noqa: BLE001 - a failed pass fails its requests, not the server
+            self._fail(seqs)
+            return
+        self._advance_all(seqs, tokens)
+
+    def _launch(self, seqs: list[Sequence], fed: DecodePass | None) -> DecodePass | None:
+        self._observe_host_gap()
+        try:
+            return self.runner.launch_decode(seqs, fed)
+        except Exception:  # noqa: BLE001
+            self._fail(seqs)
+            return None
+
+    def _settle(self, decode_pass: DecodePass | None = None) -> None:
+        """Waits for a launched decode pass (default: the one in flight) and advances its requests."""
+        if decode_pass is None:
+            decode_pass, self._in_flight = self._in_flight, None
+        if decode_pass is None:
+            return
+        try:
+            tokens = self.runner.collect(decode_pass)
+        except Exception:  # noqa: BLE001
+            self._fail(decode_pass.seqs)
+            return
+        self._advance_all(decode_pass.seqs, tokens)
+
+    def _advance_all(self, seqs: list[Sequence], tokens: list[int]) -> None:
+        now = self._ready_at = time.monotonic()
+        for seq, token in zip(seqs, tokens):
+            if seq.finish_reason is None:    # a request that ended while this pass ran gets no more tokens
+                self._advance(seq, token, now)
+
+    def _advance(self, seq: Sequence, token: int, now: float) -> None:
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        seq.output_ids.append(token)
+        if token in self.eos_ids:
+            self._finish(seq, FinishReason.END_OF_SEQUENCE)
+            return
+        piece, stopped = seq.text.push(token)
+        if stopped:
+            self._finish(seq, FinishReason.STOP, piece=piece)
+        elif len(seq.output_ids) >= seq.params.max_tokens:
+            self._finish(seq, FinishReason.LENGTH, piece=piece)
+        elif piece:
+            seq.events.put(Event(piece))
+
+    def _finish(self, seq: Sequence, reason: FinishReason | None, piece: str = "",
+                error: ServingError | None = None) -> None:
+        # Cancelled requests were already taken out of the schedule by take_cancelled.
+        if seq in self.scheduler.running:
+            self.scheduler.finish(seq)
+        seq.finish_reason = reason or FinishReason.CANCELLED
+        if reason in (FinishReason.END_OF_SEQUENCE, FinishReason.LENGTH):
+            piece += seq.text.flush()
+        seq.events.put(Event(piece, seq.finish_reason, len(seq.output_ids), error))
+        self.metrics.finished(seq)
+        if seq.adapter is not None:
+            self.registry.drop_hold(seq.adapter)
+            self._forget_if_unused(seq.adapter)   # it may have finished after its name or version moved on
+
+    def _forget_if_unused(self, adapter: RegisteredAdapter) -> None:
+        """Removes the metric series of `adapter`'s name, and of its store version, once nothing registered or
+        running uses them, so labels stay bounded (versions: live and asked for as name@vN only)."""
+        if not self.registry.contains(adapter.name):
+            self.metrics.forget_adapter(adapter.name)
+        if adapter.version is not None and not self.registry.version_in_use(adapter.store_name, adapter.version):
+            self.metrics.forget_version(adapter.store_name, adapter.version)

@@ -1,0 +1,77 @@
+"""One generation request as the engine sees it, from arrival to its last event."""
+from __future__ import annotations
+
+import enum
+import itertools
+import queue
+import random
+import time
+from dataclasses import dataclass, field
+
+from ..lora.registry import RegisteredAdapter
+from ..errors import ServingError
+from .text_stream import TextStream
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"
+    STOP = "stop"
+    END_OF_SEQUENCE = "end_of_sequence"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Validated at the edge (generate_request.py); temperature 0 means greedy."""
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """What a request's caller receives: a new piece of text, and on the last event the outcome."""
+    text: str
+    finish_reason: FinishReason | None = None
+    completion_tokens: int = 0
+    error: ServingError | None = None     # set when the server ended the request with an error status
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: RegisteredAdapter | None
+    text: TextStream
+    id: int = field(default_factory=lambda: next(_ids))
+    output_ids: list[int] = field(default_factory=list)
+    kv_slot: int | None = None
+    lora_slot: int = 0
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    finish_reason: FinishReason | None = None
+    cancelled: bool = False
+    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+
+    def __post_init__(self) -> None:
+        # Each request draws from its own generator, so a seeded request samples the same
+        # tokens whatever else shares its batch.
+        self.rng = random.Random(self.params.seed)
+
+    @property
+    def adapter_name(self) -> str:
+        return self.adapter.name if self.adapter else ""
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def cancel(self) -> None:
+        """From any thread: the engine frees the slot at its next step."""
+        self.cancelled = True

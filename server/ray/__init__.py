@@ -1,0 +1,1 @@
+"""Scale-out on Ray Serve: the application, `cartridge serve-ray`, and the RayService entry point."""
