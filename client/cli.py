@@ -19,9 +19,23 @@ from .client import (ADMIN_TOKEN_ENV, INFERENCE_TOKEN_ENV, LOCATIONS, TLS_CA_ENV
 DEFAULT_SERVER = os.environ.get("CARTRIDGE_SERVER", "127.0.0.1:50051")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, naming the closest choice when a value is not one of them (`cartridge generat`),
+    as _refuse_unknown does for misspelled flags. Subcommand parsers are made of the same class."""
+
+    def _check_value(self, action: argparse.Action, value) -> None:
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as err:
+            close = difflib.get_close_matches(str(value), [str(choice) for choice in action.choices or ()], n=1)
+            if not close:
+                raise
+            raise argparse.ArgumentError(action, f"{err.message}; did you mean {close[0]!r}?") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cartridge", description="Serve, call, train and merge LoRA adapters "
-                                     "on one 4-bit Llama-family base.")
+    parser = _Parser(prog="cartridge", description="Serve, call, train and merge LoRA adapters "
+                     "on one 4-bit Llama-family base.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(commands)
     _add_adapters(commands)
@@ -92,7 +106,7 @@ def _add_adapters(commands) -> None:
     for verb in (register, unregister, listing):
         _server_flag(verb)
     register.set_defaults(run=_register)
-    unregister.set_defaults(run=lambda args: _with_client(args, lambda c: c.unregister_adapter(args.name)))
+    unregister.set_defaults(run=_unregister)
     listing.set_defaults(run=lambda args: _with_client(args, lambda c: _print_adapters(c.list_adapters(), args.json)))
 
 
@@ -101,6 +115,13 @@ def _register(args: argparse.Namespace) -> int:
     path = os.path.abspath(args.path) if os.path.exists(args.path) else args.path
     return _with_client(args, lambda c: _print_adapters([c.register_adapter(args.name, path, args.replace,
                                                                              args.pin)]))
+
+
+def _unregister(args: argparse.Namespace) -> int:
+    def unregister(client: CartridgeClient) -> None:
+        client.unregister_adapter(args.name)
+        print(f"unregistered {args.name}")
+    return _with_client(args, unregister)
 
 
 def _with_client(args: argparse.Namespace, action) -> int:
@@ -163,6 +184,8 @@ def _print_adapters(adapters, as_json: bool = False) -> None:
     if as_json:
         print(json.dumps(rows))
         return
+    if not rows:
+        print("no adapters registered")
     for row in rows:
         where = f"slot {row['device_slot']}" if row["device_slot"] else row["location"]
         flags = (" pinned" if row["pinned"] else "") + (f" UNUSABLE: {row['problem']}" if row["problem"] else "")

@@ -137,6 +137,8 @@ def test_health_and_metrics_on_the_http_port(server):
     (dict(presence_penalty=0.5), openai.BadRequestError, "presence_penalty", "not supported"),
     (dict(stream_options={"include_usage": True}), openai.BadRequestError, "stream_options", "stream: true"),
     (dict(extra_body={"guided_json": {}}), openai.BadRequestError, "guided_json", "not supported"),
+    (dict(extra_body={"max_tokns": 5}), openai.BadRequestError, "max_tokns",
+     "max_tokns is not supported by this server; did you mean max_tokens?"),
     (dict(extra_body={"max_tokens": True}), openai.BadRequestError, "max_tokens", "integer"),
 ])
 def test_bad_chat_requests_get_openai_errors_naming_the_field(api, fields, error, param, words):
