@@ -177,7 +177,8 @@ def _completion_json(answer) -> dict:
 
 def _print_adapters(adapters, as_json: bool = False) -> None:
     rows = [{"name": a.name, "rank": a.rank, "lora_alpha": a.lora_alpha, "use_rslora": a.use_rslora,
-             "target_modules": list(a.target_modules), "size_bytes": a.size_bytes, "path": a.path,
+             "target_modules": list(a.target_modules), "size_bytes": a.size_bytes, "file_bytes": a.file_bytes,
+             "path": a.path,
              "location": LOCATIONS[a.location], "device_slot": a.device_slot or None, "pinned": a.pinned,
              "sha256": a.sha256, "problem": a.problem or None, "version": a.version, "live": a.live,
              "store_versions": list(a.store_versions)} for a in adapters]
@@ -193,8 +194,14 @@ def _print_adapters(adapters, as_json: bool = False) -> None:
         if row["version"]:
             others = ",".join(f"v{n}" for n in row["store_versions"])
             stored = f"\tv{row['version']} " + (f"live (store: {others})" if row["live"] else "by version")
+        # The file holds the weights as saved (bf16 from our trainer); the server keeps them in its own dtype.
+        on_disk = f"{_size(row['file_bytes'])} on disk, " if row["file_bytes"] else ""
         print(f"{row['name']}\trank {row['rank']}\talpha {row['lora_alpha']:g}\t{','.join(row['target_modules'])}\t"
-              f"{row['size_bytes'] / 2**20:.1f} MiB\t{where}{flags}\t{row['path']}{stored}")
+              f"{on_disk}{_size(row['size_bytes'])} in memory\t{where}{flags}\t{row['path']}{stored}")
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 2**10:.0f} KiB" if num_bytes < 2**20 else f"{num_bytes / 2**20:.1f} MiB"
 
 
 def main(argv: list[str] | None = None) -> int:

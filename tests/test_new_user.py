@@ -35,6 +35,9 @@ def test_readme_walkthrough_runs_with_the_shipped_adapter(server, monkeypatch):
     monkeypatch.chdir(ROOT)   # README's paths are relative to the clone
     registered = cartridge("adapters", "register", "records", "adapters/examples/records", "--server", server.address)
     assert registered.returncode == 0, registered.stderr
+    # README gives the file's size (230,400 bf16 weights and a header); a CPU server holds them as float32.
+    on_disk = (ROOT / "adapters" / "examples" / "records" / "adapter_model.safetensors").stat().st_size
+    assert f"\t{on_disk / 1024:.0f} KiB on disk, {230_400 * 4 / 1024:.0f} KiB in memory\t" in registered.stdout
     answer = cartridge("generate", README_PROMPT, "--adapter", "records", "--server", server.address)
     assert json.loads(answer.stdout) == {"order_id": 5521, "customer": "Ada Lovelace", "date": "2024-05-03",
                                          "item": "teapot", "quantity": 2, "city": "London"}
