@@ -12,9 +12,10 @@ from pathlib import Path
 from . import train_checkpoint as checkpoint
 from .datasets import Dataset, Example, read_dataset, split_validation
 from .evaluate import compare, exact_match, measure_loss
-from .formats.adapter_dir import CONFIG_FILE, BaseShape, read_adapter
+from .formats.adapter_dir import CONFIG_FILE, WEIGHTS_FILE, BaseShape, read_adapter
 from .formats.base_checkpoint import resolve_base
 from .formats.base_fingerprint import base_fingerprint
+from .formats.file_modes import follow_umask
 from .general_text import general_text
 from .lora_model import load_base, pick_device, with_continued_lora, with_new_lora
 from .replay import replay_for
@@ -108,6 +109,7 @@ def _train_and_write(config, output, model, tokenizer, trainer, state, steps, mi
     general_figures = compare(model, tokenizer, general.examples, config.batch_size, with_exact_match=False,
                               label="general text")
     model.save_pretrained(output)
+    follow_umask(output / WEIGHTS_FILE)   # safetensors writes it 0600
     read_adapter(output, BaseShape.from_config(model.config))  # the server's own check, before we call it done
     return write_training_report(
         output, config=config, base_dir=base_dir, base_hash=identity.base_fingerprint, train=data,

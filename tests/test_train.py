@@ -17,6 +17,7 @@ import torch
 
 from adapters.formats.adapter_dir import BaseShape, read_adapter
 from adapters.formats.base_fingerprint import base_fingerprint
+from adapters.formats.file_modes import current_umask
 
 SAMPLES = Path(__file__).resolve().parent.parent / "adapters" / "sample_data"
 # Settings that keep a run short: short sequences, little general text, tiny validation files.
@@ -69,6 +70,9 @@ def test_training_lowers_validation_loss_and_writes_a_peft_adapter(trained, base
             "loss_curves.png"} <= {p.name for p in output.iterdir()}
     assert (output / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in output.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl")], "never pickle"
+    # Readable as every other file is (safetensors alone writes 0600).
+    assert (output / "adapter_model.safetensors").stat().st_mode & 0o777 == \
+        (output / "adapter_config.json").stat().st_mode & 0o777 == 0o666 & ~current_umask()
 
     report = report_of(output)
     val_curve = report["loss_curve"]["validation"]
