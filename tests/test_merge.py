@@ -68,6 +68,7 @@ def test_merge_equals_peft_merge_and_unload_and_loads_without_peft(merged_fp32, 
     out, result = merged_fp32
     assert result.returncode == 0, result.stderr
     assert "verified: max |logit diff| merged vs base+adapters" in result.stdout
+    assert "FutureWarning" not in result.stderr, result.stderr
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and all((out / s).is_file() for s in shards)

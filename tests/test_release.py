@@ -50,6 +50,7 @@ def store(tmp_path_factory) -> Path:
     first = cartridge("train", "--name", "facts", "--data", str(data["v1"]), "--test-data", str(data["v1-test"]),
                       "--max-steps", "6", "--learning-rate", "3e-3", *QUICK, store=store, umask=0o027)
     assert first.returncode == 0, first.stderr
+    assert "FutureWarning" not in first.stderr, first.stderr
     assert "wrote facts@v1" in first.stdout
     released = cartridge("release", "facts@v1", "--force", "--reason", "first version", store=store)
     assert released.returncode == 0, released.stderr
@@ -116,6 +117,7 @@ def test_gate_then_release_reaches_the_running_server(store, server):
         gate = cartridge("gate", "facts@v2", store=store, umask=0o027)
         assert gate.returncode == 0, gate.stdout + gate.stderr
         assert gate.stdout.startswith("PASS") and "facts@v1:" in gate.stdout
+        assert "FutureWarning" not in gate.stderr, gate.stderr
         report = store / "facts" / "v2" / "gate" / "against-v1"
         assert (report / "report.json").is_file()
         assert report.stat().st_mode & 0o777 == 0o750 and (report / "report.json").stat().st_mode & 0o777 == 0o640
