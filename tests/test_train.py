@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -65,6 +66,13 @@ def test_training_lowers_validation_loss_and_writes_a_peft_adapter(trained, base
     assert result.returncode == 0, result.stderr
     assert "tokens_per_s" in result.stderr and "step 3: validation loss" in result.stdout
     assert "FutureWarning" not in result.stderr, result.stderr
+    # Every phase after training says what it measures and how long it should take, then shows its rows.
+    assert re.search(r"^measuring recall on 8 training rows; about \d+ s$", result.stdout, re.M), result.stdout
+    assert re.search(r"^measuring forgetting: \d+ tokens of general text \(base and adapter\) and 6 validation rows "
+                     r"\(base\); about \d+ s$", result.stdout, re.M), result.stdout
+    for label, rows in (("recall", 8), ("validation, base", 6), ("general text, base", 1), ("general text, adapter", 1)):
+        assert re.search(rf"{re.escape(label)}: 100%.*\| {rows}/{rows} \[\d\d:\d\d", result.stderr), label
+    assert re.search(r"^6 steps in \d+ s \(\d+ s in all, with loading and measuring\)", result.stdout, re.M)
     assert f"skipped {train_file}, line 21: output: missing" in result.stdout
 
     assert {"adapter_config.json", "adapter_model.safetensors", "training_report.json",
