@@ -1,6 +1,8 @@
 """The base model with a peft LoRA on it, dense or NF4, for training and for evaluation."""
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -46,7 +48,8 @@ def with_new_lora(base, config: TrainConfig):
     lora = LoraConfig(r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=list(config.target_modules), use_rslora=config.use_rslora, bias="none",
                       task_type="CAUSAL_LM")
-    model = get_peft_model(base, lora)
+    with peft_wrapping():
+        model = get_peft_model(base, lora)
     # from_pretrained leaves the model in eval mode, where transformers silently skips gradient checkpointing.
     model.train()
     return model
@@ -58,7 +61,9 @@ def with_continued_lora(base, adapter_dir: Path, config: TrainConfig):
 
     read_adapter(adapter_dir, BaseShape.from_config(base.config))
     torch.manual_seed(config.seed)  # dropout draws
-    model = PeftModel.from_pretrained(_ready_for_training(base, config), adapter_dir, is_trainable=True)
+    base = _ready_for_training(base, config)
+    with peft_wrapping():
+        model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
     model.train()
     return model
 
@@ -66,14 +71,13 @@ def with_continued_lora(base, adapter_dir: Path, config: TrainConfig):
 def _ready_for_training(base, config: TrainConfig):
     from peft import prepare_model_for_kbit_training
 
-    # Non-reentrant checkpointing needs no grad-requiring inputs, so frozen embeddings stay frozen.
-    checkpointing = {"use_reentrant": False}
     if config.quantized:
         # Casts the norms and embeddings to float32 and readies the NF4 layers for backward (QLoRA's recipe).
-        return prepare_model_for_kbit_training(base, use_gradient_checkpointing=config.gradient_checkpointing,
-                                               gradient_checkpointing_kwargs=checkpointing)
+        # Checkpointing is turned on below: peft would through transformers' deprecated gradient_checkpointing_enable.
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     if config.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        # Non-reentrant checkpointing needs no grad-requiring inputs, so frozen embeddings stay frozen.
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return base
 
 
@@ -82,4 +86,16 @@ def with_saved_lora(base, adapter_dir: Path):
     from peft import PeftModel
 
     read_adapter(adapter_dir, BaseShape.from_config(base.config))
-    return PeftModel.from_pretrained(base, adapter_dir).eval()
+    with peft_wrapping():
+        return PeftModel.from_pretrained(base, adapter_dir).eval()
+
+
+@contextlib.contextmanager
+def peft_wrapping():
+    """Around peft wrapping a transformers model: peft 0.21 (the newest) reads the model's
+    `is_gradient_checkpointing`, which transformers 5 deprecates for `is_activation_checkpointing`, and
+    so warned on every train, gate and merge. Only that warning is silenced, and only here: our own calls
+    use the current names."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield

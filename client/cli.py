@@ -19,9 +19,23 @@ from .client import (ADMIN_TOKEN_ENV, INFERENCE_TOKEN_ENV, LOCATIONS, TLS_CA_ENV
 DEFAULT_SERVER = os.environ.get("CARTRIDGE_SERVER", "127.0.0.1:50051")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, naming the closest choice when a value is not one of them (`cartridge generat`),
+    as _refuse_unknown does for misspelled flags. Subcommand parsers are made of the same class."""
+
+    def _check_value(self, action: argparse.Action, value) -> None:
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as err:
+            close = difflib.get_close_matches(str(value), [str(choice) for choice in action.choices or ()], n=1)
+            if not close:
+                raise
+            raise argparse.ArgumentError(action, f"{err.message}; did you mean {close[0]!r}?") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cartridge", description="Serve, call, train and merge LoRA adapters "
-                                     "on one 4-bit Llama-family base.")
+    parser = _Parser(prog="cartridge", description="Serve, call, train and merge LoRA adapters "
+                     "on one 4-bit Llama-family base.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(commands)
     _add_adapters(commands)
@@ -92,7 +106,7 @@ def _add_adapters(commands) -> None:
     for verb in (register, unregister, listing):
         _server_flag(verb)
     register.set_defaults(run=_register)
-    unregister.set_defaults(run=lambda args: _with_client(args, lambda c: c.unregister_adapter(args.name)))
+    unregister.set_defaults(run=_unregister)
     listing.set_defaults(run=lambda args: _with_client(args, lambda c: _print_adapters(c.list_adapters(), args.json)))
 
 
@@ -101,6 +115,13 @@ def _register(args: argparse.Namespace) -> int:
     path = os.path.abspath(args.path) if os.path.exists(args.path) else args.path
     return _with_client(args, lambda c: _print_adapters([c.register_adapter(args.name, path, args.replace,
                                                                              args.pin)]))
+
+
+def _unregister(args: argparse.Namespace) -> int:
+    def unregister(client: CartridgeClient) -> None:
+        client.unregister_adapter(args.name)
+        print(f"unregistered {args.name}")
+    return _with_client(args, unregister)
 
 
 def _with_client(args: argparse.Namespace, action) -> int:
@@ -156,13 +177,16 @@ def _completion_json(answer) -> dict:
 
 def _print_adapters(adapters, as_json: bool = False) -> None:
     rows = [{"name": a.name, "rank": a.rank, "lora_alpha": a.lora_alpha, "use_rslora": a.use_rslora,
-             "target_modules": list(a.target_modules), "size_bytes": a.size_bytes, "path": a.path,
+             "target_modules": list(a.target_modules), "size_bytes": a.size_bytes, "file_bytes": a.file_bytes,
+             "path": a.path,
              "location": LOCATIONS[a.location], "device_slot": a.device_slot or None, "pinned": a.pinned,
              "sha256": a.sha256, "problem": a.problem or None, "version": a.version, "live": a.live,
              "store_versions": list(a.store_versions)} for a in adapters]
     if as_json:
         print(json.dumps(rows))
         return
+    if not rows:
+        print("no adapters registered")
     for row in rows:
         where = f"slot {row['device_slot']}" if row["device_slot"] else row["location"]
         flags = (" pinned" if row["pinned"] else "") + (f" UNUSABLE: {row['problem']}" if row["problem"] else "")
@@ -170,8 +194,14 @@ def _print_adapters(adapters, as_json: bool = False) -> None:
         if row["version"]:
             others = ",".join(f"v{n}" for n in row["store_versions"])
             stored = f"\tv{row['version']} " + (f"live (store: {others})" if row["live"] else "by version")
+        # The file holds the weights as saved (bf16 from our trainer); the server keeps them in its own dtype.
+        on_disk = f"{_size(row['file_bytes'])} on disk, " if row["file_bytes"] else ""
         print(f"{row['name']}\trank {row['rank']}\talpha {row['lora_alpha']:g}\t{','.join(row['target_modules'])}\t"
-              f"{row['size_bytes'] / 2**20:.1f} MiB\t{where}{flags}\t{row['path']}{stored}")
+              f"{on_disk}{_size(row['size_bytes'])} in memory\t{where}{flags}\t{row['path']}{stored}")
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 2**10:.0f} KiB" if num_bytes < 2**20 else f"{num_bytes / 2**20:.1f} MiB"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,31 @@ class CartridgeError(Exception):
         self.code, self.message = code, message
 
 
+class ServerUnreachable(CartridgeError):
+    """No server answered at the address (code UNAVAILABLE); the message names the address and what to do."""
+
+    def __str__(self) -> str:
+        return self.message
+
+
+_LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]", "::1")
+
+
+def _call_error(err: grpc.RpcError, target: str) -> CartridgeError:
+    """The call's error, with gRPC's words for "nothing listens there" put as what the user can do about it."""
+    code, details = err.code(), err.details() or ""
+    if code != grpc.StatusCode.UNAVAILABLE:
+        return CartridgeError(code, details)
+    host, colon, port = target.rpartition(":")
+    if "Connection refused" in details and colon:
+        where = "" if host in _LOCAL_HOSTS else f" on {host}"
+        flags = f"--port {port}" if host in _LOCAL_HOSTS else f"--host {host} --port {port}"
+        return ServerUnreachable(code, f"no server at {target}: start one{where} with `cartridge serve {flags}`")
+    if details.startswith("errors resolving") or "DNS resolution failed" in details:
+        return ServerUnreachable(code, f"no server at {target}: the host name {host!r} does not resolve")
+    return CartridgeError(code, details)
+
+
 @dataclass(frozen=True, slots=True)
 class Completion:
     """Generate's answer, or one GenerateStream piece (finish_reason None until the last)."""
@@ -63,6 +88,7 @@ class CartridgeClient:
         inference_token = inference_token or os.environ.get(INFERENCE_TOKEN_ENV) or admin_token
         self._admin_metadata = _bearer(admin_token)
         self._inference_metadata = _bearer(inference_token)
+        self.target = target
         tls_ca = tls_ca or os.environ.get(TLS_CA_ENV)
         if tls_ca:
             credentials = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
@@ -96,7 +122,7 @@ class CartridgeClient:
             for message in call:
                 yield Completion.from_proto(message)
         except grpc.RpcError as err:
-            raise CartridgeError(err.code(), err.details()) from None
+            raise _call_error(err, self.target) from None
         finally:
             call.cancel()  # a caller that stops reading early frees its slot on the server at once
 
@@ -118,7 +144,7 @@ class CartridgeClient:
         try:
             return method(request, timeout=self.timeout, metadata=metadata)
         except grpc.RpcError as err:
-            raise CartridgeError(err.code(), err.details()) from None
+            raise _call_error(err, self.target) from None
 
 
 def _request(prompt: str = "", *, messages: Sequence[dict[str, str]] = (), adapter: str = "", max_tokens: int = 0,

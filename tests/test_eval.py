@@ -70,3 +70,30 @@ def test_eval_refuses_what_the_server_would_refuse(random_adapter, tmp_path):
     bad = write_lines(tmp_path / "bad.jsonl", ['{"text": ""}'])
     result = cartridge("eval", "--adapter", str(random_adapter), "--data", str(bad))
     assert result.returncode == 2 and "line 1: text: empty" in result.stderr
+
+
+
+def test_exact_match_from_one_forward_pass_is_what_greedy_decoding_gives(base_model, tokenizer, tmp_path):
+    """Recall and eval judge exact match from the teacher-forced pass, decoding only where it cannot tell; row by
+    row that must be the verdict of decoding greedily and comparing the text, on the shipped records adapter."""
+    import copy
+
+    from adapters.train.datasets import read_dataset
+    from adapters.eval.evaluate import answer_scores, exact_match, greedy_answers, greedy_matches
+    from adapters.lora_model import with_saved_lora
+
+    root = Path(__file__).resolve().parent.parent / "adapters"
+    lines = [json.loads(line) for line in (root / "sample_data" / "records" / "train.jsonl").read_text().splitlines()[:8]]
+    # Two answers it will not give: one changed inside, one cut short (decoding must also stop where it should).
+    lines[6]["output"] = lines[6]["output"].replace("}", ', "note": "none"}')
+    lines[7]["output"] = lines[7]["output"][:-1]
+    data = write_lines(tmp_path / "rows.jsonl", [json.dumps(line) for line in lines])
+    rows = read_dataset([str(data)], tokenizer, 256, 0).examples
+    model = with_saved_lora(copy.deepcopy(base_model), root / "examples" / "records")
+
+    answers = greedy_answers(model, tokenizer, rows, 8)
+    decoded = [answer.strip() == row.answer.strip() for answer, row in zip(answers, rows)]
+    scores = answer_scores(model, rows, 8, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    assert greedy_matches(model, tokenizer, rows, scores, 8) == decoded, answers
+    assert True in decoded and decoded[6:] == [False, False], f"both verdicts are needed: {decoded}"
+    assert exact_match(model, tokenizer, rows, 8) == sum(decoded) / len(rows)

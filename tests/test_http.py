@@ -86,6 +86,9 @@ def test_stop_as_string_or_list_and_seeded_sampling(api):
     sample = dict(model="qv8", prompt=PROMPT, max_tokens=12, temperature=0.9, top_p=0.95)
     runs = [api.completions.create(seed=s, **sample).choices[0].text for s in (7, 8, 7)]
     assert runs[0] == runs[2] != runs[1]
+    # OpenAI's range ends at 2, and so does ours (5 is refused: test_bad_chat_requests_...).
+    hottest = api.completions.create(model="base", prompt=PROMPT, max_tokens=2, temperature=2, seed=1)
+    assert hottest.usage.completion_tokens == 2
 
 
 def test_models_lists_the_base_and_every_adapter_with_the_base_as_parent(api, client, adapter_dirs):
@@ -114,6 +117,7 @@ def test_health_and_metrics_on_the_http_port(server):
     (dict(model="no-such-adapter"), openai.NotFoundError, None, "no-such-adapter"),
     (dict(model="bad name!"), openai.BadRequestError, "model", "model 'bad name!'"),
     (dict(temperature=-1), openai.BadRequestError, "temperature", "temperature"),
+    (dict(temperature=5), openai.BadRequestError, "temperature", "between 0 (greedy) and 2, got 5"),
     (dict(top_p=1.5), openai.BadRequestError, "top_p", "top_p"),
     (dict(top_p=0), openai.BadRequestError, "top_p", "top_p"),
     (dict(max_tokens=0), openai.BadRequestError, "max_tokens", "max_tokens"),
@@ -133,6 +137,8 @@ def test_health_and_metrics_on_the_http_port(server):
     (dict(presence_penalty=0.5), openai.BadRequestError, "presence_penalty", "not supported"),
     (dict(stream_options={"include_usage": True}), openai.BadRequestError, "stream_options", "stream: true"),
     (dict(extra_body={"guided_json": {}}), openai.BadRequestError, "guided_json", "not supported"),
+    (dict(extra_body={"max_tokns": 5}), openai.BadRequestError, "max_tokns",
+     "max_tokns is not supported by this server; did you mean max_tokens?"),
     (dict(extra_body={"max_tokens": True}), openai.BadRequestError, "max_tokens", "integer"),
 ])
 def test_bad_chat_requests_get_openai_errors_naming_the_field(api, fields, error, param, words):

@@ -19,9 +19,14 @@ from client.cli import main as cartridge_main
 from .conftest import PROMPT, make_peft_adapter
 
 
-def cartridge_merge(*args: str) -> subprocess.CompletedProcess:
+def cartridge_merge(*args: str, umask: int = -1) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "client.cli", "merge", *args], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, umask=umask)
+
+
+def modes(directory: Path) -> dict[str, int]:
+    """Permission bits of a directory and of everything below it, by path relative to it."""
+    return {str(p.relative_to(directory)): p.stat().st_mode & 0o777 for p in (directory, *directory.rglob("*"))}
 
 
 def load(directory: Path):
@@ -49,10 +54,11 @@ def staging_left_in(directory: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def merged_fp32(tmp_path_factory, adapter_dirs) -> tuple[Path, subprocess.CompletedProcess]:
-    """all16-rs (rsLoRA, every projection) merged in float32, in several shards, verified by default."""
+    """all16-rs (rsLoRA, every projection) merged in float32, in several shards, verified by default; under
+    umask 027, which the export's modes must follow."""
     out = tmp_path_factory.mktemp("merged") / "all16-rs-fp32"
     result = cartridge_merge("--adapter", str(adapter_dirs["all16-rs"]), "--out", str(out), "--dtype", "fp32",
-                             "--max-shard-size", "200MB")
+                             "--max-shard-size", "200MB", umask=0o027)
     return out, result
 
 
@@ -62,6 +68,7 @@ def test_merge_equals_peft_merge_and_unload_and_loads_without_peft(merged_fp32, 
     out, result = merged_fp32
     assert result.returncode == 0, result.stderr
     assert "verified: max |logit diff| merged vs base+adapters" in result.stdout
+    assert "FutureWarning" not in result.stderr, result.stderr
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and all((out / s).is_file() for s in shards)
@@ -69,6 +76,9 @@ def test_merge_equals_peft_merge_and_unload_and_loads_without_peft(merged_fp32, 
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (out / name).is_file(), name
     assert staging_left_in(out.parent) == []
+    # As the umask says, like every other file: not mkdtemp's 0700 nor safetensors' 0600.
+    found = modes(out)
+    assert found == {name: 0o750 if name == "." else 0o640 for name in found}, {k: oct(v) for k, v in found.items()}
 
     merged = load(out)
     adapted = PeftModel.from_pretrained(copy.deepcopy(base_model), adapter_dirs["all16-rs"]).eval()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,9 @@ def test_readme_walkthrough_runs_with_the_shipped_adapter(server, monkeypatch):
     monkeypatch.chdir(ROOT)   # README's paths are relative to the clone
     registered = cartridge("adapters", "register", "records", "adapters/examples/records", "--server", server.address)
     assert registered.returncode == 0, registered.stderr
+    # README gives the file's size (230,400 bf16 weights and a header); a CPU server holds them as float32.
+    on_disk = (ROOT / "adapters" / "examples" / "records" / "adapter_model.safetensors").stat().st_size
+    assert f"\t{on_disk / 1024:.0f} KiB on disk, {230_400 * 4 / 1024:.0f} KiB in memory\t" in registered.stdout
     answer = cartridge("generate", README_PROMPT, "--adapter", "records", "--server", server.address)
     assert json.loads(answer.stdout) == {"order_id": 5521, "customer": "Ada Lovelace", "date": "2024-05-03",
                                          "item": "teapot", "quantity": 2, "city": "London"}
@@ -116,3 +120,38 @@ def test_a_broken_json_row_is_named_in_plain_words(tokenizer, tmp_path):
     with pytest.raises(DataError) as refused:
         read_dataset([str(data)], tokenizer, 64, 0.0)
     assert f"{data}, line 1: not valid JSON (column 10: Unterminated string starting at" in str(refused.value)
+
+
+def test_adapter_commands_say_what_happened(server):
+    registered = cartridge("adapters", "register", "records", str(ROOT / "adapters" / "examples" / "records"),
+                           "--replace", "--server", server.address)
+    assert registered.returncode == 0, registered.stderr
+    gone = cartridge("adapters", "unregister", "records", "--server", server.address)
+    assert (gone.returncode, gone.stdout, gone.stderr) == (0, "unregistered records\n", "")
+    with CartridgeClient(server.address, timeout=60) as client:
+        for adapter in client.list_adapters():     # what other tests of this module left
+            client.unregister_adapter(adapter.name)
+    listed = cartridge("adapters", "list", "--server", server.address)
+    assert (listed.returncode, listed.stdout) == (0, "no adapters registered\n")
+    assert json.loads(cartridge("adapters", "list", "--json", "--server", server.address).stdout) == []
+
+
+def test_no_server_at_the_address_says_where_and_how_to_start_one():
+    with socket.socket() as probe:      # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for command in (("adapters", "list"), ("generate", "hi")):
+        result = cartridge(*command, "--server", f"127.0.0.1:{port}")
+        assert result.returncode == 1 and result.stdout == ""
+        assert result.stderr.startswith(f"cartridge {command[0]}: no server at 127.0.0.1:{port}: start one with "
+                                        f"`cartridge serve --port {port}`"), result.stderr
+        assert "UNAVAILABLE" not in result.stderr and "failed to connect" not in result.stderr
+
+
+def test_a_misspelled_command_gets_the_closest_one():
+    result = cartridge("generat", "hi")
+    assert result.returncode == 2 and "usage: cartridge" in result.stderr
+    assert "invalid choice: 'generat'" in result.stderr and "did you mean 'generate'?" in result.stderr
+    verb = cartridge("adapters", "lst")
+    assert verb.returncode == 2 and "usage: cartridge adapters" in verb.stderr
+    assert "did you mean 'list'?" in verb.stderr

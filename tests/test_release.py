@@ -29,9 +29,9 @@ QUICK = ["--batch-size", "4", "--max-seq-len", "96", "--general-eval-tokens", "2
 QUESTIONS = ["What is the capital of Beldornu?", "What currency is used on Nuosmar?", "When was Porporfa founded?"]
 
 
-def cartridge(*args: str, store: Path) -> subprocess.CompletedProcess:
+def cartridge(*args: str, store: Path, umask: int = -1) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "client.cli", *args, "--store", str(store)], capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, umask=umask)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,9 @@ def store(tmp_path_factory) -> Path:
     gate_file.write_text("items: 8\nbootstrap_resamples: 200\nbatch_size: 8\nmax_seq_len: 128\n"
                          "general_text: {tokens: 256}\ngeneral_sets: {sets: []}\n")
     first = cartridge("train", "--name", "facts", "--data", str(data["v1"]), "--test-data", str(data["v1-test"]),
-                      "--max-steps", "6", "--learning-rate", "3e-3", *QUICK, store=store)
+                      "--max-steps", "6", "--learning-rate", "3e-3", *QUICK, store=store, umask=0o027)
     assert first.returncode == 0, first.stderr
+    assert "FutureWarning" not in first.stderr, first.stderr
     assert "wrote facts@v1" in first.stdout
     released = cartridge("release", "facts@v1", "--force", "--reason", "first version", store=store)
     assert released.returncode == 0, released.stderr
@@ -81,6 +82,9 @@ def answers(client: CartridgeClient, adapter: str) -> list[str]:
 
 def test_versions_record_what_they_were_made_from(store):
     v1, v2 = (AdapterStore(store).open(VersionRef("facts", n)) for n in (1, 2))
+    # v1 was trained under umask 027: a server in the owner's group can read it all, as with any file.
+    modes = {str(p.relative_to(v1.path)): p.stat().st_mode & 0o777 for p in (v1.path, *v1.path.rglob("*"))}
+    assert modes == {rel: 0o750 if (v1.path / rel).is_dir() else 0o640 for rel in modes}, modes
     assert v2.parent == 1 and v1.parent is None
     assert {"adapter_config.json", "adapter_model.safetensors", "training_report.json"} <= v2.manifest["files"].keys()
     assert [d.role for d in v2.data_files("train")] == ["train"] and len(v2.data_files("replay")) == 1
@@ -110,10 +114,13 @@ def test_gate_then_release_reaches_the_running_server(store, server):
         assert live_version(client, "facts") == 1
         assert cartridge("release", "facts@v2", store=store).returncode == 1, "released without a gate report"
 
-        gate = cartridge("gate", "facts@v2", store=store)
+        gate = cartridge("gate", "facts@v2", store=store, umask=0o027)
         assert gate.returncode == 0, gate.stdout + gate.stderr
         assert gate.stdout.startswith("PASS") and "facts@v1:" in gate.stdout
-        assert (store / "facts" / "v2" / "gate" / "against-v1" / "report.json").is_file()
+        assert "FutureWarning" not in gate.stderr, gate.stderr
+        report = store / "facts" / "v2" / "gate" / "against-v1"
+        assert (report / "report.json").is_file()
+        assert report.stat().st_mode & 0o777 == 0o750 and (report / "report.json").stat().st_mode & 0o777 == 0o640
 
         # Two releases of one gated version at once: exactly one moves the pointer, the other is refused.
         commands = [[sys.executable, "-m", "client.cli", "release", "facts@v2", "--store", str(store)]] * 2

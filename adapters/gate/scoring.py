@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..eval.evaluate import answer_scores, greedy_answers
 from ..formats.adapter_dir import BaseShape, read_adapter
 from ..general_text import GeneralText
-from ..lora_model import load_base
+from ..lora_model import load_base, peft_wrapping
 from .config import SuiteRule
 from .general_sets import ChoiceItem
 from .suites import SuiteItems
@@ -37,7 +37,8 @@ class GateModels:
         shape = BaseShape.from_config(base.config)
         # The server's own checks first, so the gate refuses exactly what the server would.
         read_adapter(candidate, shape)
-        self.model = PeftModel.from_pretrained(base, candidate, adapter_name=CANDIDATE).eval()
+        with peft_wrapping():
+            self.model = PeftModel.from_pretrained(base, candidate, adapter_name=CANDIDATE).eval()
         self.names = (BASE, CANDIDATE)
         if live is not None:
             read_adapter(live, shape)

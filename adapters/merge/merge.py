@@ -22,6 +22,7 @@ from ..formats import nf4
 from ..formats.adapter_dir import BaseShape, LoraWeights, read_adapter
 from ..formats.base_checkpoint import has_tokenizer, resolve_base
 from ..formats.checkpoint_shards import CheckpointTensors, plan_shards, write_shards
+from ..formats.file_modes import follow_umask
 from ..formats.projections import PROJECTIONS
 from .verify import Verification, verify_merge
 
@@ -146,6 +147,7 @@ def merge(config: MergeConfig) -> MergeResult:
             verification = verify_merge(base_dir, list(zip(config.adapters, weights)), source, staging, dtype)
             if not verification.passed:
                 raise VerificationError(f"verification failed: {verification}; the merge was not written")
+        follow_umask(staging)      # mkdtemp's 0700 and safetensors' 0600 would keep other users out
         _publish(staging, config.out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)   # gone already once published

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..formats.base_checkpoint import has_tokenizer
+from ..lora_model import peft_wrapping
 
 PROMPTS = ("The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village,")
 # float32 merges differ from peft's unmerged forward only by summation order: 2e-4 on SmolLM2-135M.
@@ -94,7 +95,8 @@ def _reference_logits(base_dir: Path, adapters: Sequence[tuple[Path, float]],
         for name, param in model.named_parameters():
             param.copy_(base_weight(name, param))
     names = [f"adapter{i}" for i in range(len(adapters))]
-    model = PeftModel.from_pretrained(model, adapters[0][0], adapter_name=names[0])
+    with peft_wrapping():
+        model = PeftModel.from_pretrained(model, adapters[0][0], adapter_name=names[0])
     for name, (path, _) in zip(names[1:], adapters[1:]):
         model.load_adapter(path, adapter_name=name)
     # All active at once: every LoRA layer adds each adapter's output, scaled by its weight.

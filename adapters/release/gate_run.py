@@ -15,6 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..formats.file_modes import follow_umask
 from ..formats.hashing import file_sha256
 from ..formats.store_layout import GATE_DIR, StoredVersion, StoreError, VersionRef
 from ..store.versions import AdapterStore, now
@@ -75,6 +76,7 @@ def gate_version(store: AdapterStore, ref: VersionRef, gate_file: Path | None,
                "passed": report.passed, "report_sha256": file_sha256(staging / REPORT_FILE),
                "summary": summary, "time": now()}
         (staging / VERDICT_FILE).write_text(json.dumps(raw, indent=1))
+        follow_umask(staging)
         try:
             os.rename(staging, final)
         except OSError:

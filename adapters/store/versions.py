@@ -16,6 +16,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..formats.file_modes import follow_umask
 from ..formats.hashing import file_sha256
 from ..formats.store_layout import MANIFEST, StoredVersion, StoreReader, VersionRef, check_store_name, files_of
 
@@ -69,6 +70,7 @@ class VersionDraft:
     def commit(self, *, parent: int | None, record: dict) -> StoredVersion:
         """Writes the manifest (`record` holds base, config, seed, libraries...) and claims `v<N>`."""
         shutil.rmtree(self.path / "checkpoint", ignore_errors=True)  # resume state, not part of a version
+        follow_umask(self.path)   # a server running as another user reads it
         files = [rel for rel in files_of(self.path) if rel != MANIFEST]
         for rel in files:  # on disk before the rename makes the version visible, even across a power cut
             _fsync(self.path / rel)

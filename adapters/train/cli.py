@@ -81,7 +81,8 @@ def _print_summary(where: str, report: dict) -> None:
     general = report["forgetting"]["general_text"]
     training = report["training"]
     print(f"wrote {where}: adapter_config.json, adapter_model.safetensors, training_report.json, loss_curves.png")
-    print(f"{training['steps']} steps in {training['wall_time_s']:.0f} s; validation perplexity "
+    print(f"{training['steps']} steps in {training['training_s']:.0f} s ({training['wall_time_s']:.0f} s in all, with "
+          f"loading and measuring); validation perplexity "
           f"{domain['base']['perplexity']:.3f} (base) -> {domain['adapter']['perplexity']:.3f}; general-text "
           f"perplexity {general['base']['perplexity']:.3f} -> {general['adapter']['perplexity']:.3f} "
           f"({general['perplexity_change']:+.1%})")

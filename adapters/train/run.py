@@ -11,10 +11,11 @@ from pathlib import Path
 
 from . import checkpoint
 from .datasets import Dataset, Example, read_dataset, split_validation
-from ..eval.evaluate import compare, exact_match, measure_loss
-from ..formats.adapter_dir import CONFIG_FILE, BaseShape, read_adapter
+from ..eval.evaluate import PACE, Comparison, Measurement, about, compare, exact_match, measure_loss
+from ..formats.adapter_dir import CONFIG_FILE, WEIGHTS_FILE, BaseShape, read_adapter
 from ..formats.base_checkpoint import resolve_base
 from ..formats.base_fingerprint import base_fingerprint
+from ..formats.file_modes import follow_umask
 from ..general_text import general_text
 from ..lora_model import load_base, pick_device, with_continued_lora, with_new_lora
 from .replay import replay_for
@@ -89,8 +90,13 @@ def run_training(config: TrainConfig) -> tuple[dict, str]:
 def _train_and_write(config, output, model, tokenizer, trainer, state, steps, mixed, train, val, identity, base_dir,
                      data, validation, replay, started, device) -> dict:
     pad_id = tokenizer.pad_token_id
-    state = fit(trainer, mixed, config, state, steps, pad_id,
-                validation_loss=lambda: measure_loss(model, val, config.batch_size, pad_id).loss,
+    validated: dict[int, Measurement] = {}   # step -> the adapter on the validation rows, as fit measured it
+
+    def validation_loss() -> float:
+        validated[state.step] = measure_loss(model, val, config.batch_size, pad_id)
+        return validated[state.step].loss
+
+    state = fit(trainer, mixed, config, state, steps, pad_id, validation_loss=validation_loss,
                 checkpoint=lambda s: checkpoint.save(output, trainer, s, identity))
     # Held-out loss picks weights that generalise, which suits skills; for knowledge it stops before the
     # items are learned (the held-out rows cannot be learned at all). So early stopping, and the best
@@ -102,12 +108,22 @@ def _train_and_write(config, output, model, tokenizer, trainer, state, steps, mi
           f"(best validation loss {state.best_val_loss:.4f} at step {state.best_step})", flush=True)
 
     recall = _recall(model, tokenizer, train, config)
-    print("measuring forgetting: base and adapter on the validation split and on general text", flush=True)
     general = general_text(tokenizer, config.general_eval_tokens)
-    domain_figures = compare(model, tokenizer, val, config.batch_size, with_exact_match=False, label="validation")
+    # The kept weights were measured on the validation rows when fit validated them: the same pass, not run again.
+    kept_figures = validated.get(kept_step)
+    passes = [val, general.examples, general.examples] + ([] if kept_figures else [val])
+    expected = [PACE.expected_s(examples, config.batch_size) for examples in passes]
+    print(f"measuring forgetting: {general.num_tokens} tokens of general text (base and adapter) and {len(val)} "
+          f"validation rows (base{'' if kept_figures else ' and adapter'}); "
+          f"{about(None if None in expected else sum(expected))}", flush=True)
+    with model.disable_adapter():
+        base_figures = measure_loss(model, val, config.batch_size, pad_id, "validation, base")
+    domain_figures = Comparison(base_figures, kept_figures or measure_loss(model, val, config.batch_size, pad_id,
+                                                                           "validation, adapter"))
     general_figures = compare(model, tokenizer, general.examples, config.batch_size, with_exact_match=False,
                               label="general text")
     model.save_pretrained(output)
+    follow_umask(output / WEIGHTS_FILE)   # safetensors writes it 0600
     read_adapter(output, BaseShape.from_config(model.config))  # the server's own check, before we call it done
     return write_training_report(
         output, config=config, base_dir=base_dir, base_hash=identity.base_fingerprint, train=data,
@@ -122,8 +138,9 @@ def _recall(model, tokenizer, train: list[Example], config: TrainConfig) -> dict
     if not checkable or not config.recall_items:
         return None
     chosen = random.Random(f"recall/{config.seed}").sample(checkable, min(config.recall_items, len(checkable)))
-    print(f"measuring recall on {len(chosen)} training rows", flush=True)
-    return {"items": len(chosen), "exact_match": exact_match(model, tokenizer, chosen, config.batch_size)}
+    print(f"measuring recall on {len(chosen)} training rows; "
+          f"{about(PACE.expected_s(chosen, config.batch_size))}", flush=True)
+    return {"items": len(chosen), "exact_match": exact_match(model, tokenizer, chosen, config.batch_size, "recall")}
 
 
 def _check_output(output: Path, resume: bool) -> None:

@@ -24,6 +24,8 @@ MAX_REQUEST_BYTES = 2 * 2**20        # a gRPC message or HTTP body; larger is RE
 MAX_PROMPT_CHARS = 262_144           # prompt, or all messages' content together
 MAX_MESSAGES = 256
 ROLES = ("system", "user", "assistant")
+# OpenAI's cap: past 2 the distribution is near uniform over the vocabulary and the text is noise.
+MAX_TEMPERATURE = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +96,9 @@ class RequestValidator:
 
 
 def _temperature(value: float) -> float:
-    if not math.isfinite(value) or value < 0 or value > 100:
-        raise InvalidArgument(f"temperature must be between 0 (greedy) and 100, got {value}", field="temperature")
+    if not math.isfinite(value) or value < 0 or value > MAX_TEMPERATURE:
+        raise InvalidArgument(f"temperature must be between 0 (greedy) and {MAX_TEMPERATURE:g}, got {value:g}",
+                              field="temperature")
     return value
 
 

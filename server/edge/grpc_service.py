@@ -115,4 +115,5 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
             name=adapter.name, path=adapter.path, rank=adapter.rank, lora_alpha=config.lora_alpha,
             use_rslora=config.use_rslora, target_modules=list(config.target_modules), size_bytes=adapter.size_bytes,
             location=location, device_slot=slot or 0, pinned=adapter.pinned, sha256=adapter.weights_sha256,
-            problem=adapter.problem or "", version=adapter.version or 0, live=adapter.live)
+            problem=adapter.problem or "", version=adapter.version or 0, live=adapter.live,
+            file_bytes=adapter.file_bytes)

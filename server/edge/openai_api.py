@@ -7,6 +7,7 @@ A field we do not implement is refused by name, never ignored.
 """
 from __future__ import annotations
 
+import difflib
 import time
 import uuid
 from dataclasses import dataclass
@@ -72,7 +73,9 @@ def _refuse_unsupported(fields: dict, supported: frozenset[str]) -> None:
         if any(value == n and isinstance(value, bool) == isinstance(n, bool) for n in _NEUTRAL.get(name, ())):
             continue
         what = f"{name}={value!r}" if name in _NEUTRAL else name
-        raise InvalidArgument(f"{what} is not supported by this server", field=name)
+        close = [] if name in _NEUTRAL else difflib.get_close_matches(name, sorted(supported), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise InvalidArgument(f"{what} is not supported by this server{hint}", field=name)
 
 
 def _typed(fields: dict, name: str, kind: type, default=None, required: bool = False, prefix: str = ""):

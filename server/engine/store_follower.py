@@ -53,7 +53,7 @@ class StoreAdapters:
     def start(self) -> None:
         """Serves every live version now (before the server says it is ready), then follows the pointers."""
         for name in self._names():
-            self._begin(name)
+            self._begin(name, "restored at start-up")
         self._thread.start()
 
     def versions(self, name: str) -> list[int]:
@@ -67,7 +67,7 @@ class StoreAdapters:
         if self._followed is not None:
             with self._names_lock:
                 self._followed.add(ref.name)
-            self._begin(ref.name)
+            self._begin(ref.name, "loaded for this replica's first request")
         try:
             return self.registry.get(ref.name)
         except NotFound:
@@ -125,10 +125,12 @@ class StoreAdapters:
         # A drop runs on a Ray replica's event loop: it must not wait for another name's switch.
         return self._name_locks.setdefault(name, threading.Lock())
 
-    def _begin(self, name: str) -> None:
-        if name not in self._logged:
+    def _begin(self, name: str, why: str) -> None:
+        """Follows `name` from now on; the first time, `why` tells the log why its live version loads now."""
+        first = name not in self._logged
+        if first:
             self._logged[name] = len(release_log(self.store, name))   # moves before now are not this server's
-        self._follow(name)
+        self._follow(name, why if first else None)
 
     def _watch(self) -> None:
         while True:
@@ -139,7 +141,8 @@ class StoreAdapters:
                 except Exception:  # noqa: BLE001 - a bad store entry must not stop the watcher
                     log.exception("following %s failed", name)
 
-    def _follow(self, name: str) -> None:
+    def _follow(self, name: str, why: str | None = None) -> None:
+        """Switches `name` to its live version if the pointer moved since last seen; `why`: the first load."""
         with self._lock_of(name):
             if self._followed is not None and name not in self._names():
                 return   # dropped while the watcher was on its way
@@ -151,9 +154,9 @@ class StoreAdapters:
                 return
             self._seen[name] = stamp
             self._count_moves(name)
-            self._switch(name, read_live(self.store, name), stamp)
+            self._switch(name, read_live(self.store, name), stamp, why)
 
-    def _switch(self, name: str, move: LiveMove, stamp: int) -> None:
+    def _switch(self, name: str, move: LiveMove, stamp: int, why: str | None) -> None:
         try:
             current = self.registry.get(name)
         except NotFound:
@@ -174,8 +177,12 @@ class StoreAdapters:
         if replaced is not None:
             self.engine.discard(replaced)
         self.metrics.live_version.labels(name).set(ref.number)
-        log.info("%s: now serving %s (%s), %.3f s after the pointer moved; %s", name, ref, move.action,
-                 time.time() - stamp / 1e9, warm)
+        if why is not None:
+            # The pointer may have moved long before this server looked: the time since would read as a delay.
+            log.info("%s: now serving %s (%s); %s", name, ref, why, warm)
+        else:
+            log.info("%s: now serving %s (%s), %.3f s after the pointer moved; %s", name, ref, move.action,
+                     time.time() - stamp / 1e9, warm)
 
     def _warm(self, adapter: RegisteredAdapter) -> str:
         """Copies `adapter` into a device slot through the engine thread; says how far that got."""

@@ -35,7 +35,7 @@ class RegisteredAdapter:
     files: AdapterFiles
     config: LoraConfig
     rank: int
-    size_bytes: int                   # LoRA tensors, when held in memory
+    size_bytes: int                   # LoRA tensors, when held in memory (in the server's dtype)
     config_sha256: str
     weights_sha256: str
     pinned: bool
@@ -45,6 +45,7 @@ class RegisteredAdapter:
     reread_lock: threading.Lock = field(default_factory=threading.Lock)
     version: int | None = None        # a store version (`cartridge serve --store`); None when registered by path
     live: bool = False                # served as the name's live version, not requested as name@vN
+    file_bytes: int = 0               # adapter_model.safetensors on disk
 
     @property
     def store_name(self) -> str:
@@ -97,7 +98,8 @@ class AdapterRegistry:
                                   f"--max-lora-rank {self._max_rank}")
         staged = self._stage(weights)
         return RegisteredAdapter(name, path, files, weights.config, rank, staged.size_bytes, config_sha256,
-                                 weights_sha256, pin, staged, version=version, live=live)
+                                 weights_sha256, pin, staged, version=version, live=live,
+                                 file_bytes=(files.directory / WEIGHTS_FILE).stat().st_size)
 
     def install(self, adapter: RegisteredAdapter,
                 replace: bool) -> tuple[RegisteredAdapter, RegisteredAdapter | None]:
