@@ -113,10 +113,14 @@ class Grammars:
             stop_only[token // 32] |= 1 << (token % 32)
         self.stop_only = stop_only.to(torch.int32)[:xgr.allocate_token_bitmask(1, self.vocab_size).shape[-1]]
 
+    def wait_ready(self) -> None:
+        """Returns once the tokenizer's vocabulary is read (compile() waits for it too)."""
+        self._ready.join()
+
     def compile(self, fmt: ResponseFormat):
         """The compiled grammar of `fmt`, from the cache or compiled now (INVALID_ARGUMENT if it cannot be)."""
         key = fmt.canonical()
-        self._ready.join()
+        self.wait_ready()
         with self._lock:
             compiled = self._cache.get(key)
             if compiled is not None:
