@@ -122,6 +122,8 @@ BAD_FORMATS = [
      "an object"),
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
      "response_format.json_schema", "cannot be compiled"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 5, "maximum": 1}}},
+     "response_format.json_schema", "minimum greater than maximum"),     # impossible: no value fits
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}, "colour": 1}},
      "response_format.json_schema.colour", "not supported"),
     ({"type": "regex", "regex": "(unclosed"}, "response_format.regex", "cannot be compiled"),
@@ -167,6 +169,8 @@ def test_bad_completion_logprobs_is_a_400(api):
     (dict(response_format=inference_pb2.ResponseFormat(type="json_schema", json_schema='{"type": "nonsense"}')),
      "cannot be compiled"),
     (dict(response_format=inference_pb2.ResponseFormat(type="regex", regex="[z-a]")), "cannot be compiled"),
+    (dict(response_format=inference_pb2.ResponseFormat(type="json_schema", json_schema='{"enum": []}')),
+     "enum array must not be empty"),
     (dict(response_format=inference_pb2.ResponseFormat(type="choice")), "response_format.choice"),
     (dict(response_format=inference_pb2.ResponseFormat(type="yaml")), "response_format.type"),
     (dict(response_format=inference_pb2.ResponseFormat(regex="a")), "response_format.regex"),
