@@ -30,6 +30,7 @@ from .engine.engine import Engine
 from .errors import StatusInterceptor, Unavailable
 from .edge.call_gate import CallGate
 from .edge.generate_request import MAX_REQUEST_BYTES, RequestValidator
+from .engine.grammar import Grammars
 from .edge.http_app import EngineBackend, HttpServer, openai_app
 from .model.kv_cache import KVCache
 from .lora.batch import SlotWeights
@@ -150,7 +151,9 @@ def build_core(config: ServerConfig, *, store_on_demand: bool = False) -> Servin
     log.info("base %s on %s (%s, %s): weights+cache ready in %.1f s; KV cache %.0f MiB for %d x %d tokens",
              directory.name, device, "nf4" if config.quantize else "dense", str(config.torch_dtype).split(".")[-1],
              time.monotonic() - started, cache.size_bytes / 2**20, config.max_batch_size, max_seq_len)
-    return ServingCore(engine, registry, RequestValidator(registry, tokenizer, max_seq_len, store), metrics,
+    # Structured output: xgrammar over this tokenizer, its vocabulary as wide as the model's logits.
+    grammars = Grammars(tokenizer, model.args.vocab_size, engine.eos_ids)
+    return ServingCore(engine, registry, RequestValidator(registry, tokenizer, max_seq_len, store, grammars), metrics,
                        CallGate(config.admin_token, config.inference_token), directory.name, store)
 
 

@@ -93,7 +93,7 @@ def test_decode_launched_from_the_tokens_of_the_pass_in_flight_matches_one_at_a_
         in_flight = runner.launch_decode(seqs)
         for _ in range(12):
             following = runner.launch_decode(seqs, fed=in_flight) if chained else None
-            for seq, token in zip(seqs, runner.collect(in_flight)):
+            for seq, token in zip(seqs, runner.collect(in_flight)[0]):
                 seq.output_ids.append(token)
             in_flight = following or runner.launch_decode(seqs)
         return [seq.output_ids for seq in seqs]

@@ -89,6 +89,13 @@ messages = st.one_of(
                        role=st.one_of(st.sampled_from(["system", "user", "assistant"]), texts), content=texts),
              max_size=3),
     st.just([inference_pb2.ChatMessage(role="user", content="hi")] * 300))
+formats = st.one_of(st.none(), st.builds(
+    inference_pb2.ResponseFormat,
+    type=st.one_of(st.sampled_from(["", "text", "json_object", "json_schema", "regex", "choice"]), texts),
+    json_schema=st.one_of(texts, st.sampled_from(['{"type": "object"}', '{"type": "integer"}', '{"type": "nonsense"}',
+                                                  '[]', '{"enum": ["a", "b"]}'])),
+    regex=st.one_of(texts, st.sampled_from(["[a-z]+", "(", "a{2,3}", "[z-a]", ""])),
+    choice=st.one_of(st.lists(texts, max_size=3), st.just(["x"] * 300))))
 requests = st.builds(
     inference_pb2.GenerateRequest,
     prompt=st.one_of(texts, st.sampled_from(range(len(HUGE))).map(HUGE.__getitem__)),  # small repr for hypothesis
@@ -97,7 +104,8 @@ requests = st.builds(
     max_tokens=counts, temperature=floats, top_p=floats,
     top_k=st.one_of(st.integers(0, 5), st.integers(0, 2**32 - 1)),
     seed=st.one_of(st.none(), st.integers(0, 2**64 - 1)),
-    stop=st.one_of(st.lists(texts, max_size=3), st.just(["s"] * 17), st.just(["y" * 257])))
+    stop=st.one_of(st.lists(texts, max_size=3), st.just(["s"] * 17), st.just(["y" * 257])),
+    response_format=formats, logprobs=st.booleans(), top_logprobs=st.one_of(st.integers(0, 25), st.just(2**32 - 1)))
 
 
 # Hypothesis describes each drawn value; for the megabyte prompts that description is what it warns about.
@@ -150,10 +158,12 @@ def generate_request(max_tokens: int, **fields) -> bytes:
 
 
 VALID = {
-    # Prompts of 37 and 35 of the context's 40 tokens: a mutation that loses max_tokens still decodes a few steps.
+    # Prompts of 37, 35 and 37 of the context's 40 tokens: a mutation that loses max_tokens still decodes a few steps.
     GENERATE: [generate_request(2, prompt="Hi " * 36),
                generate_request(1, messages=[{"role": "user", "content": "Hi " * 4}], adapter="records",
-                                temperature=0.7, top_p=0.9, top_k=5, seed=3, stop=["."])],
+                                temperature=0.7, top_p=0.9, top_k=5, seed=3, stop=["."]),
+               generate_request(2, prompt="Hi " * 36, logprobs=True, top_logprobs=3,
+                                response_format=inference_pb2.ResponseFormat(type="choice", choice=["yes", "no"]))],
     "/cartridge.v1.Adapters/RegisterAdapter": [
         adapters_pb2.RegisterAdapterRequest(name="fz", path="/nonexistent").SerializeToString(),
         adapters_pb2.RegisterAdapterRequest(name="records-2", path=str(EXAMPLE_ADAPTER), replace=True).SerializeToString()],

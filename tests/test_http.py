@@ -132,7 +132,7 @@ def test_health_and_metrics_on_the_http_port(server):
     (dict(messages=[{"role": "user", "content": "word " * 600}]), openai.BadRequestError, "prompt", "context"),
     (dict(messages=[]), openai.BadRequestError, "messages", "at least one"),
     (dict(n=2), openai.BadRequestError, "n", "n=2 is not supported"),
-    (dict(logprobs=True), openai.BadRequestError, "logprobs", "not supported"),
+    (dict(logprobs="yes"), openai.BadRequestError, "logprobs", "true or false"),
     (dict(tools=[{"type": "function", "function": {"name": "f"}}]), openai.BadRequestError, "tools", "not supported"),
     (dict(presence_penalty=0.5), openai.BadRequestError, "presence_penalty", "not supported"),
     (dict(stream_options={"include_usage": True}), openai.BadRequestError, "stream_options", "stream: true"),

@@ -16,6 +16,7 @@ from ..errors import InvalidArgument
 from ..engine.sequence import SamplingParams, Sequence
 from ..engine.store_follower import StoreAdapters
 from ..engine.text_stream import TextStream
+from ..engine.grammar import Grammars, GrammarState, check_format
 
 DEFAULT_MAX_TOKENS = 256
 MAX_STOP_STRINGS = 16
@@ -23,6 +24,7 @@ MAX_STOP_STRINGS = 16
 MAX_REQUEST_BYTES = 2 * 2**20        # a gRPC message or HTTP body; larger is RESOURCE_EXHAUSTED / 413
 MAX_PROMPT_CHARS = 262_144           # prompt, or all messages' content together
 MAX_MESSAGES = 256
+MAX_TOP_LOGPROBS = 20
 ROLES = ("system", "user", "assistant")
 # OpenAI's cap: past 2 the distribution is near uniform over the vocabulary and the text is noise.
 MAX_TEMPERATURE = 2.0
@@ -41,11 +43,20 @@ class GenerateRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     adapter_field: str = "adapter"                 # how the edge names the adapter in its errors ("model")
+    # Structured output (server/engine/grammar.py): type "text" (or "") is none; json_schema is JSON text.
+    response_format: str = ""
+    json_schema: str = ""
+    regex: str = ""
+    choice: tuple[str, ...] = ()
+    logprobs: bool = False                         # each token's logprob ...
+    top_logprobs: int = 0                          # ... and this many likeliest alternatives (0-20)
 
 
 class RequestValidator:
-    def __init__(self, registry: AdapterRegistry, tokenizer, max_seq_len: int, store: StoreAdapters | None = None):
+    def __init__(self, registry: AdapterRegistry, tokenizer, max_seq_len: int, store: StoreAdapters | None = None,
+                 grammars: Grammars | None = None):
         self.registry, self.tokenizer, self.max_seq_len, self.store = registry, tokenizer, max_seq_len, store
+        self.grammars = grammars
 
     def sequence(self, request: GenerateRequest, **fields) -> Sequence:
         """The request as the engine runs it; `fields` go to the Sequence (e.g. its event sink)."""
@@ -65,8 +76,19 @@ class RequestValidator:
             raise InvalidArgument(f"top_k must be 0 (off) or more, got {request.top_k}", field="top_k")
         params = SamplingParams(max_tokens=max_tokens, temperature=_temperature(request.temperature),
                                 top_p=_top_p(request.top_p), top_k=request.top_k, seed=request.seed,
-                                stop=_stop(request.stop))
-        return Sequence(prompt_ids, params, adapter, TextStream(self.tokenizer, params.stop), **fields)
+                                stop=_stop(request.stop), logprobs=_logprobs(request))
+        grammar = self._grammar(request)
+        return Sequence(prompt_ids, params, adapter, TextStream(self.tokenizer, params.stop), grammar=grammar,
+                        **fields)
+
+    def _grammar(self, request: GenerateRequest) -> GrammarState | None:
+        """The request's response format compiled here, on the caller's thread (cached by content)."""
+        fmt = check_format(request.response_format or "text", request.json_schema, request.regex, request.choice)
+        if fmt is None:
+            return None
+        if self.grammars is None:
+            raise InvalidArgument("response_format is not available on this server", field="response_format")
+        return self.grammars.matcher(self.grammars.compile(fmt))
 
     def adapter(self, name: str, field: str = "adapter") -> RegisteredAdapter | None:
         """`name`, or with a store `name@vN`, one stored version; empty: the base model."""
@@ -93,6 +115,15 @@ class RequestValidator:
             return render_prompt(self.tokenizer, [{"role": r, "content": c} for r, c in request.messages])
         except Exception as err:  # noqa: BLE001 - a chat template is the model's own Jinja code and raises what it likes
             raise InvalidArgument(f"messages: {err}", field="messages") from None
+
+
+def _logprobs(request: GenerateRequest) -> int | None:
+    if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidArgument(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {request.top_logprobs}",
+                              field="top_logprobs")
+    if request.top_logprobs and not request.logprobs:
+        raise InvalidArgument("top_logprobs needs logprobs: true", field="top_logprobs")
+    return request.top_logprobs if request.logprobs else None
 
 
 def _temperature(value: float) -> float:

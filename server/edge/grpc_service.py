@@ -28,18 +28,28 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     def Generate(self, request, context) -> inference_pb2.GenerateResponse:
         seq = self._start(request, context)
-        pieces = []
+        pieces, logprobs = [], []
         for event in self._events(seq):
             pieces.append(event.text)
-        return response_proto("".join(pieces), event, len(seq.prompt_ids), seq.adapter_name)
+            logprobs.extend(event.logprobs)
+        return response_proto("".join(pieces), event, len(seq.prompt_ids), seq.adapter_name,
+                              self._logprobs(logprobs))
 
     def GenerateStream(self, request, context) -> Iterator[inference_pb2.GenerateResponse]:
         seq = self._start(request, context)
         for event in self._events(seq):
             if event.finish_reason is None:
-                yield inference_pb2.GenerateResponse(text=event.text)
+                yield inference_pb2.GenerateResponse(text=event.text, logprobs=self._logprobs(event.logprobs))
             else:
-                yield response_proto(event.text, event, len(seq.prompt_ids), seq.adapter_name)
+                yield response_proto(event.text, event, len(seq.prompt_ids), seq.adapter_name,
+                                     self._logprobs(event.logprobs))
+
+    @staticmethod
+    def _logprobs(logprobs) -> list[inference_pb2.TokenLogprob]:
+        return [inference_pb2.TokenLogprob(
+                    token_id=lp.token, token=lp.text, logprob=lp.logprob,
+                    top_logprobs=[inference_pb2.TopLogprob(token_id=t, token=x, logprob=v) for t, x, v in lp.top])
+                for lp in logprobs]
 
     def _start(self, request, context) -> Sequence:
         seq = self.validator.sequence(from_proto(request))
@@ -59,20 +69,23 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 return
 
 
-def response_proto(text: str, last: Event, prompt_tokens: int, adapter: str) -> inference_pb2.GenerateResponse:
+def response_proto(text: str, last: Event, prompt_tokens: int, adapter: str,
+                   logprobs: list | None = None) -> inference_pb2.GenerateResponse:
     """The answer (or a stream's last message) once `last` carries the outcome; a stream's other pieces
-    are just their text."""
+    are just their text (and logprobs)."""
     return inference_pb2.GenerateResponse(
         text=text, finish_reason=_FINISH.get(last.finish_reason, inference_pb2.FINISH_REASON_UNSPECIFIED),
-        prompt_tokens=prompt_tokens, completion_tokens=last.completion_tokens, adapter=adapter)
+        prompt_tokens=prompt_tokens, completion_tokens=last.completion_tokens, adapter=adapter, logprobs=logprobs)
 
 
 def from_proto(request: inference_pb2.GenerateRequest) -> GenerateRequest:
+    fmt = request.response_format
     return GenerateRequest(
         prompt=request.prompt, messages=tuple((m.role, m.content) for m in request.messages),
         adapter=request.adapter, max_tokens=request.max_tokens, temperature=request.temperature,
         top_p=request.top_p, top_k=request.top_k, seed=request.seed if request.HasField("seed") else None,
-        stop=tuple(request.stop))
+        stop=tuple(request.stop), response_format=fmt.type, json_schema=fmt.json_schema, regex=fmt.regex,
+        choice=tuple(fmt.choice), logprobs=request.logprobs, top_logprobs=request.top_logprobs)
 
 
 class AdaptersService(adapters_pb2_grpc.AdaptersServicer):

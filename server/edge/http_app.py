@@ -181,7 +181,8 @@ async def _complete(backend: Backend, http: Request, chat: bool) -> Response:
     pieces = collecting.result()
     last = pieces[-1]
     return JSONResponse(writer.response("".join(e.text for e in pieces), last.finish_reason,
-                                        generation.prompt_tokens, last.completion_tokens),
+                                        generation.prompt_tokens, last.completion_tokens,
+                                        [lp for e in pieces for lp in e.logprobs]),
                         headers=generation.headers)
 
 
@@ -215,8 +216,8 @@ async def _sse(writer: ResponseWriter, request: OpenAIRequest, generation: Gener
     first = True
     try:
         async for event in generation.events:
-            if event.text or first:
-                yield _data(writer.chunk(event.text, first=first))
+            if event.text or first or event.logprobs:
+                yield _data(writer.chunk(event.text, first=first, logprobs=event.logprobs))
                 first = False
             if event.finish_reason is not None:
                 yield _data(writer.chunk("", event.finish_reason))

@@ -8,22 +8,27 @@ A field we do not implement is refused by name, never ignored.
 from __future__ import annotations
 
 import difflib
+import json
 import time
 import uuid
 from dataclasses import dataclass
 
 from ..errors import InvalidArgument
 from .generate_request import GenerateRequest
-from ..engine.sequence import FinishReason
+from ..engine.sequence import FinishReason, TokenLogprob
 
 BASE_ALIAS = "base"    # `model` naming the base model alone, whatever its directory is called
-_COMMON = ("model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options", "user")
-_CHAT_FIELDS = frozenset({*_COMMON, "messages", "max_completion_tokens"})
+_COMMON = ("model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options", "user",
+           "response_format", "logprobs")
+_CHAT_FIELDS = frozenset({*_COMMON, "messages", "max_completion_tokens", "top_logprobs"})
 _COMPLETION_FIELDS = frozenset({*_COMMON, "prompt"})
 # Fields accepted only at the value that asks for nothing beyond what we do.
-_NEUTRAL = {"n": (1,), "logprobs": (False,), "echo": (False,), "best_of": (1,), "presence_penalty": (0,),
+_NEUTRAL = {"n": (1,), "echo": (False,), "best_of": (1,), "presence_penalty": (0,),
             "frequency_penalty": (0,), "logit_bias": ({},), "tools": ([],), "parallel_tool_calls": (False,),
-            "response_format": ({"type": "text"},), "suffix": ("",)}
+            "suffix": ("",)}
+# response_format's keys by type; the values are checked (and compiled) in generate_request.py.
+_FORMAT_KEYS = {"text": set(), "json_object": set(), "json_schema": {"json_schema"}, "regex": {"regex"},
+                "choice": {"choice"}}
 _FINISH = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.END_OF_SEQUENCE: "stop"}
 
 
@@ -35,6 +40,7 @@ class OpenAIRequest:
     generate: GenerateRequest
     stream: bool
     include_usage: bool          # stream_options.include_usage: a last chunk with the token counts
+    logprobs: bool = False       # each choice carries its tokens' logprobs
 
 
 def parse(body: object, chat: bool, base_name: str) -> OpenAIRequest:
@@ -61,8 +67,52 @@ def parse(body: object, chat: bool, base_name: str) -> OpenAIRequest:
         **(_messages(fields) if chat else _prompt(fields)),
         adapter="" if model in (BASE_ALIAS, base_name) else model, adapter_field="model",
         max_tokens=_max_tokens(fields, chat), temperature=_number(fields, "temperature", 1.0), top_p=top_p,
-        top_k=_typed(fields, "top_k", int, default=0), seed=seed, stop=_stop(fields))
-    return OpenAIRequest(chat, model, generate, stream, include_usage)
+        top_k=_typed(fields, "top_k", int, default=0), seed=seed, stop=_stop(fields),
+        **_response_format(fields), **_logprobs(fields, chat))
+    return OpenAIRequest(chat, model, generate, stream, include_usage, generate.logprobs)
+
+
+def _logprobs(fields: dict, chat: bool) -> dict:
+    """Chat: logprobs true/false and top_logprobs n; completions: logprobs n (the alternatives per token)."""
+    if chat:
+        return {"logprobs": _typed(fields, "logprobs", bool, default=False),
+                "top_logprobs": _typed(fields, "top_logprobs", int, default=0)}
+    top = _typed(fields, "logprobs", int)
+    return {"logprobs": top is not None, "top_logprobs": top or 0}
+
+
+def _response_format(fields: dict) -> dict:
+    """OpenAI's response_format (and our regex and choice types) -> the GenerateRequest's format fields."""
+    fmt = _typed(fields, "response_format", dict, default={"type": "text"})
+    kind = _typed(fmt, "type", str, required=True, prefix="response_format.")
+    if kind not in _FORMAT_KEYS:
+        raise InvalidArgument(f"response_format.type is {kind!r}; expected one of {sorted(_FORMAT_KEYS)}",
+                              field="response_format.type")
+    extra = sorted(set(fmt) - {"type"} - _FORMAT_KEYS[kind])
+    if extra:
+        raise InvalidArgument(f"response_format.{extra[0]} is not allowed with type {kind!r}",
+                              field=f"response_format.{extra[0]}")
+    out = {"response_format": kind}
+    if kind == "json_schema":
+        spec = _typed(fmt, "json_schema", dict, required=True, prefix="response_format.")
+        extra = sorted(set(spec) - {"name", "schema", "strict", "description"})
+        if extra:
+            raise InvalidArgument(f"response_format.json_schema.{extra[0]} is not supported by this server",
+                                  field=f"response_format.json_schema.{extra[0]}")
+        prefix = "response_format.json_schema."
+        _typed(spec, "name", str, required=True, prefix=prefix)
+        _typed(spec, "strict", bool, prefix=prefix)
+        _typed(spec, "description", str, prefix=prefix)
+        schema = _typed(spec, "schema", dict, required=True, prefix=prefix)
+        out["json_schema"] = json.dumps(schema)
+    elif kind == "regex":
+        out["regex"] = _typed(fmt, "regex", str, required=True, prefix="response_format.")
+    elif kind == "choice":
+        choice = _typed(fmt, "choice", list, required=True, prefix="response_format.")
+        if not all(isinstance(c, str) for c in choice):
+            raise InvalidArgument("response_format.choice must be an array of strings", field="response_format.choice")
+        out["choice"] = tuple(choice)
+    return out
 
 
 def _refuse_unsupported(fields: dict, supported: frozenset[str]) -> None:
@@ -176,28 +226,46 @@ class ResponseWriter:
         self.request = request
         self.id = f"{'chatcmpl' if request.chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
+        self._offset = 0         # completions' text_offset of the next token
+
+    def logprobs(self, logprobs: tuple[TokenLogprob, ...] | list[TokenLogprob]) -> dict | None:
+        """A choice's logprobs object, OpenAI's chat or completions shape; None when not asked for."""
+        if not self.request.logprobs:
+            return None
+        if self.request.chat:
+            return {"content": [{"token": lp.text, "logprob": lp.logprob, "bytes": list(lp.text.encode()),
+                                 "top_logprobs": [{"token": x, "logprob": v, "bytes": list(x.encode())}
+                                                  for _, x, v in lp.top]} for lp in logprobs]}
+        offsets = []
+        for lp in logprobs:
+            offsets.append(self._offset)
+            self._offset += len(lp.text)
+        return {"tokens": [lp.text for lp in logprobs], "token_logprobs": [lp.logprob for lp in logprobs],
+                "top_logprobs": [{x: v for _, x, v in lp.top} for lp in logprobs], "text_offset": offsets}
 
     def _object(self, kind: str, choices: list, **extra) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.request.model,
                 "choices": choices, **extra}
 
-    def response(self, text: str, finish: FinishReason, prompt_tokens: int, completion_tokens: int) -> dict:
+    def response(self, text: str, finish: FinishReason, prompt_tokens: int, completion_tokens: int,
+                 logprobs: list[TokenLogprob] = ()) -> dict:
         reason = _FINISH[finish]
         if self.request.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": reason}
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": self.logprobs(logprobs), "finish_reason": reason}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "text": text, "logprobs": self.logprobs(logprobs), "finish_reason": reason}
         return self._object("chat.completion" if self.request.chat else "text_completion", [choice],
                             usage=usage(prompt_tokens, completion_tokens))
 
-    def chunk(self, text: str, finish: FinishReason | None = None, first: bool = False) -> dict:
+    def chunk(self, text: str, finish: FinishReason | None = None, first: bool = False,
+              logprobs: tuple[TokenLogprob, ...] = ()) -> dict:
         reason = _FINISH[finish] if finish else None
         if self.request.chat:
             delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "delta": delta, "logprobs": self.logprobs(logprobs), "finish_reason": reason}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "text": text, "logprobs": self.logprobs(logprobs), "finish_reason": reason}
         extra = {"usage": None} if self.request.include_usage else {}
         return self._object("chat.completion.chunk" if self.request.chat else "text_completion", [choice], **extra)
 

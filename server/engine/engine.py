@@ -14,7 +14,7 @@ from .metrics import ServerMetrics
 from .runner import DecodePass, ModelRunner
 from .sampler import sample
 from .scheduler import Scheduler
-from .sequence import Event, FinishReason, Sequence
+from .sequence import Event, FinishReason, Sequence, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,9 @@ class Engine:
         if decoding:
             self.metrics.decode_batch.observe(len(decoding))
             previous = self._in_flight
-            chained = previous is not None and previous.seqs == decoding and self.runner.can_chain
+            # A row with a grammar needs its last token accepted before its next mask: no chaining then.
+            chained = (previous is not None and previous.seqs == decoding and self.runner.can_chain
+                       and not any(s.grammar is not None for s in decoding))
             if not chained:
                 self._settle()
                 decoding = list(self.scheduler.running)     # less whatever that pass finished
@@ -189,11 +191,11 @@ class Engine:
     def _run_prefill(self, seqs: list[Sequence]) -> None:
         self._observe_host_gap()
         try:
-            tokens = sample(self.runner.prefill(seqs), seqs)
+            tokens, logprobs = sample(self.runner.prefill(seqs), seqs)
         except Exception:  # noqa: BLE001 - a failed pass fails its requests, not the server
             self._fail(seqs)
             return
-        self._advance_all(seqs, tokens)
+        self._advance_all(seqs, tokens, logprobs)
 
     def _launch(self, seqs: list[Sequence], fed: DecodePass | None) -> DecodePass | None:
         self._observe_host_gap()
@@ -210,17 +212,23 @@ class Engine:
         if decode_pass is None:
             return
         try:
-            tokens = self.runner.collect(decode_pass)
+            tokens, logprobs = self.runner.collect(decode_pass)
         except Exception:  # noqa: BLE001
             self._fail(decode_pass.seqs)
             return
-        self._advance_all(decode_pass.seqs, tokens)
+        self._advance_all(decode_pass.seqs, tokens, logprobs)
 
-    def _advance_all(self, seqs: list[Sequence], tokens: list[int]) -> None:
+    def _advance_all(self, seqs: list[Sequence], tokens: list[int], logprobs: dict[int, TokenLogprob]) -> None:
         now = self._ready_at = time.monotonic()
-        for seq, token in zip(seqs, tokens):
+        for row, (seq, token) in enumerate(zip(seqs, tokens)):
             if seq.finish_reason is None:    # a request that ended while this pass ran gets no more tokens
-                self._advance(seq, token, now)
+                if row in logprobs:
+                    seq.logprobs.append(logprobs[row])
+                try:
+                    self._advance(seq, token, now)
+                except Exception:  # noqa: BLE001 - e.g. a grammar that refuses its own token: this row alone fails
+                    log.exception("advancing request %d failed", seq.id)
+                    self._finish(seq, None, error=ServingError("the server failed while running this request"))
 
     def _advance(self, seq: Sequence, token: int, now: float) -> None:
         if seq.first_token_time is None:
@@ -229,13 +237,21 @@ class Engine:
         if token in self.eos_ids:
             self._finish(seq, FinishReason.END_OF_SEQUENCE)
             return
+        # The grammar is complete once nothing but a stop token may follow: the row ends there.
+        complete = seq.grammar is not None and seq.grammar.accept(token)
         piece, stopped = seq.text.push(token)
-        if stopped:
-            self._finish(seq, FinishReason.STOP, piece=piece)
+        if stopped or complete:
+            self._finish(seq, FinishReason.STOP, piece=piece + (seq.text.flush() if complete and not stopped else ""))
         elif len(seq.output_ids) >= seq.params.max_tokens:
             self._finish(seq, FinishReason.LENGTH, piece=piece)
-        elif piece:
-            seq.events.put(Event(piece))
+        elif piece or seq.logprobs:
+            seq.events.put(Event(piece, logprobs=self._take_logprobs(seq)))
+
+    @staticmethod
+    def _take_logprobs(seq: Sequence) -> tuple[TokenLogprob, ...]:
+        taken = tuple(seq.logprobs)
+        seq.logprobs.clear()
+        return taken
 
     def _finish(self, seq: Sequence, reason: FinishReason | None, piece: str = "",
                 error: ServingError | None = None) -> None:
@@ -245,7 +261,7 @@ class Engine:
         seq.finish_reason = reason or FinishReason.CANCELLED
         if reason in (FinishReason.END_OF_SEQUENCE, FinishReason.LENGTH):
             piece += seq.text.flush()
-        seq.events.put(Event(piece, seq.finish_reason, len(seq.output_ids), error))
+        seq.events.put(Event(piece, seq.finish_reason, len(seq.output_ids), error, self._take_logprobs(seq)))
         self.metrics.finished(seq)
         if seq.adapter is not None:
             self.registry.drop_hold(seq.adapter)

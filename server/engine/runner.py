@@ -11,7 +11,7 @@ from .cuda_graphs import DecodeGraphs
 from ..model.kv_cache import KVCache
 from ..lora.batch import LoraBatch
 from ..model.llama import Batch, Transformer
-from .sampler import sample_on_device
+from .sampler import Logprobs, sample_on_device
 from .sequence import Sequence
 
 
@@ -22,6 +22,7 @@ class DecodePass:
     tokens: torch.Tensor                 # [n] int64 on the device, in the order of seqs
     host: torch.Tensor                   # [n] their copy in host memory, complete once `ready` is
     ready: torch.cuda.Event | None       # None when the device is the CPU: nothing is asynchronous
+    logprobs: Logprobs | None = None     # of the rows that asked for them, read at collect()
 
 
 class ModelRunner:
@@ -86,22 +87,26 @@ class ModelRunner:
     @torch.inference_mode()
     def launch_decode(self, seqs: list[Sequence], fed: DecodePass | None = None) -> DecodePass:
         """decode() and sampling, with the tokens' copy to the host started but not waited for."""
-        tokens = sample_on_device(self.decode(seqs, fed), seqs)
+        tokens, logprobs = sample_on_device(self.decode(seqs, fed), seqs)
         if self._landing is None:
-            return DecodePass(seqs, tokens, tokens, None)
+            return DecodePass(seqs, tokens, tokens, None, logprobs)
         host = self._landing[self._turn][:len(seqs)]
         self._turn ^= 1
         host.copy_(tokens, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return DecodePass(seqs, tokens, host, ready)
+        return DecodePass(seqs, tokens, host, ready, logprobs)
 
     @staticmethod
-    def collect(decode_pass: DecodePass) -> list[int]:
-        """Waits for a launched pass's tokens and returns them, in the order of its seqs."""
+    def collect(decode_pass: DecodePass) -> tuple[list[int], dict]:
+        """Waits for a launched pass's tokens and returns them, in the order of its seqs, and the
+        logprobs of the rows that asked for them (by row index)."""
         if decode_pass.ready is not None:
             decode_pass.ready.synchronize()
-        return decode_pass.host.tolist()
+        tokens = decode_pass.host.tolist()
+        if decode_pass.logprobs is None:
+            return tokens, {}
+        return tokens, decode_pass.logprobs.to_host(decode_pass.seqs, tokens)
 
     def _decode_eager(self, tokens: list[int], positions: list[int], lora_slots: list[int]) -> torch.Tensor:
         batch = self.model.decode_batch(torch.tensor(positions, device=self.device), max(positions) + 1,

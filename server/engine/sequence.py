@@ -7,10 +7,14 @@ import queue
 import random
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..lora.registry import RegisteredAdapter
 from ..errors import ServingError
 from .text_stream import TextStream
+
+if TYPE_CHECKING:
+    from .grammar import GrammarState
 
 
 class FinishReason(enum.Enum):
@@ -29,6 +33,17 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None         # None: none; n: each token's logprob and its n likeliest alternatives
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One generated token's log-probability and the likeliest alternatives, as (token id, text, logprob);
+    text is the token decoded alone."""
+    token: int
+    text: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +53,7 @@ class Event:
     finish_reason: FinishReason | None = None
     completion_tokens: int = 0
     error: ServingError | None = None     # set when the server ended the request with an error status
+    logprobs: tuple[TokenLogprob, ...] = ()   # the tokens generated since the previous event, if asked for
 
 
 _ids = itertools.count()
@@ -58,6 +74,8 @@ class Sequence:
     finish_reason: FinishReason | None = None
     cancelled: bool = False
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    grammar: GrammarState | None = None   # structured output: the row's matcher and next-token bitmask
+    logprobs: list[TokenLogprob] = field(default_factory=list)   # not yet sent in an event
 
     def __post_init__(self) -> None:
         # Each request draws from its own generator, so a seeded request samples the same

@@ -1,6 +1,15 @@
 """Token ids to text pieces, as they come: incremental detokenization and stop strings."""
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
+
+@functools.cache
+def token_texts(tokenizer) -> Callable[[int], str]:
+    """token id -> the token decoded alone (special tokens as they are written), memoized per tokenizer."""
+    return functools.lru_cache(maxsize=65_536)(lambda token: tokenizer.decode([token], skip_special_tokens=False))
+
 
 class TextStream:
     """Feeds on one token at a time and returns only text that is final.
@@ -17,6 +26,9 @@ class TextStream:
         self._prefix = self._read = 0
         self._text = ""          # decoded so far
         self._emitted = 0        # characters of _text already returned
+
+    def token_text(self, token_id: int) -> str:
+        return token_texts(self._tokenizer)(token_id)
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """(new final text, whether a stop string has now matched and ended the output)."""

@@ -76,7 +76,7 @@ def run(model_dir: Path, rows_list: list[int], context: int, kernels: bool, nf4_
         for _ in range(30):
             torch.cuda.synchronize()
             start = time.perf_counter()
-            for seq, token in zip(seqs, sample(runner.decode(seqs), seqs)):
+            for seq, token in zip(seqs, sample(runner.decode(seqs), seqs)[0]):
                 seq.output_ids.append(token)
             steps.append(time.perf_counter() - start)
         bucket = next(b for b in graphs.context_buckets if b >= max(s.num_tokens for s in seqs))
