@@ -12,8 +12,12 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,8 +26,14 @@ from adapters.formats.store_layout import LiveMove, StoreError, VersionRef, read
 from adapters.release.lifecycle import release
 from adapters.store.live import LiveMoved, move_live
 from adapters.store.versions import AdapterStore
+from client.client import CartridgeClient, CartridgeError
+from tests.conftest import PROMPT, start_server
 from tests.test_release import cartridge
+from tests.test_store_serving import store_random_version
 
+KEYS = [f"user-{i}" for i in range(20)]
+FLAGS = ["--http-port", "0", "--max-adapters", "3", "--max-lora-rank", "8", "--max-seq-len", "256",
+         "--max-batch-size", "4"]
 
 
 def binomial_interval(n: int, p: float, mass: float) -> tuple[int, int]:
@@ -167,3 +177,129 @@ def test_canary_moves_are_compare_and_set(tmp_path):
     for share in (0, 51, True, 10.5):    # the library refuses what the command line would
         with pytest.raises(StoreError, match="a canary takes 1 to 50 percent"):
             release(store, VersionRef("legal", 2), force=True, reason="x", canary=share)
+
+
+# ---- through the server -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def store(base_model, tmp_path_factory) -> Path:
+    """legal@v1..v4 (random peft adapters that answer differently), v1 live."""
+    root = tmp_path_factory.mktemp("canary")
+    for seed in (1, 2, 3, 4):
+        store_random_version(AdapterStore(root), "legal", base_model, seed)
+    assert cartridge("release", "legal@v1", "--force", "--reason", "first", store=root).returncode == 0
+    return root
+
+
+def move(store: Path, *args: str) -> None:
+    done = cartridge(*args, store=store)
+    assert done.returncode == 0, done.stderr
+
+
+def canary_share(server) -> str | None:
+    found = re.search(r'cartridge_canary_share_percent\{adapter="legal"\} (\S+)',
+                      urllib.request.urlopen(server.metrics_url).read().decode())
+    return found[1] if found else None
+
+
+def wait_for(condition, what: str, seconds: float = 3.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"the server did not follow: {what}"
+        time.sleep(0.02)
+
+
+def answered(client: CartridgeClient, key: str, adapter: str = "legal"):
+    return client.generate(PROMPT, adapter=adapter, max_tokens=6, routing_key=key)
+
+
+def http_post(server, body: dict) -> tuple[int, dict, dict]:
+    request = urllib.request.Request(server.http_url + "/completions", data=json.dumps(body).encode(),
+                                     headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request) as reply:
+            return reply.status, dict(reply.headers), json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), json.loads(err.read())
+
+
+def test_the_server_splits_by_key_survives_a_restart_and_follows_promote_and_rollback(store):
+    expected = {k: "legal@v2" if routes_to_canary("legal", 2, 50, k) else "legal@v1" for k in KEYS}
+    assert set(expected.values()) == {"legal@v1", "legal@v2"}, "the fixed keys must land on both sides"
+    server = start_server("--store", str(store), *FLAGS)
+    try:
+        with CartridgeClient(server.address, timeout=120) as client:
+            texts = {f"legal@v{n}": answered(client, "k", f"legal@v{n}").text for n in (1, 2, 3)}
+            assert len(set(texts.values())) == 3, f"versions answer alike, the test would prove nothing: {texts}"
+            move(store, "release", "legal@v2", "--canary", "10", "--force", "--reason", "try")
+            wait_for(lambda: canary_share(server) == "10.0", "canary at 10%")
+            move(store, "release", "legal@v2", "--canary", "50", "--force", "--reason", "more")
+            wait_for(lambda: canary_share(server) == "50.0", "canary at 50%")
+
+            # 40 requests, 2 per key: each key's answers from one version, the one the hash names.
+            for key in KEYS * 2:
+                reply = answered(client, key)
+                assert (reply.adapter, reply.adapter_version) == ("legal", expected[key]), key
+                assert reply.text == texts[expected[key]], key
+            on_v2 = sum(v == "legal@v2" for v in expected.values())
+            # A pin bypasses the split, whatever the key.
+            v2_key = next(k for k in KEYS if expected[k] == "legal@v2")
+            assert answered(client, v2_key, "legal@v1").adapter_version == "legal@v1"
+
+            status, headers, body = http_post(server, {"model": "legal", "prompt": PROMPT, "max_tokens": 6,
+                                                       "temperature": 0, "user": v2_key})
+            assert status == 200 and headers["x-cartridge-adapter-version"] == "legal@v2", body
+            assert body["model"] == "legal" and body["choices"][0]["text"] == texts["legal@v2"]
+
+            # Bad routing keys are refused by name; the server keeps serving.
+            with pytest.raises(CartridgeError) as err:
+                answered(client, "k" * 257)
+            assert err.value.code.name == "INVALID_ARGUMENT" and "routing_key must be at most 256" in err.value.message
+            for user in (7, "u" * 257):
+                status, _, body = http_post(server, {"model": "legal", "prompt": PROMPT, "max_tokens": 2, "user": user})
+                assert status == 400 and "user" in body["error"]["message"], body
+
+        metrics = urllib.request.urlopen(server.metrics_url).read().decode()
+        # Per version: the pinned request and the HTTP one, and every request the split sent to it.
+        assert f'cartridge_version_requests_total{{adapter="legal",version="v2"}} {1 + 2 * on_v2 + 1}.0' in metrics
+        assert 'cartridge_canary_version{adapter="legal"} 2.0' in metrics
+    finally:
+        server.stop()
+
+    # A restart reads the split from the store before it says it is ready.
+    server = start_server("--store", str(store), *FLAGS)
+    try:
+        with CartridgeClient(server.address, timeout=120) as client:
+            assert canary_share(server) == "50.0"
+            assert {k: answered(client, k).adapter_version for k in KEYS} == expected
+
+            move(store, "release", "legal@v2", "--force", "--reason", "promote")
+            wait_for(lambda: canary_share(server) is None and answered(client, "k").adapter_version == "legal@v2",
+                     "the promotion")
+            assert {answered(client, k).adapter_version for k in KEYS} == {"legal@v2"}
+
+            move(store, "release", "legal@v3", "--canary", "50", "--force", "--reason", "try v3")
+            wait_for(lambda: canary_share(server) == "50.0", "the canary of v3")
+            assert {answered(client, k).adapter_version for k in KEYS} == {"legal@v2", "legal@v3"}
+            move(store, "rollback", "legal", "--reason", "v3 is worse")
+            wait_for(lambda: canary_share(server) is None, "the canary's end")
+            replies = [answered(client, k) for k in KEYS]
+            assert {(r.adapter_version, r.text) for r in replies} == {("legal@v2", texts["legal@v2"])}
+
+            # A canary whose files fail their check on the server (changed after the pointer moved) takes
+            # no requests: counted, logged, the live version keeps every key.
+            weights = store / "legal" / "v4" / "adapter_model.safetensors"
+            data = weights.read_bytes()
+            weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+            refused(cartridge("release", "legal@v4", "--canary", "50", "--force", "--reason", "x", store=store), 1,
+                    "v4/adapter_model.safetensors does not match its sha256")
+            move_live(AdapterStore(store), "legal", expected=2, to=2, action="forced canary start",
+                      gate_report_sha256=None, reason="test", canary={"version": 4, "share": 50, "started_at": "t"})
+            wait_for(lambda: 'cartridge_store_load_failures_total{adapter="legal"} 1.0' in
+                     urllib.request.urlopen(server.metrics_url).read().decode(), "the failed canary")
+            assert canary_share(server) is None
+            assert {answered(client, k).adapter_version for k in KEYS} == {"legal@v2"}
+            assert any("not starting the canary legal@v4" in line for line in server.log)
+    finally:
+        server.stop()

@@ -31,7 +31,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         pieces = []
         for event in self._events(seq):
             pieces.append(event.text)
-        return response_proto("".join(pieces), event, len(seq.prompt_ids), seq.adapter_name)
+        return response_proto("".join(pieces), event, len(seq.prompt_ids), seq.answered_as, seq.adapter_version)
 
     def GenerateStream(self, request, context) -> Iterator[inference_pb2.GenerateResponse]:
         seq = self._start(request, context)
@@ -39,7 +39,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             if event.finish_reason is None:
                 yield inference_pb2.GenerateResponse(text=event.text)
             else:
-                yield response_proto(event.text, event, len(seq.prompt_ids), seq.adapter_name)
+                yield response_proto(event.text, event, len(seq.prompt_ids), seq.answered_as, seq.adapter_version)
 
     def _start(self, request, context) -> Sequence:
         seq = self.validator.sequence(from_proto(request))
@@ -59,12 +59,14 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 return
 
 
-def response_proto(text: str, last: Event, prompt_tokens: int, adapter: str) -> inference_pb2.GenerateResponse:
+def response_proto(text: str, last: Event, prompt_tokens: int, adapter: str,
+                   adapter_version: str = "") -> inference_pb2.GenerateResponse:
     """The answer (or a stream's last message) once `last` carries the outcome; a stream's other pieces
     are just their text."""
     return inference_pb2.GenerateResponse(
         text=text, finish_reason=_FINISH.get(last.finish_reason, inference_pb2.FINISH_REASON_UNSPECIFIED),
-        prompt_tokens=prompt_tokens, completion_tokens=last.completion_tokens, adapter=adapter)
+        prompt_tokens=prompt_tokens, completion_tokens=last.completion_tokens, adapter=adapter,
+        adapter_version=adapter_version)
 
 
 def from_proto(request: inference_pb2.GenerateRequest) -> GenerateRequest:
@@ -72,7 +74,7 @@ def from_proto(request: inference_pb2.GenerateRequest) -> GenerateRequest:
         prompt=request.prompt, messages=tuple((m.role, m.content) for m in request.messages),
         adapter=request.adapter, max_tokens=request.max_tokens, temperature=request.temperature,
         top_p=request.top_p, top_k=request.top_k, seed=request.seed if request.HasField("seed") else None,
-        stop=tuple(request.stop))
+        stop=tuple(request.stop), routing_key=request.routing_key)
 
 
 class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
