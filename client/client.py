@@ -70,11 +70,12 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     adapter: str
+    adapter_version: str = ""    # name@vN: the stored version that answered (serve --store)
 
     @classmethod
     def from_proto(cls, message: inference_pb2.GenerateResponse) -> "Completion":
         return cls(message.text, FINISH_REASONS[message.finish_reason], message.prompt_tokens,
-                   message.completion_tokens, message.adapter)
+                   message.completion_tokens, message.adapter, message.adapter_version)
 
 
 class CartridgeClient:
@@ -109,7 +110,8 @@ class CartridgeClient:
         self._channel.close()
 
     def generate(self, prompt: str = "", **options) -> Completion:
-        """One whole answer. `options`: messages, adapter, max_tokens, temperature, top_p, top_k, seed, stop."""
+        """One whole answer. `options`: messages, adapter, max_tokens, temperature, top_p, top_k, seed, stop,
+        routing_key (keeps the caller on one side of a canary split)."""
         return Completion.from_proto(self._call(self._inference.Generate, _request(prompt, **options),
                                                 self._inference_metadata))
 
@@ -149,7 +151,7 @@ class CartridgeClient:
 
 def _request(prompt: str = "", *, messages: Sequence[dict[str, str]] = (), adapter: str = "", max_tokens: int = 0,
              temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0, seed: int | None = None,
-             stop: Sequence[str] = ()) -> inference_pb2.GenerateRequest:
+             stop: Sequence[str] = (), routing_key: str = "") -> inference_pb2.GenerateRequest:
     for field, value, largest in (("max_tokens", max_tokens, UINT32_MAX), ("top_k", top_k, UINT32_MAX),
                                   ("seed", 0 if seed is None else seed, UINT64_MAX)):
         if not isinstance(value, int) or not 0 <= value <= largest:
@@ -157,7 +159,7 @@ def _request(prompt: str = "", *, messages: Sequence[dict[str, str]] = (), adapt
     return inference_pb2.GenerateRequest(
         prompt=prompt, messages=[inference_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
         adapter=adapter, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-        stop=list(stop))
+        stop=list(stop), routing_key=routing_key)
 
 
 def _bearer(token: str | None) -> tuple[tuple[str, str], ...]:

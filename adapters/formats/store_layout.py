@@ -3,6 +3,11 @@ write. `<store>/<name>/v<N>/` is one immutable version with `manifest.json`, the
 `<store>/<name>/live.json` the live pointer and `releases.jsonl` the log of its moves. Names of stored
 adapters and their versions: `legal` (the live version) and `legal@v3` (one version).
 
+The live pointer may also hold a canary: another version that answers a share (1 to 50 %) of the
+requests for the name. Which requests is decided by `routes_to_canary`, a hash of the name, the canary
+version and the request's routing key, so every server and replica splits alike and a key stays on one
+version for as long as the canary runs (raising the share only adds keys).
+
 Reading a version checks every file against its manifest and refuses missing, changed or extra
 files by name. Only `gate/` may be added to a version later.
 """
@@ -160,15 +165,46 @@ class StoreReader:
         return found
 
 
+CANARY_MIN_SHARE, CANARY_MAX_SHARE = 1, 50
+# Moves that start, change or end a canary leave the live version where it was (from_version == to_version).
+CANARY_ACTIONS = ("canary start", "forced canary start", "canary change", "forced canary change", "canary end")
+
+
 @dataclass(frozen=True, slots=True)
 class LiveMove:
     """One line of the release log, and the content of the live pointer after it."""
     time: str
-    action: str                       # release, forced release, rollback
+    action: str                       # release, forced release, rollback, canary promote, or a CANARY_ACTIONS one
     from_version: int | None
     to_version: int
     gate_report_sha256: str | None    # of the gate report the release relied on; None for rollbacks and forced ones
     reason: str
+    # The canary running after this move: {"version": N, "share": percent, "started_at": time}; None: no split.
+    canary: dict | None = None
+
+    @property
+    def canary_version(self) -> int | None:
+        return self.canary["version"] if self.canary else None
+
+    @property
+    def moves_live(self) -> bool:
+        """Whether this move changed the live version (canary starts, changes and ends do not)."""
+        return self.action not in CANARY_ACTIONS
+
+
+def check_canary_share(share: int) -> int:
+    if isinstance(share, bool) or not isinstance(share, int) or not CANARY_MIN_SHARE <= share <= CANARY_MAX_SHARE:
+        raise StoreError(f"--canary {share!r}: a canary takes {CANARY_MIN_SHARE} to {CANARY_MAX_SHARE} percent of "
+                         f"the requests (release without --canary to send them all)")
+    return share
+
+
+def routes_to_canary(name: str, canary_version: int, share: int, key: str) -> bool:
+    """Whether the request with routing `key` goes to `name`'s canary `v<canary_version>` at `share` percent.
+    Stable across processes and machines (sha256, not Python's salted hash); a key in the canary at one
+    share stays in it at any higher share."""
+    digest = hashlib.sha256(f"{name}\0v{canary_version}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 10_000 < share * 100
 
 
 def live_file(store: StoreReader, name: str) -> Path:

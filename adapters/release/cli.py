@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..formats.store_layout import StoreError, default_store_dir, parse_ref
+from ..formats.store_layout import CANARY_MAX_SHARE, CANARY_MIN_SHARE, StoreError, default_store_dir, parse_ref
 from ..store.versions import AdapterStore
 
 EXIT_REFUSED, EXIT_BAD_INPUT = 1, 2
@@ -43,6 +43,9 @@ def register_release(commands) -> None:
                             description="Move NAME's live pointer to NAME@vN, if its gate report against the "
                             "current live version passed. Running servers switch within a second.")
     p.add_argument("version", help="NAME@vN")
+    p.add_argument("--canary", metavar="PCT", help="send only PCT percent (1 to 50) of NAME's requests to the "
+                   "version, the rest staying on the live one; again with another PCT changes the share. Without "
+                   "--canary, releasing the canary's version promotes it to all requests")
     p.add_argument("--force", action="store_true", help="release without a passing gate report (needs --reason)")
     p.add_argument("--reason", default="", help="why; logged with the release")
     _store_flag(p)
@@ -52,7 +55,8 @@ def register_release(commands) -> None:
 def register_rollback(commands) -> None:
     p = commands.add_parser("rollback", help="make the previous live version live again",
                             description="Move NAME's live pointer back to the version live before the current "
-                            "one, or to --to vN.")
+                            "one, or to --to vN. With a canary running, end the canary instead: every request goes "
+                            "to the live version again.")
     p.add_argument("name")
     p.add_argument("--to", metavar="vN", help="the version to return to")
     p.add_argument("--reason", default="", help="why; logged with the rollback")
@@ -63,7 +67,7 @@ def register_rollback(commands) -> None:
 def register_versions(commands) -> None:
     p = commands.add_parser("versions", help="list a stored adapter's versions",
                             description="Every version of NAME: parent, gate verdicts, the live marker (*) and "
-                            "when each was live.")
+                            "when each was live; a running canary is marked ~ with its share.")
     p.add_argument("name")
     _store_flag(p)
     p.set_defaults(run=_versions)
@@ -109,13 +113,25 @@ def _gate(args: argparse.Namespace) -> int:
 
 
 @_refusing
-def _release(args: argparse.Namespace) -> None:
+def _release(args: argparse.Namespace) -> int | None:
     from .lifecycle import release
 
-    move = release(_store(args), parse_ref(args.version), force=args.force, reason=args.reason)
+    canary = None
+    if args.canary is not None:
+        if not args.canary.strip().isdigit() or not CANARY_MIN_SHARE <= int(args.canary) <= CANARY_MAX_SHARE:
+            print(f"cartridge release: --canary {args.canary!r}: expected a whole percent from {CANARY_MIN_SHARE} to "
+                  f"{CANARY_MAX_SHARE}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        canary = int(args.canary)
+    move = release(_store(args), parse_ref(args.version), force=args.force, reason=args.reason, canary=canary)
     name = parse_ref(args.version).name
+    if move.canary is not None:
+        print(f"{name}: canary {name}@v{move.canary['version']} takes {move.canary['share']}% of requests, live "
+              f"{name}@v{move.to_version} the rest ({move.action}, {move.time})")
+        return None
     was = f"{name}@v{move.from_version}" if move.from_version is not None else "nothing"
     print(f"{name}: live {was} -> {name}@v{move.to_version} ({move.action}, {move.time})")
+    return None
 
 
 @_refusing
@@ -128,6 +144,9 @@ def _rollback(args: argparse.Namespace) -> None:
             raise StoreError(f"--to {args.to!r}: expected a version such as v2")
         to = int(args.to.removeprefix("v"))
     move = rollback(_store(args), args.name, to, args.reason)
+    if move.action == "canary end":
+        print(f"{args.name}: canary ended, live {args.name}@v{move.to_version} takes every request ({move.time})")
+        return
     print(f"{args.name}: live {args.name}@v{move.from_version} -> {args.name}@v{move.to_version} "
           f"(rollback, {move.time})")
 
@@ -137,11 +156,12 @@ def _versions(args: argparse.Namespace) -> None:
     from .lifecycle import list_versions
 
     for line in list_versions(_store(args), args.name):
-        marker = "*" if line.live else " "
+        marker = "*" if line.live else "~" if line.canary else " "
         if line.problem:
             print(f"{marker} v{line.number}\tREFUSED: {line.problem}")
             continue
         parent = f"from v{line.parent}" if line.parent is not None else "new"
         gates = ", ".join(f"{'PASS' if ok else 'FAIL'} vs {against}" for against, ok in line.verdicts) or "not gated"
         periods = "; ".join(f"{start} to {end or 'now'}" for start, end in line.live_periods) or "never live"
-        print(f"{marker} v{line.number}\t{parent}\t{line.created}\t{gates}\tlive: {periods}")
+        canary = f"\tcanary: {line.canary['share']}% since {line.canary['started_at']}" if line.canary else ""
+        print(f"{marker} v{line.number}\t{parent}\t{line.created}\t{gates}\tlive: {periods}{canary}")

@@ -3,6 +3,9 @@
 A release needs a passing gate report for exactly the candidate's bytes (its manifest's sha256), made
 against the version that is live now; `force` with a reason skips that and is logged as forced. A
 rollback returns to a version that was live before, so it needs no gate, only intact files.
+
+A canary (`release --canary PCT`) needs what a release needs, and is recorded in the live pointer beside the
+live version, which it leaves in place; releasing the canary's version promotes it, a rollback ends it.
 """
 from __future__ import annotations
 
@@ -11,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..formats.hashing import file_sha256
-from ..formats.store_layout import (GATE_DIR, IntegrityError, LiveMove, StoredVersion, StoreError, VersionRef, read_live,
-                                     release_log)
+from ..formats.store_layout import (GATE_DIR, IntegrityError, LiveMove, StoredVersion, StoreError, VersionRef,
+                                     check_canary_share, read_live, release_log)
 from ..store.live import move_live
-from ..store.versions import AdapterStore
+from ..store.versions import AdapterStore, now
 
 VERDICT_FILE = "verdict.json"
 REPORT_FILE = "report.json"
@@ -56,19 +59,66 @@ def live_version(store: AdapterStore, name: str) -> StoredVersion | None:
     return store.open(VersionRef(name, move.to_version)) if move else None
 
 
-def release(store: AdapterStore, ref: VersionRef, *, force: bool, reason: str) -> LiveMove:
+def release(store: AdapterStore, ref: VersionRef, *, force: bool, reason: str, canary: int | None = None) -> LiveMove:
+    """Makes `ref` live; with `canary` (percent), sends only that share of the name's requests to it instead.
+    Releasing the running canary's version promotes it and ends the canary."""
     if ref.number is None:
         raise StoreError(f"name the version to release, such as {ref.name}@v{max(store.version_numbers(ref.name), default=1)}")
+    if canary is not None:
+        check_canary_share(canary)
     candidate = store.open(ref)
+    current = read_live(store, ref.name)
     live = live_version(store, ref.name)
     expected = live.number if live else None
+    running = current.canary if current else None
+    if canary is not None:
+        return _canary(store, ref, candidate, live, running, canary, force, reason)
     if expected == candidate.number:
-        raise StoreError(f"{ref} is already live")
+        raise StoreError(f"{ref} is already live" + (f"; end its canary of {ref.name}@v{running['version']} with "
+                                                     f"`cartridge rollback {ref.name}`" if running else ""))
+    if running and running["version"] != candidate.number:
+        raise StoreError(f"{ref.name}@v{running['version']} is in a canary at {running['share']}%; promote it "
+                         f"(`cartridge release {ref.name}@v{running['version']}`) or end it (`cartridge rollback "
+                         f"{ref.name}`) before releasing {ref}")
+    gate_sha = _admitted(candidate, live, force, reason)
+    action = ("canary promote" if running else "release") if gate_sha else \
+        ("forced canary promote" if running else "forced release")
+    return move_live(store, ref.name, expected=expected, to=candidate.number, action=action,
+                     gate_report_sha256=gate_sha, reason=reason,
+                     expected_canary=running["version"] if running else None)
+
+
+def _canary(store: AdapterStore, ref: VersionRef, candidate: StoredVersion, live: StoredVersion | None,
+            running: dict | None, share: int, force: bool, reason: str) -> LiveMove:
+    if live is None:
+        raise StoreError(f"{ref.name} has no live version to split requests with; release a first version "
+                         f"without --canary")
+    if live.number == candidate.number:
+        raise StoreError(f"{ref} is the live version; a canary must be another version")
+    if running and running["version"] != candidate.number:
+        raise StoreError(f"{ref.name}@v{running['version']} is already in a canary at {running['share']}%; one "
+                         f"canary at a time: promote or end it (`cartridge rollback {ref.name}`) first")
+    if running and running["share"] == share:
+        raise StoreError(f"{ref} already takes {share}% of {ref.name}'s requests")
+    gate_sha = _admitted(candidate, live, force, reason)    # every share it is given, as a release would
+    step = "change" if running else "start"
+    started_at = running["started_at"] if running else now()
+    return move_live(store, ref.name, expected=live.number, to=live.number,
+                     action=f"canary {step}" if gate_sha else f"forced canary {step}",
+                     gate_report_sha256=gate_sha, reason=reason,
+                     expected_canary=running["version"] if running else None,
+                     canary={"version": candidate.number, "share": share, "started_at": started_at})
+
+
+def _admitted(candidate: StoredVersion, live: StoredVersion | None, force: bool, reason: str) -> str | None:
+    """The sha256 of the passing gate report that lets `candidate` take requests from `live`; None when
+    forced (with a reason); StoreError otherwise."""
+    ref = candidate.ref
     if force:
         if not reason.strip():
             raise StoreError("--force needs --reason TEXT: the override is logged with it")
-        return move_live(store, ref.name, expected=expected, to=candidate.number, action="forced release",
-                         gate_report_sha256=None, reason=reason)
+        return None
+    expected = live.number if live else None
     verdict = read_verdict(candidate, expected, live)
     against = f"live {live.ref}" if live else "the base (nothing is live)"
     if verdict is None:
@@ -76,14 +126,21 @@ def release(store: AdapterStore, ref: VersionRef, *, force: bool, reason: str) -
                          f"(or --force --reason TEXT)")
     if not verdict.passed:
         raise StoreError(f"{ref} failed its gate against {against}; not released:\n{verdict.summary}")
-    return move_live(store, ref.name, expected=expected, to=candidate.number, action="release",
-                     gate_report_sha256=verdict.report_sha256, reason=reason)
+    return verdict.report_sha256
 
 
 def rollback(store: AdapterStore, name: str, to: int | None, reason: str) -> LiveMove:
+    """Makes the previous live version (or `v<to>`) live; with a canary running, ends the canary instead
+    (and, with `to`, also moves the live version there)."""
     current = read_live(store, name)
     if current is None:
         raise StoreError(f"{name} has no live version to roll back")
+    if current.canary is not None:
+        target = to if to is not None else current.to_version
+        store.open(VersionRef(name, target))  # intact, or refused before the pointer moves
+        return move_live(store, name, expected=current.to_version, to=target,
+                         action="canary end" if target == current.to_version else "rollback",
+                         gate_report_sha256=None, reason=reason, expected_canary=current.canary_version)
     target = to if to is not None else previous_live(release_log(store, name), current.to_version)
     if target is None:
         raise StoreError(f"{name}@v{current.to_version} was the first version released; there is nothing earlier "
@@ -98,7 +155,7 @@ def rollback(store: AdapterStore, name: str, to: int | None, reason: str) -> Liv
 def previous_live(log: list[LiveMove], current: int) -> int | None:
     """The version that was live before `current` was last released (so repeated rollbacks walk back)."""
     for move in reversed(log):
-        if move.to_version == current and move.action != "rollback":
+        if move.to_version == current and move.action != "rollback" and move.moves_live:
             return move.from_version
     return None
 
@@ -112,6 +169,7 @@ class VersionLine:
     verdicts: list[tuple[str, bool]]             # (against what, passed)
     live: bool
     live_periods: list[tuple[str, str | None]]   # (from, until; None = still live)
+    canary: dict | None = None                   # the running canary's entry, on the canary version's line
 
 
 def list_versions(store: AdapterStore, name: str) -> list[VersionLine]:
@@ -128,7 +186,7 @@ def list_versions(store: AdapterStore, name: str) -> list[VersionLine]:
         lines.append(VersionLine(
             number, version.parent if version else None, version.manifest["created"] if version else "",
             problem, _verdicts(version) if version else [], bool(current and current.to_version == number),
-            _periods(log, number)))
+            _periods(log, number), current.canary if current and current.canary_version == number else None))
     return lines
 
 
@@ -142,6 +200,8 @@ def _verdicts(version: StoredVersion) -> list[tuple[str, bool]]:
 def _periods(log: list[LiveMove], number: int) -> list[tuple[str, str | None]]:
     periods: list[tuple[str, str | None]] = []
     for move in log:
+        if not move.moves_live:
+            continue
         if move.to_version == number:
             periods.append((move.time, None))
         elif move.from_version == number and periods and periods[-1][1] is None:

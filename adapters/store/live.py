@@ -1,7 +1,8 @@
 """Which version of a name is live: `<store>/<name>/live.json`, and every move of it in `releases.jsonl`.
 
 A move is compare-and-set under an exclusive lock on `<store>/<name>/.lock`: the caller says which
-version it expects to be live, and the move fails if another has moved it since. So of two releases
+version it expects to be live (and which canary it expects running), and the move fails if another has
+moved it since. So of two releases
 made against the same live version, exactly one wins. The pointer is replaced by rename, so a reader
 (the server polls it) sees the old pointer or the new one, never half of one, even after kill -9.
 """
@@ -23,8 +24,10 @@ class LiveMoved(StoreError):
 
 
 def move_live(store: AdapterStore, name: str, *, expected: int | None, to: int, action: str,
-              gate_report_sha256: str | None, reason: str) -> LiveMove:
-    """Makes `v<to>` live if `v<expected>` (None: nothing) still is; LiveMoved otherwise."""
+              gate_report_sha256: str | None, reason: str, expected_canary: int | None = None,
+              canary: dict | None = None) -> LiveMove:
+    """Makes `v<to>` live, with `canary` (None: no split), if `v<expected>` (None: nothing) still is live with
+    the canary `v<expected_canary>` (None: none); LiveMoved otherwise."""
     directory = store.root / name
     with open(directory / _LOCK_FILE, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -33,7 +36,12 @@ def move_live(store: AdapterStore, name: str, *, expected: int | None, to: int, 
         if current_version != expected:
             raise LiveMoved(f"{name}: live moved to {_label(current_version)} while this {action} was made against "
                             f"{_label(expected)}; nothing changed, check the new live version and try again")
-        move = LiveMove(now(), action, expected, to, gate_report_sha256, reason)
+        current_canary = current.canary_version if current else None
+        if current_canary != expected_canary:
+            raise LiveMoved(f"{name}: the canary is now {_canary_label(current_canary)}, while this {action} was made "
+                            f"with {_canary_label(expected_canary)}; nothing changed, check `cartridge versions {name}` "
+                            f"and try again")
+        move = LiveMove(now(), action, expected, to, gate_report_sha256, reason, canary)
         staging = directory / f".{LIVE_FILE}.{os.getpid()}"
         with open(staging, "w") as f:
             f.write(json.dumps(asdict(move)))
@@ -49,3 +57,7 @@ def move_live(store: AdapterStore, name: str, *, expected: int | None, to: int, 
 
 def _label(version: int | None) -> str:
     return f"v{version}" if version is not None else "no live version"
+
+
+def _canary_label(version: int | None) -> str:
+    return f"a canary of v{version}" if version is not None else "no canary"

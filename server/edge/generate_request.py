@@ -7,6 +7,7 @@ both edges refuse the same things with the same words.
 from __future__ import annotations
 
 import math
+import uuid
 from dataclasses import dataclass
 
 from adapters.formats.chat import render_prompt
@@ -25,6 +26,7 @@ MAX_REQUEST_BYTES = 2 * 2**20        # a gRPC message or HTTP body; larger is RE
 MAX_PROMPT_CHARS = 262_144           # prompt, or all messages' content together
 MAX_MESSAGES = 256
 MAX_TOP_LOGPROBS = 20
+MAX_ROUTING_KEY_CHARS = 256
 ROLES = ("system", "user", "assistant")
 # OpenAI's cap: past 2 the distribution is near uniform over the vocabulary and the text is noise.
 MAX_TEMPERATURE = 2.0
@@ -50,6 +52,8 @@ class GenerateRequest:
     choice: tuple[str, ...] = ()
     logprobs: bool = False                         # each token's logprob ...
     top_logprobs: int = 0                          # ... and this many likeliest alternatives (0-20)
+    routing_key: str = ""                          # keeps a caller on one side of a canary split; empty: random
+    routing_key_field: str = "routing_key"         # its name on the edge ("user")
 
 
 class RequestValidator:
@@ -60,7 +64,7 @@ class RequestValidator:
 
     def sequence(self, request: GenerateRequest, **fields) -> Sequence:
         """The request as the engine runs it; `fields` go to the Sequence (e.g. its event sink)."""
-        adapter = self.adapter(request.adapter, request.adapter_field)
+        adapter, canary = self._routed(request)
         prompt_ids = self._prompt_ids(request)
         room = self.max_seq_len - len(prompt_ids)
         if room <= 0:
@@ -79,7 +83,7 @@ class RequestValidator:
                                 stop=_stop(request.stop), logprobs=_logprobs(request))
         grammar = self._grammar(request)
         return Sequence(prompt_ids, params, adapter, TextStream(self.tokenizer, params.stop), grammar=grammar,
-                        **fields)
+                        canary=canary, **fields)
 
     def _grammar(self, request: GenerateRequest) -> GrammarState | None:
         """The request's response format compiled here, on the caller's thread (cached by content)."""
@@ -89,6 +93,18 @@ class RequestValidator:
         if self.grammars is None:
             raise InvalidArgument("response_format is not available on this server", field="response_format")
         return self.grammars.matcher(self.grammars.compile(fmt))
+
+    def _routed(self, request: GenerateRequest) -> tuple[RegisteredAdapter | None, bool]:
+        """The adapter, and whether the name's canary split sent the request to the canary version."""
+        if len(request.routing_key) > MAX_ROUTING_KEY_CHARS:
+            raise InvalidArgument(f"{request.routing_key_field} must be at most {MAX_ROUTING_KEY_CHARS} characters",
+                                  field=request.routing_key_field)
+        adapter = self.adapter(request.adapter, request.adapter_field)
+        if self.store is None or adapter is None or not adapter.live:
+            return adapter, False
+        # Without a key the request's own id decides: a fresh one each time, so the share holds, unstuck.
+        canary = self.store.route(adapter.name, request.routing_key or uuid.uuid4().hex)
+        return (canary, True) if canary is not None else (adapter, False)
 
     def adapter(self, name: str, field: str = "adapter") -> RegisteredAdapter | None:
         """`name`, or with a store `name@vN`, one stored version; empty: the base model."""

@@ -32,8 +32,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         for event in self._events(seq):
             pieces.append(event.text)
             logprobs.extend(event.logprobs)
-        return response_proto("".join(pieces), event, len(seq.prompt_ids), seq.adapter_name,
-                              self._logprobs(logprobs))
+        return response_proto("".join(pieces), event, len(seq.prompt_ids), seq.answered_as,
+                              seq.adapter_version, self._logprobs(logprobs))
 
     def GenerateStream(self, request, context) -> Iterator[inference_pb2.GenerateResponse]:
         seq = self._start(request, context)
@@ -41,8 +41,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             if event.finish_reason is None:
                 yield inference_pb2.GenerateResponse(text=event.text, logprobs=self._logprobs(event.logprobs))
             else:
-                yield response_proto(event.text, event, len(seq.prompt_ids), seq.adapter_name,
-                                     self._logprobs(event.logprobs))
+                yield response_proto(event.text, event, len(seq.prompt_ids), seq.answered_as,
+                                     seq.adapter_version, self._logprobs(event.logprobs))
 
     @staticmethod
     def _logprobs(logprobs) -> list[inference_pb2.TokenLogprob]:
@@ -70,12 +70,13 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
 
 def response_proto(text: str, last: Event, prompt_tokens: int, adapter: str,
-                   logprobs: list | None = None) -> inference_pb2.GenerateResponse:
+                   adapter_version: str = "", logprobs: list | None = None) -> inference_pb2.GenerateResponse:
     """The answer (or a stream's last message) once `last` carries the outcome; a stream's other pieces
     are just their text (and logprobs)."""
     return inference_pb2.GenerateResponse(
         text=text, finish_reason=_FINISH.get(last.finish_reason, inference_pb2.FINISH_REASON_UNSPECIFIED),
-        prompt_tokens=prompt_tokens, completion_tokens=last.completion_tokens, adapter=adapter, logprobs=logprobs)
+        prompt_tokens=prompt_tokens, completion_tokens=last.completion_tokens, adapter=adapter,
+        adapter_version=adapter_version, logprobs=logprobs)
 
 
 def from_proto(request: inference_pb2.GenerateRequest) -> GenerateRequest:
@@ -85,7 +86,8 @@ def from_proto(request: inference_pb2.GenerateRequest) -> GenerateRequest:
         adapter=request.adapter, max_tokens=request.max_tokens, temperature=request.temperature,
         top_p=request.top_p, top_k=request.top_k, seed=request.seed if request.HasField("seed") else None,
         stop=tuple(request.stop), response_format=fmt.type, json_schema=fmt.json_schema, regex=fmt.regex,
-        choice=tuple(fmt.choice), logprobs=request.logprobs, top_logprobs=request.top_logprobs)
+        choice=tuple(fmt.choice), logprobs=request.logprobs, top_logprobs=request.top_logprobs,
+        routing_key=request.routing_key)
 
 
 class AdaptersService(adapters_pb2_grpc.AdaptersServicer):

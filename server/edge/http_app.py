@@ -32,6 +32,7 @@ from .openai_api import OpenAIRequest, ResponseWriter, parse
 from ..engine.sequence import Event, Sequence
 
 log = logging.getLogger(__name__)
+VERSION_HEADER = "x-cartridge-adapter-version"   # name@vN: the stored version that answered (serve --store)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +40,8 @@ class Generation:
     """A started request: its prompt's size, then its events, the last one with the outcome."""
     prompt_tokens: int
     events: AsyncIterator[Event]
-    headers: dict[str, str]      # extra response headers (the Ray backend says which replica served)
+    headers: dict[str, str]      # extra response headers: the store version that answered (VERSION_HEADER),
+                                 # and in Ray which replica served
 
 
 class Backend(Protocol):
@@ -102,7 +104,8 @@ class EngineBackend:
         except BaseException:
             self.gate.leave()
             raise
-        return Generation(len(seq.prompt_ids), self._events(seq, events), {})
+        return Generation(len(seq.prompt_ids), self._events(seq, events),
+                          {VERSION_HEADER: seq.adapter_version} if seq.adapter_version else {})
 
     async def _events(self, seq: Sequence, events: LoopEvents) -> AsyncIterator[Event]:
         try:

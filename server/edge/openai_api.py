@@ -68,6 +68,8 @@ def parse(body: object, chat: bool, base_name: str) -> OpenAIRequest:
         adapter="" if model in (BASE_ALIAS, base_name) else model, adapter_field="model",
         max_tokens=_max_tokens(fields, chat), temperature=_number(fields, "temperature", 1.0), top_p=top_p,
         top_k=_typed(fields, "top_k", int, default=0), seed=seed, stop=_stop(fields),
+        # OpenAI's end-user id: what keeps a user on one side of a canary split.
+        routing_key=_typed(fields, "user", str, default=""), routing_key_field="user",
         **_response_format(fields), **_logprobs(fields, chat))
     return OpenAIRequest(chat, model, generate, stream, include_usage, generate.logprobs)
 

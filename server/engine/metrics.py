@@ -117,6 +117,10 @@ class ServerMetrics:
                                   ["adapter"], registry=r)
         self.releases = Counter("cartridge_releases", "Releases seen in the store's log", ["adapter"], registry=r)
         self.rollbacks = Counter("cartridge_rollbacks", "Rollbacks seen in the store's log", ["adapter"], registry=r)
+        self.canary_version = Gauge("cartridge_canary_version", "Store version in a canary beside the live one "
+                                    "(release --canary); no series when none runs", ["adapter"], registry=r)
+        self.canary_share = Gauge("cartridge_canary_share_percent", "Share of the adapter's requests its canary "
+                                  "version is sent", ["adapter"], registry=r)
         self.store_load_failures = Counter("cartridge_store_load_failures", "Live versions that failed to load "
                                            "(the previous one kept serving)", ["adapter"], registry=r)
         r.register(_MemoryCollector(device))
@@ -150,6 +154,13 @@ class ServerMetrics:
     def forget_version(self, name: str, version: int) -> None:
         """Removes a store version's series once it is neither live nor asked for by number."""
         self.version_requests.remove_by_labels({"adapter": name, "version": f"v{version}"})
+
+    def forget_canary(self, name: str) -> None:
+        for gauge in (self.canary_version, self.canary_share):
+            try:
+                gauge.remove(name)
+            except KeyError:
+                pass
 
     def finished(self, seq: Sequence) -> None:
         now, adapter = time.monotonic(), seq.adapter_name

@@ -65,6 +65,7 @@ class Sequence:
     params: SamplingParams
     adapter: RegisteredAdapter | None
     text: TextStream
+    canary: bool = False      # sent to its name's canary version by the split (serve --store)
     id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
     kv_slot: int | None = None
@@ -85,6 +86,18 @@ class Sequence:
     @property
     def adapter_name(self) -> str:
         return self.adapter.name if self.adapter else ""
+
+    @property
+    def answered_as(self) -> str:
+        """The adapter as the caller named it: a canary's answer names the store name, not `name@vN`."""
+        return self.adapter.store_name if self.canary else self.adapter_name
+
+    @property
+    def adapter_version(self) -> str:
+        """`name@vN`, the store version that answered; empty for the base and adapters registered by path."""
+        if self.adapter is None or self.adapter.version is None:
+            return ""
+        return f"{self.adapter.store_name}@v{self.adapter.version}"
 
     @property
     def num_tokens(self) -> int:

@@ -9,6 +9,10 @@ does the name switch to it.
 Requests already running finish on the version they started with. If anything fails the old version
 keeps serving and the failure is logged and counted.
 
+A canary in the live pointer (`release --canary`) is followed the same way: its version is read and
+warmed as `name@vN`, and from then `route` sends the share of the name's requests whose routing key
+`routes_to_canary` picks to it; a canary that fails to load takes no requests.
+
 `cartridge serve` follows every name in the store, and on start the same path restores every live
 version, so a restart, after kill -9 too, serves what the store says is live. A Ray replica
 (server/ray/app.py) follows only the names Ray routes to it (`serve`), until Ray's LRU lets them go (`drop`).
@@ -21,7 +25,7 @@ import time
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from adapters.formats.store_layout import (LiveMove, StoreError, StoreReader, VersionRef, live_file, parse_ref, read_live,
-                                           release_log)
+                                           release_log, routes_to_canary)
 
 from ..lora.registry import AdapterRegistry, RegisteredAdapter
 from .engine import Engine
@@ -45,6 +49,7 @@ class StoreAdapters:
         self._followed: set[str] | None = set() if on_demand else None
         self._seen: dict[str, int] = {}          # name -> mtime_ns of the live pointer last acted on
         self._logged: dict[str, int] = {}        # name -> release-log lines already counted
+        self._canaries: dict[str, tuple[int, int]] = {}   # name -> (canary version, share), once it is loaded
         self._read_lock = threading.Lock()       # one read per name@vN
         self._names_lock = threading.Lock()      # guards _followed
         self._name_locks: dict[str, threading.Lock] = {}   # per name: one switch at a time, never beside a drop
@@ -88,6 +93,8 @@ class StoreAdapters:
                     self._followed.discard(text)
             self._seen.pop(text, None)
             self._logged.pop(text, None)
+            if self._canaries.pop(text, None) is not None:
+                self.metrics.forget_canary(text)
             try:
                 adapter = self.registry.unregister(text)
             except NotFound:
@@ -107,6 +114,14 @@ class StoreAdapters:
                 adapter = self.registry.read(str(ref), str(version.path), version=ref.number)
                 log.info("serving %s on request", ref)
                 return self.registry.install(adapter, replace=True)[0]
+
+    def route(self, name: str, key: str) -> RegisteredAdapter | None:
+        """The canary version for a request for live `name` with routing `key`, when the split sends it
+        there; None: the live version serves it."""
+        canary = self._canaries.get(name)
+        if canary is None or not routes_to_canary(name, canary[0], canary[1], key):
+            return None
+        return self.by_version(f"{name}@v{canary[0]}")
 
     @staticmethod
     def _parse(text: str) -> VersionRef:
@@ -154,7 +169,32 @@ class StoreAdapters:
                 return
             self._seen[name] = stamp
             self._count_moves(name)
-            self._switch(name, read_live(self.store, name), stamp, why)
+            move = read_live(self.store, name)
+            self._switch(name, move, stamp, why)
+            self._follow_canary(name, move)
+
+    def _follow_canary(self, name: str, move: LiveMove) -> None:
+        if move.canary is None:
+            if self._canaries.pop(name, None) is not None:
+                self.metrics.forget_canary(name)
+                log.info("%s: canary ended (%s); the live version takes every request", name, move.action)
+            return
+        canary = (move.canary["version"], move.canary["share"])
+        if self._canaries.get(name) == canary:
+            return
+        ref = VersionRef(name, canary[0])
+        try:
+            warm = self._warm(self.by_version(str(ref)))
+        except Exception as err:  # noqa: BLE001 - the live version keeps every request
+            self.metrics.store_load_failures.labels(name).inc()
+            if self._canaries.pop(name, None) is not None:
+                self.metrics.forget_canary(name)
+            log.error("not starting the canary %s (the live version keeps every request): %s", ref, err)
+            return
+        self._canaries[name] = canary
+        self.metrics.canary_version.labels(name).set(canary[0])
+        self.metrics.canary_share.labels(name).set(canary[1])
+        log.info("%s: canary %s takes %d%% of requests (%s); %s", name, ref, canary[1], move.action, warm)
 
     def _switch(self, name: str, move: LiveMove, stamp: int, why: str | None) -> None:
         try:
@@ -195,5 +235,6 @@ class StoreAdapters:
     def _count_moves(self, name: str) -> None:
         moves = release_log(self.store, name)
         for move in moves[self._logged.get(name, 0):]:
-            (self.metrics.rollbacks if move.action == "rollback" else self.metrics.releases).labels(name).inc()
+            if move.moves_live:
+                (self.metrics.rollbacks if move.action == "rollback" else self.metrics.releases).labels(name).inc()
         self._logged[name] = len(moves)

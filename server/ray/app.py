@@ -34,6 +34,7 @@ from cartridge.v1 import inference_pb2
 
 from ..errors import InvalidArgument, ServingError, serving_error, status_of
 from ..edge.grpc_service import from_proto, response_proto
+from ..edge.http_app import VERSION_HEADER
 
 APP_NAME = "cartridge"
 
@@ -44,6 +45,7 @@ class Started:
     prompt_tokens: int
     replica: str
     cache: str               # "hit": the adapter was on this replica already; "miss": loaded for it; "" = base
+    version: str = ""        # name@vN: the stored version that answers (its canary's, when the split sent it there)
 
 
 class ResidentAdapter:
@@ -140,7 +142,8 @@ class CartridgeReplica:
         except BaseException:
             adapter.done()
             raise
-        return Started(generation.prompt_tokens, self.replica, cache), _holding(generation.events, adapter)
+        return (Started(generation.prompt_tokens, self.replica, cache, generation.headers.get(VERSION_HEADER, "")),
+                _holding(generation.events, adapter))
 
 
 async def _holding(events: AsyncIterator, adapter: ResidentAdapter) -> AsyncIterator:
@@ -177,6 +180,8 @@ class RayBackend:
         stream = self.replicas.options(multiplexed_model_id=request.adapter, stream=True).generate.remote(request)
         started = await _unwrapped(stream.__anext__())
         headers = {"x-cartridge-replica": started.replica, "x-cartridge-adapter-cache": started.cache}
+        if started.version:
+            headers[VERSION_HEADER] = started.version
         return Generation(started.prompt_tokens, _events(stream), headers)
 
 
@@ -221,7 +226,8 @@ class Ingress:
         except ServingError as error:
             return _refuse(grpc_context, error)
         grpc_context.set_trailing_metadata(list(generation.headers.items()))
-        return response_proto("".join(e.text for e in pieces), pieces[-1], generation.prompt_tokens, adapter)
+        return response_proto("".join(e.text for e in pieces), pieces[-1], generation.prompt_tokens, adapter,
+                              generation.headers.get(VERSION_HEADER, ""))
 
     async def GenerateStream(self, request, grpc_context):
         try:
@@ -231,7 +237,8 @@ class Ingress:
                 if event.finish_reason is None:
                     yield inference_pb2.GenerateResponse(text=event.text)
                 else:
-                    yield response_proto(event.text, event, generation.prompt_tokens, adapter)
+                    yield response_proto(event.text, event, generation.prompt_tokens, adapter,
+                                         generation.headers.get(VERSION_HEADER, ""))
         except ServingError as error:
             yield _refuse(grpc_context, error)
 
