@@ -68,7 +68,7 @@ class DataLoss(ServingError):
 
 
 class Unavailable(ServingError):
-    """The server is draining (or shut down before the request ended)."""
+    """The server is draining (or shut down before the request ended), or a part a request needs failed to load."""
     code = grpc.StatusCode.UNAVAILABLE
     http_status, http_type = 503, "service_unavailable_error"
 

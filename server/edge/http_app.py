@@ -236,7 +236,7 @@ def _data(obj: dict) -> bytes:
 
 
 class HttpServer:
-    """uvicorn on a thread of its own, with its own event loop; the socket is bound before it starts.
+    """uvicorn on a thread of its own, with its own event loop; the socket listens before it starts.
     With a certificate it serves HTTPS, as gRPC serves TLS with the same one."""
 
     def __init__(self, app: Starlette, host: str, port: int, tls_cert: str | None = None,
@@ -245,6 +245,9 @@ class HttpServer:
         self._socket = socket.socket(family, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind((host, port))
+        # Listening now, not when uvicorn's thread gets to it: the ready line is printed before that
+        # thread runs, and a client that connects at once would be refused.
+        self._socket.listen(2048)
         self.port = self._socket.getsockname()[1]
         self.scheme = "https" if tls_cert else "http"
         self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off",

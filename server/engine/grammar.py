@@ -7,6 +7,7 @@ asks it for the next token bitmask, which the sampler applies to that row's logi
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 from collections import OrderedDict
@@ -14,7 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, Unavailable
+
+log = logging.getLogger(__name__)
 
 FORMAT_TYPES = ("text", "json_object", "json_schema", "regex", "choice")
 MAX_FORMAT_CHARS = 65_536        # a schema, regex or all choices together
@@ -96,11 +99,19 @@ class Grammars:
         self._cache: OrderedDict[str, object] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        self._load_error: str | None = None
         # Reading the vocabulary takes seconds: done on a thread of its own from start-up; compile() waits for it.
         self._ready = threading.Thread(target=self._load, args=(tokenizer, stop_ids), name="grammars", daemon=True)
         self._ready.start()
 
     def _load(self, tokenizer, stop_ids: frozenset[int]) -> None:
+        try:
+            self._read_vocabulary(tokenizer, stop_ids)
+        except Exception as err:  # noqa: BLE001 - kept for every request that asks for a format
+            self._load_error = f"{type(err).__name__}: {err}"
+            log.error("structured output is unavailable: %s", self._load_error)
+
+    def _read_vocabulary(self, tokenizer, stop_ids: frozenset[int]) -> None:
         import xgrammar as xgr
 
         self._xgr = xgr
@@ -121,6 +132,8 @@ class Grammars:
         """The compiled grammar of `fmt`, from the cache or compiled now (INVALID_ARGUMENT if it cannot be)."""
         key = fmt.canonical()
         self.wait_ready()
+        if self._load_error is not None:
+            raise Unavailable(f"structured output is unavailable on this server: {self._load_error}")
         with self._lock:
             compiled = self._cache.get(key)
             if compiled is not None:
