@@ -74,10 +74,10 @@ __device__ __forceinline__ u16 to_dtype(float v) {
 #define X_PIECES (8 * MT * 8 * G)                          // 16-byte pieces of x a stage: 8 per row per block
 #define X_ROUNDS ((X_PIECES + WARPS * 32 - 1) / (WARPS * 32))
 
+// Copies of 16 and 4 bytes; a dead one (src-size 0) writes zeros.
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool live) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(live ? 16 : 0));
 }
-
 __device__ __forceinline__ void cp_async4(u32 dst, const void* src, bool live) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(dst), "l"(src), "r"(live ? 4 : 0));
 }
@@ -114,10 +114,7 @@ __device__ __forceinline__ void copy_stage(u32 stage, Sources& src, const u16* _
     }
   }
 #pragma unroll
-  for (int sl = 0; sl < SLABS; ++sl) {
-    src.w[sl] += G * 128;
-    src.s[sl] += G * 8;
-  }
+  for (int sl = 0; sl < SLABS; ++sl) src.w[sl] += G * 128, src.s[sl] += G * 8;
 }
 
 __device__ __forceinline__ void compute_stage(u32 stage, u32 mine, u32 mine_s, u32 x_frag, float (&acc)[SLABS][MT][4],
