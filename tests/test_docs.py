@@ -169,6 +169,14 @@ def test_the_docs_speak_of_the_product_alone(page):
     assert hits == []
 
 
+@pytest.mark.parametrize("page", PAGES, ids=rel)
+def test_no_placeholder_is_left_where_output_belongs(page):
+    # An example's output still to be captured was marked by a line such as TOUR_GATE2.
+    hits = [f"{rel(page)}:{n}: {line}" for n, line in enumerate(page.read_text().splitlines(), 1)
+            if re.fullmatch(r"[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+", line.strip())]
+    assert hits == []
+
+
 # ------------------------------------------------------------------------------------- runnable examples
 
 @dataclass
