@@ -24,8 +24,8 @@ import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from adapters.formats.store_layout import (LiveMove, StoreError, StoreReader, VersionRef, live_file, parse_ref, read_live,
-                                           release_log, routes_to_canary)
+from adapters.formats.store_layout import (LiveMove, StoreError, StoreReader, VersionRef, live_file, log_file,
+                                           parse_ref, read_live, release_log, routes_to_canary)
 
 from ..lora.registry import AdapterRegistry, RegisteredAdapter
 from .engine import Engine
@@ -49,6 +49,7 @@ class StoreAdapters:
         self._followed: set[str] | None = set() if on_demand else None
         self._seen: dict[str, int] = {}          # name -> mtime_ns of the live pointer last acted on
         self._logged: dict[str, int] = {}        # name -> release-log lines already counted
+        self._log_sizes: dict[str, int] = {}     # name -> bytes of the release log when last read
         self._canaries: dict[str, tuple[int, int]] = {}   # name -> (canary version, share), once it is loaded
         self._read_lock = threading.Lock()       # one read per name@vN
         self._names_lock = threading.Lock()      # guards _followed
@@ -93,6 +94,7 @@ class StoreAdapters:
                     self._followed.discard(text)
             self._seen.pop(text, None)
             self._logged.pop(text, None)
+            self._log_sizes.pop(text, None)
             if self._canaries.pop(text, None) is not None:
                 self.metrics.forget_canary(text)
             try:
@@ -166,12 +168,13 @@ class StoreAdapters:
             except FileNotFoundError:
                 return
             if self._seen.get(name) == stamp:
+                self._count_moves(name)   # a move's log line is appended just after its pointer lands
                 return
             self._seen[name] = stamp
-            self._count_moves(name)
             move = read_live(self.store, name)
             self._switch(name, move, stamp, why)
             self._follow_canary(name, move)
+            self._count_moves(name)
 
     def _follow_canary(self, name: str, move: LiveMove) -> None:
         if move.canary is None:
@@ -233,6 +236,14 @@ class StoreAdapters:
         return "in a device slot before the switch" if warmed else "no device slot free: its first request loads it"
 
     def _count_moves(self, name: str) -> None:
+        """Counts the release log's new moves; the log is read only when it has grown."""
+        try:
+            size = log_file(self.store, name).stat().st_size
+        except FileNotFoundError:
+            return
+        if self._log_sizes.get(name) == size:
+            return
+        self._log_sizes[name] = size
         moves = release_log(self.store, name)
         for move in moves[self._logged.get(name, 0):]:
             if move.moves_live:
