@@ -153,7 +153,8 @@ def build_core(config: ServerConfig, *, store_on_demand: bool = False) -> Servin
              time.monotonic() - started, cache.size_bytes / 2**20, config.max_batch_size, max_seq_len)
     # Structured output: xgrammar over this tokenizer, its vocabulary as wide as the model's logits.
     grammars = Grammars(tokenizer, model.args.vocab_size, engine.eos_ids)
-    return ServingCore(engine, registry, RequestValidator(registry, tokenizer, max_seq_len, store, grammars), metrics,
+    return ServingCore(engine, registry, RequestValidator(registry, tokenizer, max_seq_len, store, grammars,
+                                                        model.args.vocab_size), metrics,
                        CallGate(config.admin_token, config.inference_token), directory.name, store)
 
 

@@ -1,0 +1,93 @@
+"""Logit bias and the presence, frequency and repetition penalties, per row on the device.
+
+Semantics, for a row with output token counts c[t] and prompt tokens P (l: the row's logits):
+    l[t] += logit_bias[t]                                        (OpenAI: a bias in [-100, 100])
+    if c[t] > 0 or t in P:  l[t] = l[t] / r if l[t] > 0 else l[t] * r      (repetition r, transformers)
+    l[t] -= c[t] * frequency + (c[t] > 0) * presence            (OpenAI: generated tokens only)
+applied in that order, before the grammar mask and the temperature.
+
+The state is one row per KV-cache slot, on the device, allocated the first time a request asks for
+any of these: counts [slots, vocab], prompt tokens [slots, vocab], bias [slots, vocab]. Counts are
+updated on the device from the sampled tokens, so a decode pass launched before the host has read
+the previous pass's tokens (CUDA graphs) still sees them. A row is reset when its request is admitted,
+and only rows that asked are read or written: one row's penalty never touches another row's logits.
+"""
+from __future__ import annotations
+
+import torch
+
+from .sequence import Sequence
+
+
+def _penalized(seqs: list[Sequence]) -> list[int]:
+    return [i for i, s in enumerate(seqs) if s.params.penalized]
+
+
+class Penalties:
+    def __init__(self, num_slots: int, device: torch.device):
+        self.num_slots, self.device = num_slots, device
+        self.counts: torch.Tensor | None = None      # [slots, vocab] float32: times each token was generated
+        self.in_prompt: torch.Tensor | None = None   # [slots, vocab] bool: the token is in the prompt
+        self.bias: torch.Tensor | None = None        # [slots, vocab] float32: logit_bias
+
+    def _allocate(self, vocab_size: int) -> None:
+        shape = (self.num_slots, vocab_size)
+        self.counts = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        self.in_prompt = torch.zeros(shape, dtype=torch.bool, device=self.device)
+        self.bias = torch.zeros(shape, dtype=torch.float32, device=self.device)
+
+    @torch.inference_mode()   # the state is made in the runner's inference mode: updated in it too
+    def admit(self, seqs: list[Sequence], vocab_size: int) -> None:
+        """Resets the rows of newly admitted `seqs` that ask for a penalty or a bias: their prompt, no counts."""
+        rows = _penalized(seqs)
+        if not rows:
+            return
+        if self.counts is None:
+            self._allocate(vocab_size)
+        slots = torch.tensor([seqs[i].kv_slot for i in rows], device=self.device)
+        self.counts[slots] = 0
+        self.in_prompt[slots] = False
+        self.bias[slots] = 0
+        # One scatter for every row's prompt tokens and one for every row's bias.
+        prompt_slots = [seqs[i].kv_slot for i in rows for _ in seqs[i].prompt_ids]
+        prompt_ids = [t for i in rows for t in seqs[i].prompt_ids]
+        self.in_prompt[torch.tensor(prompt_slots, dtype=torch.long, device=self.device),
+                       torch.tensor(prompt_ids, dtype=torch.long, device=self.device)] = True
+        biased = [(seqs[i].kv_slot, token, value) for i in rows for token, value in seqs[i].params.logit_bias]
+        if biased:
+            slot, token, value = zip(*biased)
+            self.bias[torch.tensor(slot, device=self.device), torch.tensor(token, device=self.device)] = \
+                torch.tensor(value, device=self.device)
+
+    @torch.inference_mode()
+    def apply(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """logits [B, vocab] -> the same with each penalised row's bias and penalties applied; the input is
+        left as it is (a graph's output), and returned as is when no row asks."""
+        rows = _penalized(seqs)
+        if not rows or self.counts is None:
+            return logits
+        index = torch.tensor(rows, device=logits.device)
+        slots = torch.tensor([seqs[i].kv_slot for i in rows], device=logits.device)
+        params = [seqs[i].params for i in rows]
+        presence = torch.tensor([p.presence_penalty for p in params], device=logits.device)[:, None]
+        frequency = torch.tensor([p.frequency_penalty for p in params], device=logits.device)[:, None]
+        repetition = torch.tensor([p.repetition_penalty for p in params], device=logits.device)[:, None]
+        counts = self.counts[slots]                                          # [R, vocab]
+        generated = counts > 0
+        picked = logits[index] + self.bias[slots]
+        seen = generated | self.in_prompt[slots]
+        picked = torch.where(seen, torch.where(picked > 0, picked / repetition, picked * repetition), picked)
+        picked = picked - counts * frequency - generated * presence
+        logits = logits.clone()
+        logits[index] = picked
+        return logits
+
+    @torch.inference_mode()
+    def record(self, seqs: list[Sequence], tokens: torch.Tensor) -> None:
+        """Counts the tokens [B] (on the device) just sampled for `seqs`, in the rows that ask."""
+        rows = _penalized(seqs)
+        if not rows or self.counts is None:
+            return
+        index = torch.tensor(rows, device=tokens.device)
+        slots = torch.tensor([seqs[i].kv_slot for i in rows], device=tokens.device)
+        self.counts.index_put_((slots, tokens[index]), torch.ones(len(rows), device=tokens.device), accumulate=True)
