@@ -29,6 +29,7 @@ from .engine.cuda_graphs import DecodeGraphs
 from .engine.engine import Engine
 from .errors import StatusInterceptor, Unavailable
 from .edge.call_gate import CallGate
+from .edge.adapter_defaults import request_defaults
 from .edge.generate_request import MAX_REQUEST_BYTES, RequestValidator
 from .engine.grammar import Grammars
 from .edge.http_app import EngineBackend, HttpServer, openai_app
@@ -122,12 +123,18 @@ def build_core(config: ServerConfig, *, store_on_demand: bool = False) -> Servin
     cache = KVCache(model.args.n_layers, config.max_batch_size, max_seq_len, model.args.n_kv_heads,
                     model.args.head_dim, config.torch_dtype, device)
     adapter_slots = AdapterSlots(stacks, config.max_adapters)
+    stop_ids = eos_ids(directory, tokenizer)
+    # Structured output: xgrammar over this tokenizer, its vocabulary as wide as the model's logits. Made
+    # before any adapter is read: an adapter's cartridge.json may name a format, compiled when it registers.
+    grammars = Grammars(tokenizer, model.args.vocab_size, stop_ids)
     registry = AdapterRegistry(BaseShape.from_config(model_config), config.max_lora_rank,
                                AdapterFilePolicy(config.adapter_root, config.max_adapter_bytes),
                                config.max_adapters, config.max_host_adapter_bytes,
                                base_fingerprint=functools.cache(lambda: base_fingerprint(directory)),
                                stage=functools.partial(SlotWeights.stage, dtype=config.torch_dtype,
-                                                       pin=device.type == "cuda"))
+                                                       pin=device.type == "cuda"),
+                               check_defaults=functools.partial(request_defaults, grammars=grammars,
+                                                                vocab_size=model.args.vocab_size))
     for name, path in config.adapters:
         registry.register(name, path)
     metrics = ServerMetrics(device, config.max_adapters)
@@ -141,7 +148,7 @@ def build_core(config: ServerConfig, *, store_on_demand: bool = False) -> Servin
         count = graphs.capture_all()
         log.info("captured %d decode graphs in %.1f s", count, time.monotonic() - captured)
     runner = ModelRunner(model, cache, adapter_slots, device, graphs)
-    engine = Engine(runner, scheduler, eos_ids(directory, tokenizer), metrics, registry)
+    engine = Engine(runner, scheduler, stop_ids, metrics, registry)
     engine.start()
     store = None
     if config.store is not None:
@@ -151,8 +158,6 @@ def build_core(config: ServerConfig, *, store_on_demand: bool = False) -> Servin
     log.info("base %s on %s (%s, %s): weights+cache ready in %.1f s; KV cache %.0f MiB for %d x %d tokens",
              directory.name, device, "nf4" if config.quantize else "dense", str(config.torch_dtype).split(".")[-1],
              time.monotonic() - started, cache.size_bytes / 2**20, config.max_batch_size, max_seq_len)
-    # Structured output: xgrammar over this tokenizer, its vocabulary as wide as the model's logits.
-    grammars = Grammars(tokenizer, model.args.vocab_size, engine.eos_ids)
     return ServingCore(engine, registry, RequestValidator(registry, tokenizer, max_seq_len, store, grammars,
                                                         model.args.vocab_size), metrics,
                        CallGate(config.admin_token, config.inference_token), directory.name, store)

@@ -36,14 +36,16 @@ class GenerateRequest:
     prompt: str = ""
     messages: tuple[tuple[str, str], ...] = ()     # (role, content)
     adapter: str = ""                              # empty: the base model alone
+    # Unset (None, 0 or "" as noted) takes the adapter's default (cartridge.json), else the edge's.
     max_tokens: int = 0                            # 0: DEFAULT_MAX_TOKENS or what the context has left
-    temperature: float = 0.0
+    temperature: float | None = None               # None: fallback_temperature
+    fallback_temperature: float = 0.0              # gRPC: greedy; OpenAI's HTTP: 1
     top_p: float = 0.0                             # 0: 1 (no nucleus cut)
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     adapter_field: str = "adapter"                 # how the edge names the adapter in its errors ("model")
-    # Structured output (server/engine/grammar.py): type "text" (or "") is none; json_schema is JSON text.
+    # Structured output (server/engine/grammar.py): type "text" is none, "" unset; json_schema is JSON text.
     response_format: str = ""
     json_schema: str = ""
     regex: str = ""
@@ -52,10 +54,10 @@ class GenerateRequest:
     top_logprobs: int = 0                          # ... and this many likeliest alternatives (0-20)
     routing_key: str = ""                          # keeps a caller on one side of a canary split; empty: random
     routing_key_field: str = "routing_key"         # its name on the edge ("user")
-    # Sampling controls (server/engine/penalties.py); repetition_penalty 0: none (1).
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 0.0
+    # Sampling controls (server/engine/penalties.py); None: unset (none); repetition_penalty 0: none (1).
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias)
     n: int = 0                                     # choices; 0: 1
     prompt_logprobs: bool = False                  # the prompt's tokens' logprobs too (completions' echo)
@@ -72,6 +74,8 @@ class RequestValidator:
         """The request as the engine runs it; `fields` go to the Sequence (e.g. its event sink). With n > 1
         it is choice 0, and `forks` holds the other choices, which share its prefill and its event sink."""
         adapter, canary = self._routed(request)
+        if adapter is not None:
+            request = with_defaults(request, adapter.defaults)
         prompt_ids = self._prompt_ids(request)
         room = self.max_seq_len - len(prompt_ids)
         if room <= 0:
@@ -151,3 +155,18 @@ def choice_seed(seed: int | None, index: int) -> int | None:
     if seed is None or index == 0:
         return seed
     return int.from_bytes(hashlib.sha256(f"{seed}/{index}".encode()).digest()[:8], "little")
+
+
+# A field is unset at these values; the adapter's default then applies.
+_UNSET = {"max_tokens": 0, "temperature": None, "top_p": 0.0, "presence_penalty": None, "frequency_penalty": None,
+          "repetition_penalty": None, "response_format": ""}
+
+
+def with_defaults(request: GenerateRequest, defaults: dict) -> GenerateRequest:
+    """`request` with an adapter's defaults (GenerateRequest fields) in the fields it left unset; the
+    response format's fields go together, with response_format."""
+    fields = {k: v for k, v in defaults.items() if k in _UNSET and getattr(request, k) == _UNSET[k]}
+    if "response_format" in fields:
+        fields.update({k: defaults.get(k, GenerateRequest.__dataclass_fields__[k].default)
+                       for k in ("json_schema", "regex", "choice")})
+    return replace(request, **fields) if fields else request

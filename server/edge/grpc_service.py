@@ -54,12 +54,13 @@ def from_proto(request: inference_pb2.GenerateRequest) -> GenerateRequest:
     fmt = request.response_format
     return GenerateRequest(
         prompt=request.prompt, messages=tuple((m.role, m.content) for m in request.messages),
-        adapter=request.adapter, max_tokens=request.max_tokens, temperature=request.temperature,
+        adapter=request.adapter, max_tokens=request.max_tokens,
+        temperature=request.temperature if request.HasField("temperature") else None,
         top_p=request.top_p, top_k=request.top_k, seed=request.seed if request.HasField("seed") else None,
         stop=tuple(request.stop), response_format=fmt.type, json_schema=fmt.json_schema, regex=fmt.regex,
         choice=tuple(fmt.choice), logprobs=request.logprobs, top_logprobs=request.top_logprobs,
-        routing_key=request.routing_key, presence_penalty=request.presence_penalty,
-        frequency_penalty=request.frequency_penalty, repetition_penalty=request.repetition_penalty,
+        routing_key=request.routing_key, **{name: getattr(request, name) if request.HasField(name) else None
+                                            for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")},
         logit_bias=tuple(request.logit_bias.items()), n=request.n, prompt_logprobs=request.prompt_logprobs)
 
 

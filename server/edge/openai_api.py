@@ -54,8 +54,8 @@ def parse(body: object, chat: bool, base_name: str) -> OpenAIRequest:
     if unknown:
         raise InvalidArgument(f"stream_options.{unknown[0]} is not supported by this server", field="stream_options")
     include_usage = _typed(options, "include_usage", bool, default=False, prefix="stream_options.")
-    top_p = _number(fields, "top_p", 1.0)
-    if top_p == 0:    # 0 means "no cut" on the gRPC edge; an OpenAI caller asking for 0 means something else
+    top_p = _number(fields, "top_p", 0.0)      # absent: 0, unset (the adapter's default, else 1)
+    if "top_p" in fields and top_p == 0:  # 0 means "no cut" on the gRPC edge; an OpenAI caller means something else
         raise InvalidArgument("top_p must be above 0 and at most 1 (1 keeps every token)", field="top_p")
     seed = _typed(fields, "seed", int)
     if seed is not None and seed < 0:
@@ -63,7 +63,8 @@ def parse(body: object, chat: bool, base_name: str) -> OpenAIRequest:
     generate = GenerateRequest(
         **(_messages(fields) if chat else _prompt(fields)),
         adapter="" if model in (BASE_ALIAS, base_name) else model, adapter_field="model",
-        max_tokens=_max_tokens(fields, chat), temperature=_number(fields, "temperature", 1.0), top_p=top_p,
+        max_tokens=_max_tokens(fields, chat), temperature=_optional_number(fields, "temperature"),
+        fallback_temperature=1.0, top_p=top_p,
         top_k=_typed(fields, "top_k", int, default=0), seed=seed, stop=_stop(fields),
         # OpenAI's end-user id: what keeps a user on one side of a canary split.
         routing_key=_typed(fields, "user", str, default=""), routing_key_field="user",
@@ -79,8 +80,8 @@ def _sampling_controls(fields: dict) -> dict:
     n = _typed(fields, "n", int, default=1)
     if n < 1:
         raise InvalidArgument(f"n must be at least 1, got {n}", field="n")
-    repetition = _number(fields, "repetition_penalty", 1.0)
-    if repetition <= 0:     # 0 means "none" on the gRPC edge; an HTTP caller asking for 0 means something else
+    repetition = _optional_number(fields, "repetition_penalty")
+    if repetition is not None and repetition <= 0:   # 0 means "none" on the gRPC edge; not so for an HTTP caller
         raise InvalidArgument(f"repetition_penalty must be above 0 (1: none), got {repetition:g}",
                               field="repetition_penalty")
     bias = _typed(fields, "logit_bias", dict, default={})
@@ -89,8 +90,8 @@ def _sampling_controls(fields: dict) -> dict:
         if not (key.isascii() and key.isdigit()):
             raise InvalidArgument(f"logit_bias keys must be token ids, got {key!r}", field="logit_bias")
         entries.append((int(key), _number(bias, key, 0.0, prefix="logit_bias.")))
-    return {"n": n, "presence_penalty": _number(fields, "presence_penalty", 0.0),
-            "frequency_penalty": _number(fields, "frequency_penalty", 0.0), "repetition_penalty": repetition,
+    return {"n": n, "presence_penalty": _optional_number(fields, "presence_penalty"),
+            "frequency_penalty": _optional_number(fields, "frequency_penalty"), "repetition_penalty": repetition,
             "logit_bias": tuple(entries)}
 
 
@@ -104,8 +105,11 @@ def _logprobs(fields: dict, chat: bool) -> dict:
 
 
 def _response_format(fields: dict) -> dict:
-    """OpenAI's response_format (and our regex and choice types) -> the GenerateRequest's format fields."""
-    fmt = _typed(fields, "response_format", dict, default={"type": "text"})
+    """OpenAI's response_format (and our regex and choice types) -> the GenerateRequest's format fields;
+    absent: unset (the adapter's default format, else plain text)."""
+    if "response_format" not in fields:
+        return {}
+    fmt = _typed(fields, "response_format", dict)
     kind = _typed(fmt, "type", str, required=True, prefix="response_format.")
     if kind not in _FORMAT_KEYS:
         raise InvalidArgument(f"response_format.type is {kind!r}; expected one of {sorted(_FORMAT_KEYS)}",
@@ -173,6 +177,10 @@ def _number(fields: dict, name: str, default: float, prefix: str = "") -> float:
         return float(value)
     except OverflowError:      # a JSON integer too large for a float
         raise InvalidArgument(f"{prefix}{name} is out of range", field=prefix + name) from None
+
+
+def _optional_number(fields: dict, name: str) -> float | None:
+    return _number(fields, name, 0.0) if name in fields else None
 
 
 def _max_tokens(fields: dict, chat: bool) -> int:

@@ -21,12 +21,13 @@ def sampling_params(request, max_tokens: int, vocab_size: int) -> SamplingParams
     if request.top_k < 0:
         raise InvalidArgument(f"top_k must be 0 (off) or more, got {request.top_k}", field="top_k")
     return SamplingParams(
-        max_tokens=max_tokens, temperature=_temperature(request.temperature), top_p=_top_p(request.top_p),
+        max_tokens=max_tokens, top_p=_top_p(request.top_p),
+        temperature=_temperature(request.fallback_temperature if request.temperature is None else request.temperature),
         top_k=request.top_k, seed=request.seed, stop=_stop(request.stop), logprobs=_logprobs(request),
         prompt_logprobs=request.prompt_logprobs,
-        presence_penalty=_penalty(request.presence_penalty, "presence_penalty"),
-        frequency_penalty=_penalty(request.frequency_penalty, "frequency_penalty"),
-        repetition_penalty=_repetition(request.repetition_penalty),
+        presence_penalty=_penalty(request.presence_penalty or 0.0, "presence_penalty"),
+        frequency_penalty=_penalty(request.frequency_penalty or 0.0, "frequency_penalty"),
+        repetition_penalty=_repetition(request.repetition_penalty or 0.0),
         logit_bias=_logit_bias(request.logit_bias, vocab_size))
 
 
