@@ -86,7 +86,7 @@ counts = st.one_of(st.integers(1, 3), st.sampled_from([41, 2**31, 2**32 - 1]))
 texts = st.one_of(st.text(max_size=40), st.sampled_from(["", " ", "\x00", "\ufffd", "🤖" * 20, "a\u0301" * 30]))
 messages = st.one_of(
     st.lists(st.builds(inference_pb2.ChatMessage,
-                       role=st.one_of(st.sampled_from(["system", "user", "assistant"]), texts), content=texts),
+                       role=st.one_of(st.sampled_from(["system", "user", "assistant", "tool"]), texts), content=texts),
              max_size=3),
     st.just([inference_pb2.ChatMessage(role="user", content="hi")] * 300))
 formats = st.one_of(st.none(), st.builds(
@@ -109,7 +109,12 @@ requests = st.builds(
     presence_penalty=floats, frequency_penalty=floats, repetition_penalty=floats,
     logit_bias=st.one_of(st.dictionaries(st.one_of(st.integers(0, 50_000), st.just(2**32 - 1)), floats, max_size=4),
                          st.just({i: 1.0 for i in range(301)})),
-    n=st.one_of(st.integers(0, 9), st.just(2**32 - 1)), prompt_logprobs=st.booleans())
+    n=st.one_of(st.integers(0, 9), st.just(2**32 - 1)), prompt_logprobs=st.booleans(),
+    tools=st.lists(st.builds(inference_pb2.Tool, name=st.one_of(st.sampled_from(["f", "get_x", "bad name"]), texts),
+                             description=texts,
+                             parameters_json=st.one_of(texts, st.sampled_from(['{"type": "object"}', "[]", "{"]))),
+                   max_size=2),
+    tool_choice=st.one_of(st.sampled_from(["", "none", "auto", "required", "f"]), texts))
 
 
 # Hypothesis describes each drawn value; for the megabyte prompts that description is what it warns about.
@@ -184,7 +189,7 @@ VALID[STREAM] = VALID[GENERATE]
 
 def malformed(rng: random.Random, valid: bytes) -> bytes:
     """One broken message: truncated, flipped, random, wrong wire types, oversized varints, lying lengths."""
-    field = rng.choice([*range(12), *range(20, 29), 40])
+    field = rng.choice([*range(12), *range(20, 31), 40])
     kind = rng.randrange(9)
     if kind == 0:
         return rng.randbytes(rng.randrange(64))

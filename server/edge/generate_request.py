@@ -18,7 +18,9 @@ from ..engine.sequence import Sequence
 from ..engine.store_follower import StoreAdapters
 from ..engine.text_stream import TextStream
 from ..engine.grammar import Grammars, ResponseFormat, check_format
+from . import tools
 from .sampling_fields import sampling_params
+from .tools import Tool
 
 DEFAULT_MAX_TOKENS = 256
 MAX_CHOICES = 8                      # n: choices sharing one prefill
@@ -27,7 +29,7 @@ MAX_REQUEST_BYTES = 2 * 2**20        # a gRPC message or HTTP body; larger is RE
 MAX_PROMPT_CHARS = 262_144           # prompt, or all messages' content together
 MAX_MESSAGES = 256
 MAX_ROUTING_KEY_CHARS = 256
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +63,8 @@ class GenerateRequest:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias)
     n: int = 0                                     # choices; 0: 1
     prompt_logprobs: bool = False                  # the prompt's tokens' logprobs too (completions' echo)
+    tools: tuple[Tool, ...] = ()                   # functions the chat answer may call (server/edge/tools.py)
+    tool_choice: str = ""                          # "none", "auto" (""), "required" or a function's name
 
 
 class RequestValidator:
@@ -91,6 +95,11 @@ class RequestValidator:
             raise InvalidArgument(f"n must be between 1 and {MAX_CHOICES}, got {request.n}", field="n")
         params = sampling_params(request, max_tokens, self.vocab_size)
         fmt = check_format(request.response_format or "text", request.json_schema, request.regex, request.choice)
+        if tools.mode(request.tools, request.tool_choice) == "forced":
+            if fmt is not None:
+                raise InvalidArgument("response_format cannot be combined with a tool_choice that forces a call",
+                                      field="tool_choice")
+            fmt = tools.forced_format(request.tools, request.tool_choice)
         compiled = self._compiled(fmt)
         choices: list[Sequence] = []
         for i in range(request.n or 1):
@@ -137,14 +146,21 @@ class RequestValidator:
         chars = len(request.prompt) + sum(len(content) for _, content in request.messages)
         if chars > MAX_PROMPT_CHARS:
             raise InvalidArgument(f"the prompt is {chars} characters; at most {MAX_PROMPT_CHARS}", field="prompt")
+        tools.check_tools(request.tools, request.tool_choice)
         if request.prompt:
+            if request.tools:
+                raise InvalidArgument("tools need messages: the chat template renders them", field="tools")
             return self.tokenizer.encode(request.prompt)
+        if request.tools and "tools" not in (self.tokenizer.chat_template or ""):
+            raise InvalidArgument("the base model's chat template has no tool support, so tools cannot be offered "
+                                  "to it; describe the functions in the messages instead", field="tools")
         for i, (role, _) in enumerate(request.messages):
             if role not in ROLES:
                 raise InvalidArgument(f"messages[{i}].role is {role!r}; expected one of {ROLES}",
                                       field=f"messages[{i}].role")
         try:
-            return render_prompt(self.tokenizer, [{"role": r, "content": c} for r, c in request.messages])
+            return render_prompt(self.tokenizer, [{"role": r, "content": c} for r, c in request.messages],
+                                 tools.template_tools(request.tools) or None)
         except Exception as err:  # noqa: BLE001 - a chat template is the model's own Jinja code and raises what it likes
             raise InvalidArgument(f"messages: {err}", field="messages") from None
 
@@ -166,6 +182,8 @@ def with_defaults(request: GenerateRequest, defaults: dict) -> GenerateRequest:
     """`request` with an adapter's defaults (GenerateRequest fields) in the fields it left unset; the
     response format's fields go together, with response_format."""
     fields = {k: v for k, v in defaults.items() if k in _UNSET and getattr(request, k) == _UNSET[k]}
+    if tools.mode(request.tools, request.tool_choice) == "forced":
+        fields.pop("response_format", None)       # a forced call's grammar is the answer's format
     if "response_format" in fields:
         fields.update({k: defaults.get(k, GenerateRequest.__dataclass_fields__[k].default)
                        for k in ("json_schema", "regex", "choice")})

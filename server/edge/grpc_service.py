@@ -10,7 +10,9 @@ from ..engine.engine import Engine
 from ..errors import InvalidArgument
 from .generate_request import GenerateRequest, RequestValidator
 from ..engine.sequence import Event, Sequence
-from .grpc_answers import answer, stream_message
+from . import tools
+from .grpc_answers import StreamAnswer, answer
+from .tools import Tool
 from ..engine.store_follower import StoreAdapters
 
 PIN_WAIT_S = 30.0   # how long RegisterAdapter waits for a device slot to pin into
@@ -24,12 +26,14 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     def Generate(self, request, context) -> inference_pb2.GenerateResponse:
         seq = self._start(request, context)
-        return answer(list(self._events(seq)), len(seq.prompt_ids), seq.answered_as, seq.adapter_version)
+        return answer(list(self._events(seq)), len(seq.prompt_ids), seq.answered_as, seq.adapter_version,
+                      tool_mode(request))
 
     def GenerateStream(self, request, context) -> Iterator[inference_pb2.GenerateResponse]:
         seq = self._start(request, context)
+        stream = StreamAnswer(len(seq.prompt_ids), seq.answered_as, seq.adapter_version, tool_mode(request))
         for event in self._events(seq):
-            yield stream_message(event, len(seq.prompt_ids), seq.answered_as, seq.adapter_version)
+            yield stream.message(event)
 
     def _start(self, request, context) -> Sequence:
         seq = self.validator.sequence(from_proto(request))
@@ -61,7 +65,14 @@ def from_proto(request: inference_pb2.GenerateRequest) -> GenerateRequest:
         choice=tuple(fmt.choice), logprobs=request.logprobs, top_logprobs=request.top_logprobs,
         routing_key=request.routing_key, **{name: getattr(request, name) if request.HasField(name) else None
                                             for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")},
-        logit_bias=tuple(request.logit_bias.items()), n=request.n, prompt_logprobs=request.prompt_logprobs)
+        logit_bias=tuple(request.logit_bias.items()), n=request.n, prompt_logprobs=request.prompt_logprobs,
+        tools=tuple(Tool(t.name, t.description, t.parameters_json) for t in request.tools),
+        tool_choice=request.tool_choice)
+
+
+def tool_mode(request: inference_pb2.GenerateRequest) -> str:
+    """How the answers of a (checked) request are read for tool calls (server/edge/tools.py)."""
+    return tools.mode(tuple(request.tools), request.tool_choice)
 
 
 class AdaptersService(adapters_pb2_grpc.AdaptersServicer):

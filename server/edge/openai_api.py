@@ -13,16 +13,18 @@ import json
 from dataclasses import dataclass
 
 from ..errors import InvalidArgument
+from . import tools
 from .generate_request import GenerateRequest
+from .openai_tools import assistant_calls_text, parse_tools
 
 BASE_ALIAS = "base"    # `model` naming the base model alone, whatever its directory is called
 _COMMON = ("model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options", "user",
            "response_format", "logprobs", "n", "presence_penalty", "frequency_penalty", "repetition_penalty",
            "logit_bias")
-_CHAT_FIELDS = frozenset({*_COMMON, "messages", "max_completion_tokens", "top_logprobs"})
+_CHAT_FIELDS = frozenset({*_COMMON, "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice"})
 _COMPLETION_FIELDS = frozenset({*_COMMON, "prompt", "echo"})
 # Fields accepted only at the value that asks for nothing beyond what we do.
-_NEUTRAL = {"best_of": (1,), "tools": ([],), "parallel_tool_calls": (False,), "suffix": ("",)}
+_NEUTRAL = {"best_of": (1,), "parallel_tool_calls": (False,), "suffix": ("",)}
 # response_format's keys by type; the values are checked (and compiled) in generate_request.py.
 _FORMAT_KEYS = {"text": set(), "json_object": set(), "json_schema": {"json_schema"}, "regex": {"regex"},
                 "choice": {"choice"}}
@@ -38,6 +40,7 @@ class OpenAIRequest:
     include_usage: bool          # stream_options.include_usage: a last chunk with the token counts
     logprobs: bool = False       # each choice carries its tokens' logprobs
     echo: bool = False           # completions: each choice's text (and logprobs) begins with the prompt's
+    tools: str = ""              # how answers are read for tool calls: tools.mode
 
 
 def parse(body: object, chat: bool, base_name: str) -> OpenAIRequest:
@@ -68,11 +71,13 @@ def parse(body: object, chat: bool, base_name: str) -> OpenAIRequest:
         top_k=_typed(fields, "top_k", int, default=0), seed=seed, stop=_stop(fields),
         # OpenAI's end-user id: what keeps a user on one side of a canary split.
         routing_key=_typed(fields, "user", str, default=""), routing_key_field="user",
-        **_response_format(fields), **_logprobs(fields, chat), **_sampling_controls(fields))
+        **_response_format(fields), **_logprobs(fields, chat), **_sampling_controls(fields),
+        **(parse_tools(fields) if chat else {}))
     echo = not chat and _typed(fields, "echo", bool, default=False)
     if echo and generate.logprobs:
         generate = dataclasses.replace(generate, prompt_logprobs=True)
-    return OpenAIRequest(chat, model, generate, stream, include_usage, generate.logprobs, echo)
+    return OpenAIRequest(chat, model, generate, stream, include_usage, generate.logprobs, echo,
+                         tools.mode(generate.tools, generate.tool_choice))
 
 
 def _sampling_controls(fields: dict) -> dict:
@@ -223,12 +228,19 @@ def _messages(fields: dict) -> dict:
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise InvalidArgument(f"messages[{i}] must be an object", field=f"messages[{i}]")
-        extra = sorted(set(message) - {"role", "content", "name"})
+        role = _typed(message, "role", str, required=True, prefix=f"messages[{i}].")
+        # A tool result's id is for the caller: the templates we render pair results with calls by order.
+        allowed = {"role", "content", "name"} | {"assistant": {"tool_calls"}, "tool": {"tool_call_id"}}.get(role, set())
+        extra = sorted(set(message) - allowed)
         if extra:
             raise InvalidArgument(f"messages[{i}].{extra[0]} is not supported by this server",
                                   field=f"messages[{i}].{extra[0]}")
-        role = _typed(message, "role", str, required=True, prefix=f"messages[{i}].")
-        pairs.append((role, _content(message.get("content"), i)))
+        if message.get("tool_calls") is not None:
+            calls = assistant_calls_text(message["tool_calls"], i)
+            content = "" if message.get("content") is None else _content(message["content"], i)
+            pairs.append((role, "\n".join(filter(None, (content, calls)))))
+        else:
+            pairs.append((role, _content(message.get("content"), i)))
     return {"messages": tuple(pairs)}
 
 

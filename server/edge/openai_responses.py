@@ -7,6 +7,8 @@ from collections import defaultdict
 
 from ..engine.sequence import Event, FinishReason, TokenLogprob
 from .openai_api import OpenAIRequest
+from .openai_tools import tool_calls_json
+from .tools import parse_tool_calls
 
 _FINISH = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.END_OF_SEQUENCE: "stop"}
 
@@ -25,6 +27,7 @@ class ResponseWriter:
         self.created = int(time.time())
         self._offset: dict[int, int] = defaultdict(int)   # completions' text_offset of each choice's next token
         self._started: set[int] = set()                    # choices whose first chunk is out
+        self._held: dict[int, list[Event]] = defaultdict(list)   # with tools: each chat choice's events so far
 
     @property
     def _kind(self) -> str:
@@ -51,11 +54,19 @@ class ResponseWriter:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.request.model,
                 "choices": choices, **extra}
 
-    def _choice(self, index: int, text: str, reason: str | None, logprobs: list[TokenLogprob], delta: dict | None):
+    def _choice(self, index: int, text: str, reason: str | None, logprobs: list[TokenLogprob],
+                body: dict | None = None) -> dict:
+        """A choice: completions' text, or chat's `body` (its message, or a chunk's delta)."""
         if not self.request.chat:
             return {"index": index, "text": text, "logprobs": self.logprobs(index, logprobs), "finish_reason": reason}
-        body = {"delta": delta} if delta is not None else {"message": {"role": "assistant", "content": text}}
         return {"index": index, **body, "logprobs": self.logprobs(index, logprobs), "finish_reason": reason}
+
+    def _message(self, text: str, stream: bool) -> tuple[dict, bool]:
+        """A whole chat answer's message, with its tool calls parsed out when tools are on; and whether it has any."""
+        content, calls = parse_tool_calls(text, self.request.tools)
+        if not calls:
+            return {"role": "assistant", "content": text}, False
+        return {"role": "assistant", "content": content or None, "tool_calls": tool_calls_json(calls, stream)}, True
 
     def response(self, events: list[Event], prompt_tokens: int) -> dict:
         """The whole answer from every event of every choice."""
@@ -69,14 +80,29 @@ class ResponseWriter:
             logprobs[event.index].extend(event.logprobs)
             if event.finish_reason is not None:
                 last[event.index] = event
-        choices = [self._choice(i, "".join(texts[i]), _FINISH[last[i].finish_reason], logprobs[i], None)
-                   for i in sorted(last)]
+        choices = []
+        for i in sorted(last):
+            text, reason = "".join(texts[i]), _FINISH[last[i].finish_reason]
+            message, called = self._message(text, stream=False) if self.request.chat else ({}, False)
+            choices.append(self._choice(i, text, "tool_calls" if called else reason, logprobs[i],
+                                        {"message": message}))
         return self._object(self._kind, choices,
                             usage=usage(prompt_tokens, sum(e.completion_tokens for e in last.values())))
 
     def chunks(self, event: Event) -> list[dict]:
         """The chunks of one event: its piece (a choice's first carries the role, or with echo the prompt),
-        then on its last the finish reason."""
+        then on its last the finish reason. With tools a chat choice is held to its end, then sent in one
+        delta: only the whole answer tells a tool call from text."""
+        if self.request.chat and self.request.tools:
+            self._held[event.index].append(event)
+            if event.finish_reason is None:
+                return []
+            held = self._held.pop(event.index)
+            message, called = self._message("".join(e.text for e in held), stream=True)
+            reason = "tool_calls" if called else _FINISH[event.finish_reason]
+            return [self._chunk(self._choice(event.index, "", None, [lp for e in held for lp in e.logprobs],
+                                             {"delta": message})),
+                    self._chunk(self._choice(event.index, "", reason, [], {"delta": {}}))]
         first = event.index not in self._started
         self._started.add(event.index)
         out = []
@@ -85,9 +111,9 @@ class ResponseWriter:
             text, logprobs = self.request.generate.prompt + text, [*event.prompt_logprobs, *logprobs]
         if text or first or logprobs:
             delta = ({"role": "assistant", "content": text} if first else {"content": text} if text else {})
-            out.append(self._chunk(self._choice(event.index, text, None, logprobs, delta)))
+            out.append(self._chunk(self._choice(event.index, text, None, logprobs, {"delta": delta})))
         if event.finish_reason is not None:
-            out.append(self._chunk(self._choice(event.index, "", _FINISH[event.finish_reason], [], {})))
+            out.append(self._chunk(self._choice(event.index, "", _FINISH[event.finish_reason], [], {"delta": {}})))
         return out
 
     def _chunk(self, choice: dict) -> dict:
