@@ -168,7 +168,8 @@ def test_echo_with_logprobs_gives_prompt_logprobs_of_a_transformers_forward(api,
     grpc_answer = stub.Generate(inference_pb2.GenerateRequest(prompt=PROMPT, max_tokens=1, prompt_logprobs=True))
     assert [t.token_id for t in grpc_answer.prompt_logprobs] == ids
     assert not grpc_answer.prompt_logprobs[0].HasField("logprob")
-    assert [t.logprob for t in grpc_answer.prompt_logprobs[1:]] == pytest.approx(lp.token_logprobs[1:len(ids)], abs=1e-6)
+    assert [t.logprob for t in grpc_answer.prompt_logprobs[1:]] == \
+        pytest.approx(lp.token_logprobs[1:len(ids)], abs=1e-6)
 
 
 @pytest.mark.parametrize("fields, param, words", [

@@ -161,7 +161,7 @@ class RequestValidator:
         try:
             return render_prompt(self.tokenizer, [{"role": r, "content": c} for r, c in request.messages],
                                  tools.template_tools(request.tools) or None)
-        except Exception as err:  # noqa: BLE001 - a chat template is the model's own Jinja code and raises what it likes
+        except Exception as err:  # noqa: BLE001 - a chat template is the model's own Jinja code: it raises anything
             raise InvalidArgument(f"messages: {err}", field="messages") from None
 
 

@@ -62,7 +62,8 @@ class StreamAnswer:
     outcome too (with tools, the calls read from the choice's whole text)."""
 
     def __init__(self, prompt_tokens: int, adapter: str, adapter_version: str = "", tools: str = ""):
-        self.prompt_tokens, self.adapter, self.adapter_version, self.tools = prompt_tokens, adapter, adapter_version, tools
+        self.prompt_tokens, self.adapter, self.adapter_version = prompt_tokens, adapter, adapter_version
+        self.tools = tools
         self._texts: dict[int, list[str]] = defaultdict(list)
 
     def message(self, event: Event) -> inference_pb2.GenerateResponse:

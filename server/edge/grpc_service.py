@@ -63,8 +63,9 @@ def from_proto(request: inference_pb2.GenerateRequest) -> GenerateRequest:
         top_p=request.top_p, top_k=request.top_k, seed=request.seed if request.HasField("seed") else None,
         stop=tuple(request.stop), response_format=fmt.type, json_schema=fmt.json_schema, regex=fmt.regex,
         choice=tuple(fmt.choice), logprobs=request.logprobs, top_logprobs=request.top_logprobs,
-        routing_key=request.routing_key, **{name: getattr(request, name) if request.HasField(name) else None
-                                            for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")},
+        routing_key=request.routing_key,
+        **{name: getattr(request, name) if request.HasField(name) else None
+           for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")},
         logit_bias=tuple(request.logit_bias.items()), n=request.n, prompt_logprobs=request.prompt_logprobs,
         tools=tuple(Tool(t.name, t.description, t.parameters_json) for t in request.tools),
         tool_choice=request.tool_choice)
