@@ -69,9 +69,10 @@ def test_defaults_fill_unset_fields_and_request_fields_override_them(api):
     assert api.completions.create(model="short", prompt=PROMPT, max_tokens=6).usage.completion_tokens == 6
 
 
-def test_grpc_requests_get_the_same_defaults(channel):
+def test_grpc_requests_get_the_same_defaults(channel, client):
     stub = inference_pb2_grpc.InferenceStub(channel)
     assert stub.Generate(inference_pb2.GenerateRequest(prompt="Is water wet?", adapter="yesno")).text in ("yes", "no")
+    assert client.generate("Is water wet?", adapter="yesno").text in ("yes", "no")   # the client leaves them unset
     free = stub.Generate(inference_pb2.GenerateRequest(prompt=PROMPT, adapter="yesno", max_tokens=12,
                                                        response_format=inference_pb2.ResponseFormat(type="text")))
     assert free.text not in ("yes", "no") and free.completion_tokens == 12
