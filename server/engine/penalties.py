@@ -7,7 +7,8 @@ Semantics, for a row with output token counts c[t] and prompt tokens P (l: the r
 applied in that order, before the grammar mask and the temperature.
 
 The state is one row per KV-cache slot, on the device, allocated the first time a request asks for
-any of these: counts [slots, vocab], prompt tokens [slots, vocab], bias [slots, vocab]. Counts are
+any of these: counts [slots, vocab], prompt tokens [slots, vocab], bias [slots, vocab], and the three
+penalties [slots, 3], so a step copies only the rows' indices to the device. Counts are
 updated on the device from the sampled tokens, so a decode pass launched before the host has read
 the previous pass's tokens (CUDA graphs) still sees them. A row is reset when its request is admitted,
 and only rows that asked are read or written: one row's penalty never touches another row's logits.
@@ -23,18 +24,26 @@ def _penalized(seqs: list[Sequence]) -> list[int]:
     return [i for i, s in enumerate(seqs) if s.params.penalized]
 
 
+def _rows_and_slots(seqs: list[Sequence], rows: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The penalised rows' indices in the batch and their KV slots, [R] each, in one copy to the device."""
+    both = torch.tensor([rows, [seqs[i].kv_slot for i in rows]], device=device)
+    return both[0], both[1]
+
+
 class Penalties:
     def __init__(self, num_slots: int, device: torch.device):
         self.num_slots, self.device = num_slots, device
         self.counts: torch.Tensor | None = None      # [slots, vocab] float32: times each token was generated
         self.in_prompt: torch.Tensor | None = None   # [slots, vocab] bool: the token is in the prompt
         self.bias: torch.Tensor | None = None        # [slots, vocab] float32: logit_bias
+        self.scales: torch.Tensor | None = None      # [slots, 3] float32: presence, frequency, repetition
 
     def _allocate(self, vocab_size: int) -> None:
         shape = (self.num_slots, vocab_size)
         self.counts = torch.zeros(shape, dtype=torch.float32, device=self.device)
         self.in_prompt = torch.zeros(shape, dtype=torch.bool, device=self.device)
         self.bias = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        self.scales = torch.zeros(self.num_slots, 3, dtype=torch.float32, device=self.device)
 
     @torch.inference_mode()   # the state is made in the runner's inference mode: updated in it too
     def admit(self, seqs: list[Sequence], vocab_size: int) -> None:
@@ -48,6 +57,8 @@ class Penalties:
         self.counts[slots] = 0
         self.in_prompt[slots] = False
         self.bias[slots] = 0
+        self.scales[slots] = torch.tensor([[seqs[i].params.presence_penalty, seqs[i].params.frequency_penalty,
+                                            seqs[i].params.repetition_penalty] for i in rows], device=self.device)
         # One scatter for every row's prompt tokens and one for every row's bias.
         prompt_slots = [seqs[i].kv_slot for i in rows for _ in seqs[i].prompt_ids]
         prompt_ids = [t for i in rows for t in seqs[i].prompt_ids]
@@ -66,12 +77,8 @@ class Penalties:
         rows = _penalized(seqs)
         if not rows or self.counts is None:
             return logits
-        index = torch.tensor(rows, device=logits.device)
-        slots = torch.tensor([seqs[i].kv_slot for i in rows], device=logits.device)
-        params = [seqs[i].params for i in rows]
-        presence = torch.tensor([p.presence_penalty for p in params], device=logits.device)[:, None]
-        frequency = torch.tensor([p.frequency_penalty for p in params], device=logits.device)[:, None]
-        repetition = torch.tensor([p.repetition_penalty for p in params], device=logits.device)[:, None]
+        index, slots = _rows_and_slots(seqs, rows, logits.device)
+        presence, frequency, repetition = self.scales[slots].T[:, :, None]   # [R, 1] each
         counts = self.counts[slots]                                          # [R, vocab]
         generated = counts > 0
         picked = logits[index] + self.bias[slots]
@@ -88,6 +95,5 @@ class Penalties:
         rows = _penalized(seqs)
         if not rows or self.counts is None:
             return
-        index = torch.tensor(rows, device=tokens.device)
-        slots = torch.tensor([seqs[i].kv_slot for i in rows], device=tokens.device)
+        index, slots = _rows_and_slots(seqs, rows, tokens.device)
         self.counts.index_put_((slots, tokens[index]), torch.ones(len(rows), device=tokens.device), accumulate=True)
