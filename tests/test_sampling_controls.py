@@ -172,6 +172,22 @@ def test_echo_with_logprobs_gives_prompt_logprobs_of_a_transformers_forward(api,
         pytest.approx(lp.token_logprobs[1:len(ids)], abs=1e-6)
 
 
+def test_an_adapters_prompt_logprobs_match_peft_in_every_choice(api, base_model, adapter_dirs, tokenizer):
+    import copy
+
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(copy.deepcopy(base_model), adapter_dirs["qv8"]).eval()
+    ids = tokenizer.encode(PROMPT)
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    want = [expected[position - 1, ids[position]].item() for position in range(1, len(ids))]
+    answer = api.completions.create(model="qv8", prompt=PROMPT, max_tokens=2, temperature=1.0, seed=3, n=2,
+                                    logprobs=0, echo=True)
+    for choice in answer.choices:
+        assert choice.logprobs.token_logprobs[1:len(ids)] == pytest.approx(want, abs=1e-4)
+
+
 @pytest.mark.parametrize("fields, param, words", [
     (dict(n=9), "n", "between 1 and 8"),
     (dict(n=0), "n", "at least 1"),
