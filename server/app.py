@@ -99,6 +99,17 @@ class RunningServer:
         return DrainReport(seconds, in_flight, cut_off)
 
 
+class HealthService(health.HealthServicer):
+    """grpc_health's servicer, whose NOT_FOUND for a service name it does not know says so (its own is silent)."""
+
+    def Check(self, request, context):
+        answer = super().Check(request, context)
+        if context.code() == grpc.StatusCode.NOT_FOUND:
+            context.set_details(f"no health status for service {request.service!r}; ask for '' (the whole server) "
+                                f"or one of its services")
+        return answer
+
+
 def eos_ids(directory, tokenizer) -> frozenset[int]:
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     try:
@@ -174,7 +185,7 @@ def build_server(config: ServerConfig) -> RunningServer:
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(core.engine, core.validator), server)
     adapters_pb2_grpc.add_AdaptersServicer_to_server(
         AdaptersService(core.registry, core.engine, core.store), server)
-    health_servicer = health.HealthServicer()
+    health_servicer = HealthService()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
              adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name]
