@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 from ..errors import InvalidArgument
+from ..engine.penalties import MAX_BIASED
 from ..engine.sequence import SamplingParams
 
 MAX_STOP_STRINGS = 16
@@ -12,7 +13,6 @@ MAX_TOP_LOGPROBS = 20
 MAX_TEMPERATURE = 2.0
 MAX_PENALTY = 2.0                # presence and frequency, OpenAI's range [-2, 2]
 MAX_REPETITION_PENALTY = 10.0
-MAX_LOGIT_BIAS_ENTRIES = 300     # OpenAI's limit
 MAX_LOGIT_BIAS = 100.0
 
 
@@ -68,8 +68,8 @@ def _repetition(value: float) -> float:
 
 
 def _logit_bias(entries: tuple[tuple[int, float], ...], vocab_size: int) -> tuple[tuple[int, float], ...]:
-    if len(entries) > MAX_LOGIT_BIAS_ENTRIES:
-        raise InvalidArgument(f"logit_bias has {len(entries)} entries; at most {MAX_LOGIT_BIAS_ENTRIES}",
+    if len(entries) > MAX_BIASED:
+        raise InvalidArgument(f"logit_bias has {len(entries)} entries; at most {MAX_BIASED}",
                               field="logit_bias")
     for token, bias in entries:
         if not 0 <= token < vocab_size:

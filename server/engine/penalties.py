@@ -7,8 +7,8 @@ Semantics, for a row with output token counts c[t] and prompt tokens P (l: the r
 applied in that order, before the grammar mask and the temperature.
 
 The state is one row per KV-cache slot, on the device, allocated the first time a request asks for
-any of these: counts [slots, vocab], prompt tokens [slots, vocab], bias [slots, vocab], and the three
-penalties [slots, 3], so a step copies only the rows' indices to the device. Counts are
+any of these: counts [slots, vocab], prompt tokens [slots, vocab], the bias as [slots, 300] token ids and
+values, and the three penalties [slots, 3], so a step copies only the rows' indices to the device. Counts are
 updated on the device from the sampled tokens, so a decode pass launched before the host has read
 the previous pass's tokens (CUDA graphs) still sees them. A row is reset when its request is admitted,
 and only rows that asked are read or written: one row's penalty never touches another row's logits.
@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 
 from .sequence import Sequence
+
+MAX_BIASED = 300       # logit_bias entries a row may have (OpenAI's limit; the edge refuses more)
 
 
 def _penalized(seqs: list[Sequence]) -> list[int]:
@@ -35,14 +37,17 @@ class Penalties:
         self.num_slots, self.device = num_slots, device
         self.counts: torch.Tensor | None = None      # [slots, vocab] float32: times each token was generated
         self.in_prompt: torch.Tensor | None = None   # [slots, vocab] bool: the token is in the prompt
-        self.bias: torch.Tensor | None = None        # [slots, vocab] float32: logit_bias
+        # logit_bias, sparse: [slots, MAX_BIASED] token ids and their biases (padding: token 0, bias 0)
+        self.bias_ids: torch.Tensor | None = None
+        self.bias_values: torch.Tensor | None = None
         self.scales: torch.Tensor | None = None      # [slots, 3] float32: presence, frequency, repetition
 
     def _allocate(self, vocab_size: int) -> None:
         shape = (self.num_slots, vocab_size)
         self.counts = torch.zeros(shape, dtype=torch.float32, device=self.device)
         self.in_prompt = torch.zeros(shape, dtype=torch.bool, device=self.device)
-        self.bias = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        self.bias_ids = torch.zeros(self.num_slots, MAX_BIASED, dtype=torch.long, device=self.device)
+        self.bias_values = torch.zeros(self.num_slots, MAX_BIASED, dtype=torch.float32, device=self.device)
         self.scales = torch.zeros(self.num_slots, 3, dtype=torch.float32, device=self.device)
 
     @torch.inference_mode()   # the state is made in the runner's inference mode: updated in it too
@@ -56,7 +61,8 @@ class Penalties:
         slots = torch.tensor([seqs[i].kv_slot for i in rows], device=self.device)
         self.counts[slots] = 0
         self.in_prompt[slots] = False
-        self.bias[slots] = 0
+        self.bias_ids[slots] = 0
+        self.bias_values[slots] = 0
         self.scales[slots] = torch.tensor([[seqs[i].params.presence_penalty, seqs[i].params.frequency_penalty,
                                             seqs[i].params.repetition_penalty] for i in rows], device=self.device)
         # One scatter for every row's prompt tokens and one for every row's bias.
@@ -64,11 +70,12 @@ class Penalties:
         prompt_ids = [t for i in rows for t in seqs[i].prompt_ids]
         self.in_prompt[torch.tensor(prompt_slots, dtype=torch.long, device=self.device),
                        torch.tensor(prompt_ids, dtype=torch.long, device=self.device)] = True
-        biased = [(seqs[i].kv_slot, token, value) for i in rows for token, value in seqs[i].params.logit_bias]
+        biased = [(seqs[i].kv_slot, n, token, value) for i in rows
+                  for n, (token, value) in enumerate(seqs[i].params.logit_bias)]
         if biased:
-            slot, token, value = zip(*biased)
-            self.bias[torch.tensor(slot, device=self.device), torch.tensor(token, device=self.device)] = \
-                torch.tensor(value, device=self.device)
+            slot, n, token, value = (torch.tensor(column, device=self.device) for column in zip(*biased))
+            self.bias_ids[slot, n] = token
+            self.bias_values[slot, n] = value.float()
 
     @torch.inference_mode()
     def apply(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -81,7 +88,7 @@ class Penalties:
         presence, frequency, repetition = self.scales[slots].T[:, :, None]   # [R, 1] each
         counts = self.counts[slots]                                          # [R, vocab]
         generated = counts > 0
-        picked = logits[index] + self.bias[slots]
+        picked = logits[index].scatter_add(1, self.bias_ids[slots], self.bias_values[slots])
         seen = generated | self.in_prompt[slots]
         picked = torch.where(seen, torch.where(picked > 0, picked / repetition, picked * repetition), picked)
         picked = picked - counts * frequency - generated * presence
