@@ -69,6 +69,15 @@ def test_defaults_fill_unset_fields_and_request_fields_override_them(api):
     assert api.completions.create(model="short", prompt=PROMPT, max_tokens=6).usage.completion_tokens == 6
 
 
+
+def test_a_default_max_tokens_past_the_context_left_is_cut_to_fit(api, tokenizer):
+    prompt = "word" + " word" * 253                  # 254 tokens of the 256-token context: 2 are left
+    assert len(tokenizer.encode(prompt)) == 254
+    assert api.completions.create(model="short", prompt=prompt).usage.completion_tokens == 2
+    with pytest.raises(openai.BadRequestError, match="at most 2 fit"):     # one the request asks for is not
+        api.completions.create(model="short", prompt=prompt, max_tokens=3)
+
+
 def test_grpc_requests_get_the_same_defaults(channel, client):
     stub = inference_pb2_grpc.InferenceStub(channel)
     assert stub.Generate(inference_pb2.GenerateRequest(prompt="Is water wet?", adapter="yesno")).text in ("yes", "no")

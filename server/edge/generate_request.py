@@ -78,6 +78,7 @@ class RequestValidator:
         """The request as the engine runs it; `fields` go to the Sequence (e.g. its event sink). With n > 1
         it is choice 0, and `forks` holds the other choices, which share its prefill and its event sink."""
         adapter, canary = self._routed(request)
+        asked = request.max_tokens
         if adapter is not None:
             request = with_defaults(request, adapter.defaults)
         prompt_ids = self._prompt_ids(request)
@@ -85,9 +86,10 @@ class RequestValidator:
         if room <= 0:
             raise InvalidArgument(f"prompt is {len(prompt_ids)} tokens; this server's context holds "
                                   f"{self.max_seq_len} tokens with the answer", field="prompt")
-        if request.max_tokens < 0:
-            raise InvalidArgument(f"max_tokens must be at least 1, got {request.max_tokens}", field="max_tokens")
-        max_tokens = request.max_tokens or min(DEFAULT_MAX_TOKENS, room)
+        if asked < 0:
+            raise InvalidArgument(f"max_tokens must be at least 1, got {asked}", field="max_tokens")
+        # Unset: the adapter's default or ours, each cut to what the context has left.
+        max_tokens = asked or min(request.max_tokens or DEFAULT_MAX_TOKENS, room)
         if max_tokens > room:
             raise InvalidArgument(f"max_tokens {max_tokens} with a {len(prompt_ids)}-token prompt does not fit the "
                                   f"context of {self.max_seq_len} tokens; at most {room} fit", field="max_tokens")
