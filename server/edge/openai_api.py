@@ -92,7 +92,7 @@ def _sampling_controls(fields: dict) -> dict:
     bias = _typed(fields, "logit_bias", dict, default={})
     entries = []
     for key, value in bias.items():
-        if not (key.isascii() and key.isdigit()):
+        if not (key.isascii() and key.isdigit()) or len(key) > 10:   # (int() refuses 4,300 digits and more)
             raise InvalidArgument(f"logit_bias keys must be token ids, got {key!r}", field="logit_bias")
         entries.append((int(key), _number(bias, key, 0.0, prefix="logit_bias.")))
     return {"n": n, "presence_penalty": _optional_number(fields, "presence_penalty"),
