@@ -79,7 +79,8 @@ def _add_generate(commands) -> None:
     p.add_argument("--system", help="a system message before the user's (chat only)")
     p.add_argument("--adapter", default="", help="registered adapter name (default: the base model)")
     p.add_argument("--max-tokens", type=_whole_number(UINT32_MAX), default=0, help="new tokens at most (default: 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--temperature", type=float,
+                   help="0 = greedy (default, unless the adapter's cartridge.json gives another)")
     p.add_argument("--top-p", type=float, default=0.0)
     p.add_argument("--top-k", type=_whole_number(UINT32_MAX), default=0)
     p.add_argument("--seed", type=_whole_number(UINT64_MAX))

@@ -26,6 +26,7 @@ FINISH_REASONS = {
     inference_pb2.FINISH_REASON_LENGTH: "length",
     inference_pb2.FINISH_REASON_STOP: "stop",
     inference_pb2.FINISH_REASON_END_OF_SEQUENCE: "end_of_sequence",
+    inference_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
 }
 
 
@@ -150,7 +151,7 @@ class CartridgeClient:
 
 
 def _request(prompt: str = "", *, messages: Sequence[dict[str, str]] = (), adapter: str = "", max_tokens: int = 0,
-             temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0, seed: int | None = None,
+             temperature: float | None = None, top_p: float = 0.0, top_k: int = 0, seed: int | None = None,
              stop: Sequence[str] = (), routing_key: str = "") -> inference_pb2.GenerateRequest:
     for field, value, largest in (("max_tokens", max_tokens, UINT32_MAX), ("top_k", top_k, UINT32_MAX),
                                   ("seed", 0 if seed is None else seed, UINT64_MAX)):

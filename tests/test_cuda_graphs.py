@@ -9,6 +9,7 @@ from server.lora.slots import AdapterSlots
 from server.engine.cuda_graphs import DecodeGraphs
 from server.model.kv_cache import KVCache
 from server.engine.runner import ModelRunner
+from server.engine.sampler import sample
 from server.engine.sequence import SamplingParams, Sequence
 from server.engine.text_stream import TextStream
 from server.model.weights import load_model
@@ -67,9 +68,11 @@ def test_graph_decode_matches_eager(tmp_path, quantize, kernels):
         assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.75
 
 
-def test_decode_launched_from_the_tokens_of_the_pass_in_flight_matches_one_at_a_time(tmp_path):
+@pytest.mark.parametrize("penalized", [False, True])
+def test_decode_launched_from_the_tokens_of_the_pass_in_flight_matches_one_at_a_time(tmp_path, penalized):
     """The engine launches pass n+1 from pass n's sampled tokens before reading them on the host:
-    the same greedy tokens come out as when each pass waits for the one before."""
+    the same greedy tokens come out as when each pass waits for the one before; penalties too, whose
+    counts of the tokens in flight are kept on the device."""
     config = tiny_llama_checkpoint(tmp_path)
     device = torch.device("cuda")
     model, stacks = load_model(tmp_path, config, torch.bfloat16, device, True, num_lora_slots=3, max_lora_rank=8,
@@ -85,10 +88,12 @@ def test_decode_launched_from_the_tokens_of_the_pass_in_flight_matches_one_at_a_
         graphs = DecodeGraphs(model, cache, 8, device)
         graphs.capture_all()
         runner = ModelRunner(model, cache, slots, device, graphs)
-        seqs = [Sequence(p, SamplingParams(max_tokens=20), None, TextStream(None)) for p in ([5, 6, 7], [8, 9], [10])]
+        penalties = dict(frequency_penalty=1.5, repetition_penalty=1.3, logit_bias=((3, 2.0),)) if penalized else {}
+        seqs = [Sequence(p, SamplingParams(max_tokens=20, **(penalties if i != 1 else {})), None, TextStream(None))
+                for i, p in enumerate(([5, 6, 7], [8, 9], [10]))]
         for seq, (lora, kv) in zip(seqs, [(1, 0), (0, 2), (1, 1)]):
             seq.lora_slot, seq.kv_slot = lora, kv
-        for seq, token in zip(seqs, runner.prefill(seqs).argmax(-1).tolist()):
+        for seq, token in zip(seqs, sample(runner.prefill(seqs), seqs, runner.penalties)[0]):
             seq.output_ids.append(token)
         in_flight = runner.launch_decode(seqs)
         for _ in range(12):

@@ -51,6 +51,8 @@ class TrainConfig:
                                           "never used to choose weights", path=True)
     gate_file: str | None = _setting(None, help="gate limits (YAML), stored with the version for `cartridge gate`",
                                      path=True)
+    defaults: str | None = _setting(None, help="request defaults (a cartridge.json: response_format, temperature, "
+                                    "...) written into the adapter beside its weights", path=True)
     val_fraction: float = _setting(0.1, help="share of data rows held out for validation when val_data is empty")
     method: str = _setting("lora", help="lora: dense base; qlora: NF4 base, quantized as the server does",
                            choices=METHODS)

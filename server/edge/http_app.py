@@ -28,7 +28,8 @@ from ..engine.engine import Engine
 from ..errors import InvalidArgument, RequestTooLarge, ServingError, http_error_of
 from .call_gate import CallGate
 from .generate_request import MAX_REQUEST_BYTES, GenerateRequest, RequestValidator
-from .openai_api import OpenAIRequest, ResponseWriter, parse
+from .openai_api import OpenAIRequest, parse
+from .openai_responses import ResponseWriter
 from ..engine.sequence import Event, Sequence
 
 log = logging.getLogger(__name__)
@@ -108,17 +109,18 @@ class EngineBackend:
                           {VERSION_HEADER: seq.adapter_version} if seq.adapter_version else {})
 
     async def _events(self, seq: Sequence, events: LoopEvents) -> AsyncIterator[Event]:
+        """The events of every choice of the request, until each has ended."""
+        running = 1 + len(seq.forks)
         try:
-            while True:
+            while running:
                 event = await events.get()
                 if event.error:
                     raise event.error
                 yield event
-                if event.finish_reason is not None:
-                    return
+                running -= event.finish_reason is not None
         finally:
-            # A caller that went away (or a failed stream) frees the slot at the engine's next step.
-            if seq.finish_reason is None:
+            # A caller that went away (or a failed stream) frees the slots at the engine's next step.
+            if running:
                 self.engine.cancel(seq)
             self.gate.leave()
 
@@ -181,12 +183,7 @@ async def _complete(backend: Backend, http: Request, chat: bool) -> Response:
         collecting.cancel()
         return Response(status_code=499)    # nginx's "client closed request": nobody reads it
     gone.cancel()
-    pieces = collecting.result()
-    last = pieces[-1]
-    return JSONResponse(writer.response("".join(e.text for e in pieces), last.finish_reason,
-                                        generation.prompt_tokens, last.completion_tokens,
-                                        [lp for e in pieces for lp in e.logprobs]),
-                        headers=generation.headers)
+    return JSONResponse(writer.response(collecting.result(), generation.prompt_tokens), headers=generation.headers)
 
 
 async def _json_body(http: Request) -> object:
@@ -216,16 +213,15 @@ async def _disconnected(http: Request) -> None:
 
 
 async def _sse(writer: ResponseWriter, request: OpenAIRequest, generation: Generation) -> AsyncIterator[bytes]:
-    first = True
+    completion_tokens = 0
     try:
         async for event in generation.events:
-            if event.text or first or event.logprobs:
-                yield _data(writer.chunk(event.text, first=first, logprobs=event.logprobs))
-                first = False
+            for chunk in writer.chunks(event):
+                yield _data(chunk)
             if event.finish_reason is not None:
-                yield _data(writer.chunk("", event.finish_reason))
-                if request.include_usage:
-                    yield _data(writer.usage_chunk(generation.prompt_tokens, event.completion_tokens))
+                completion_tokens += event.completion_tokens
+        if request.include_usage:
+            yield _data(writer.usage_chunk(generation.prompt_tokens, completion_tokens))
     except Exception as error:  # noqa: BLE001 - headers are sent: the error goes in the stream, as OpenAI does
         yield _data(http_error_of(error)[1])
     yield b"data: [DONE]\n\n"

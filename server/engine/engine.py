@@ -44,18 +44,23 @@ class Engine:
     def submit(self, seq: Sequence) -> None:
         """Queues a request (RESOURCE_EXHAUSTED when the queue is full); events arrive on seq.events.
         Every edge submits here, so every request holds its adapter version until it ends."""
+        choices = (seq, *seq.forks)
         if seq.adapter is not None:
-            self.registry.hold(seq.adapter)      # dropped by the engine when the request ends
+            for _ in choices:
+                self.registry.hold(seq.adapter)      # dropped by the engine as each choice ends
         try:
             self.scheduler.add(seq)
         except ServingError:
             if seq.adapter is not None:
-                self.registry.drop_hold(seq.adapter)
+                for _ in choices:
+                    self.registry.drop_hold(seq.adapter)
             raise
         self._wake.set()
 
     def cancel(self, seq: Sequence) -> None:
-        seq.cancel()
+        """Cancels `seq` and its forks (the request's other choices)."""
+        for member in (seq, *seq.forks):
+            member.cancel()
         self._wake.set()
 
     def abort_all(self, error: ServingError) -> None:
@@ -191,7 +196,7 @@ class Engine:
     def _run_prefill(self, seqs: list[Sequence]) -> None:
         self._observe_host_gap()
         try:
-            tokens, logprobs = sample(self.runner.prefill(seqs), seqs)
+            tokens, logprobs = sample(self.runner.prefill(seqs), seqs, self.runner.penalties)
         except Exception:  # noqa: BLE001 - a failed pass fails its requests, not the server
             self._fail(seqs)
             return
@@ -244,14 +249,17 @@ class Engine:
             self._finish(seq, FinishReason.STOP, piece=piece + (seq.text.flush() if complete and not stopped else ""))
         elif len(seq.output_ids) >= seq.params.max_tokens:
             self._finish(seq, FinishReason.LENGTH, piece=piece)
-        elif piece or seq.logprobs:
-            seq.events.put(Event(piece, logprobs=self._take_logprobs(seq)))
+        elif piece or seq.logprobs or seq.prompt_logprobs:
+            seq.events.put(self._event(seq, piece))
 
     @staticmethod
-    def _take_logprobs(seq: Sequence) -> tuple[TokenLogprob, ...]:
-        taken = tuple(seq.logprobs)
+    def _event(seq: Sequence, piece: str, reason: FinishReason | None = None,
+               error: ServingError | None = None) -> Event:
+        """The next event of `seq`, with the logprobs not sent yet (the prompt's on the first)."""
+        logprobs, prompt = tuple(seq.logprobs), seq.prompt_logprobs or ()
         seq.logprobs.clear()
-        return taken
+        seq.prompt_logprobs = None
+        return Event(piece, reason, len(seq.output_ids), error, logprobs, seq.index, prompt)
 
     def _finish(self, seq: Sequence, reason: FinishReason | None, piece: str = "",
                 error: ServingError | None = None) -> None:
@@ -261,7 +269,7 @@ class Engine:
         seq.finish_reason = reason or FinishReason.CANCELLED
         if reason in (FinishReason.END_OF_SEQUENCE, FinishReason.LENGTH):
             piece += seq.text.flush()
-        seq.events.put(Event(piece, seq.finish_reason, len(seq.output_ids), error, self._take_logprobs(seq)))
+        seq.events.put(self._event(seq, piece, seq.finish_reason, error))
         self.metrics.finished(seq)
         if seq.adapter is not None:
             self.registry.drop_hold(seq.adapter)

@@ -168,7 +168,8 @@ class ServerMetrics:
             self.version_requests.labels(seq.adapter.store_name, f"v{seq.adapter.version}").inc()
         self.latency.labels(adapter).observe(now - seq.arrival_time)
         self.requests.labels(adapter, seq.finish_reason.value).inc()
-        self.prompt_tokens.labels(adapter).inc(len(seq.prompt_ids))
+        if seq.index == 0:    # a request's other choices (n > 1) share choice 0's prefill
+            self.prompt_tokens.labels(adapter).inc(len(seq.prompt_ids))
         self.generated_tokens.labels(adapter).inc(len(seq.output_ids))
         if seq.first_token_time is not None:
             self.ttft.labels(adapter).observe(seq.first_token_time - seq.arrival_time)

@@ -11,6 +11,8 @@ from .cuda_graphs import DecodeGraphs
 from ..model.kv_cache import KVCache
 from ..lora.batch import LoraBatch
 from ..model.llama import Batch, Transformer
+from .penalties import Penalties
+from .prompt_logprobs import prompt_logprobs
 from .sampler import Logprobs, sample_on_device
 from .sequence import Sequence
 
@@ -30,6 +32,7 @@ class ModelRunner:
                  graphs: DecodeGraphs | None = None):
         self.model, self.cache, self.adapter_slots, self.device = model, cache, adapter_slots, device
         self.graphs = graphs
+        self.penalties = Penalties(cache.num_slots, device)
         # Pinned landing places for sampled tokens, taken in turn (see DecodeGraphs: same reasoning).
         self._landing = ([torch.zeros(cache.num_slots, dtype=torch.long, pin_memory=True) for _ in range(2)]
                          if graphs is not None else None)
@@ -46,18 +49,36 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Whole prompts of `seqs`, right-padded into one pass -> logits [n, vocab] of their last tokens."""
-        length = max(len(s.prompt_ids) for s in seqs)
-        tokens = torch.zeros(len(seqs), length, dtype=torch.long)
-        for row, seq in enumerate(seqs):
+        """Whole prompts of `seqs`, right-padded into one pass -> logits [n, vocab] of their last tokens.
+        A request's forks (n > 1, admitted right after it) are not run: their slots get a copy of its
+        prompt's KV entries, and its logits. Prompt logprobs, where asked, land in seq.prompt_logprobs."""
+        forks = {id(f) for s in seqs for f in s.forks}
+        prefilled = [s for s in seqs if id(s) not in forks]
+        length = max(len(s.prompt_ids) for s in prefilled)
+        tokens = torch.zeros(len(prefilled), length, dtype=torch.long)
+        for row, seq in enumerate(prefilled):
             tokens[row, :len(seq.prompt_ids)] = torch.tensor(seq.prompt_ids)
-        positions = torch.arange(length, device=self.device).expand(len(seqs), length)
+        positions = torch.arange(length, device=self.device).expand(len(prefilled), length)
         batch = Batch(prefill=True,
-                      slots=torch.tensor([s.kv_slot for s in seqs], device=self.device),
+                      slots=torch.tensor([s.kv_slot for s in prefilled], device=self.device),
                       positions=positions, cos=self.model.rope_cos[positions], sin=self.model.rope_sin[positions],
-                      decode_mask=None, lora=self._lora([s.lora_slot for s in seqs], length))
-        last = torch.tensor([len(s.prompt_ids) - 1 for s in seqs], device=self.device)
-        return self.model(tokens.to(self.device), batch, self.cache, last)
+                      decode_mask=None, lora=self._lora([s.lora_slot for s in prefilled], length))
+        x, delta = self.model.residual(tokens.to(self.device), batch, self.cache)      # [P, T, dim] each
+        rows = torch.arange(len(prefilled), device=self.device)
+        last = torch.tensor([len(s.prompt_ids) - 1 for s in prefilled], device=self.device)
+        logits = self.model.logits(x[rows, last], delta[rows, last])                   # [P, vocab]
+        row_of = {}
+        for row, seq in enumerate(prefilled):
+            if seq.params.prompt_logprobs:
+                seq.prompt_logprobs = prompt_logprobs(self.model, x, delta, row, seq)
+            if seq.forks:
+                self.cache.fork(seq.kv_slot, [f.kv_slot for f in seq.forks], len(seq.prompt_ids))
+            for member in (seq, *seq.forks):
+                row_of[id(member)] = row
+                member.prompt_logprobs = seq.prompt_logprobs
+        logits = logits[torch.tensor([row_of[id(s)] for s in seqs], device=self.device)]     # [n, vocab]
+        self.penalties.admit(seqs, logits.shape[-1])
+        return logits
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence], fed: DecodePass | None = None) -> torch.Tensor:
@@ -87,7 +108,7 @@ class ModelRunner:
     @torch.inference_mode()
     def launch_decode(self, seqs: list[Sequence], fed: DecodePass | None = None) -> DecodePass:
         """decode() and sampling, with the tokens' copy to the host started but not waited for."""
-        tokens, logprobs = sample_on_device(self.decode(seqs, fed), seqs)
+        tokens, logprobs = sample_on_device(self.decode(seqs, fed), seqs, self.penalties)
         if self._landing is None:
             return DecodePass(seqs, tokens, tokens, None, logprobs)
         host = self._landing[self._turn][:len(seqs)]

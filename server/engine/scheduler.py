@@ -12,7 +12,7 @@ from collections import deque
 from typing import Callable
 
 from ..lora.slots import AdapterSlots
-from ..errors import ResourceExhausted
+from ..errors import InvalidArgument, ResourceExhausted
 from .sequence import Sequence
 
 
@@ -38,6 +38,10 @@ class Scheduler:
         return ",".join(sorted(running - {""})), ",".join(sorted(waiting - {""}))
 
     def add(self, seq: Sequence) -> None:
+        """Queues `seq` and its forks (n > 1), which are admitted with it."""
+        if 1 + len(seq.forks) > self.num_kv_slots:
+            raise InvalidArgument(f"n is {1 + len(seq.forks)}; this server runs at most {self.num_kv_slots} "
+                                  f"sequences at once", field="n")
         with self._lock:
             if len(self.waiting) >= self.max_queue:
                 raise ResourceExhausted(f"the server's queue is full ({self.max_queue} requests waiting); retry later")
@@ -56,27 +60,32 @@ class Scheduler:
             gone = [s for s in self.waiting if which(s)]
             for seq in gone:
                 self.waiting.remove(seq)
+        gone = [member for seq in gone for member in (seq, *seq.forks)]    # a request's choices end together
         running = [s for s in self.running if which(s)]
         for seq in running:
             self.finish(seq)
         return gone + running
 
     def schedule(self) -> list[Sequence]:
-        """Admits waiting requests in arrival order while slots and the prefill budget allow."""
+        """Admits waiting requests in arrival order while slots and the prefill budget allow; a request's
+        forks come in with it, right after it, and cost a slot each but no prefill."""
         admitted: list[Sequence] = []
+        prefilled: list[Sequence] = []
         with self._lock:
             for seq in list(self.waiting):
-                if not self._free_kv:
+                if len(self._free_kv) < 1 + len(seq.forks):
                     break
-                padded = max(len(s.prompt_ids) for s in (*admitted, seq)) * (len(admitted) + 1)
-                if admitted and padded > self.max_prefill_tokens:
+                padded = max(len(s.prompt_ids) for s in (*prefilled, seq)) * (len(prefilled) + 1)
+                if prefilled and padded > self.max_prefill_tokens:
                     break
                 if not self.adapter_slots.can_acquire(seq.adapter):
                     continue
                 self.waiting.remove(seq)
-                seq.kv_slot = heapq.heappop(self._free_kv)
-                seq.lora_slot = self.adapter_slots.acquire(seq.adapter)
-                admitted.append(seq)
+                for member in (seq, *seq.forks):
+                    member.kv_slot = heapq.heappop(self._free_kv)
+                    member.lora_slot = self.adapter_slots.acquire(seq.adapter)
+                prefilled.append(seq)
+                admitted.extend((seq, *seq.forks))
         self.running.extend(admitted)
         return admitted
 

@@ -34,15 +34,26 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None         # None: none; n: each token's logprob and its n likeliest alternatives
+    prompt_logprobs: bool = False       # each prompt token's logprob after the first, from the prefill pass
+    # server/engine/penalties.py: 0, 0, 1 and no bias change nothing.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()     # (token id, bias)
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
 
 
 @dataclass(frozen=True, slots=True)
 class TokenLogprob:
-    """One generated token's log-probability and the likeliest alternatives, as (token id, text, logprob);
-    text is the token decoded alone."""
+    """One token's log-probability and the likeliest alternatives, as (token id, text, logprob); text is
+    the token decoded alone. logprob None: a prompt's first token, which nothing predicts."""
     token: int
     text: str
-    logprob: float
+    logprob: float | None
     top: tuple[tuple[int, str, float], ...] = ()
 
 
@@ -54,6 +65,8 @@ class Event:
     completion_tokens: int = 0
     error: ServingError | None = None     # set when the server ended the request with an error status
     logprobs: tuple[TokenLogprob, ...] = ()   # the tokens generated since the previous event, if asked for
+    index: int = 0                            # the choice it belongs to (n > 1)
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()   # on a choice's first event, if asked for: every prompt token
 
 
 _ids = itertools.count()
@@ -77,6 +90,11 @@ class Sequence:
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     grammar: GrammarState | None = None   # structured output: the row's matcher and next-token bitmask
     logprobs: list[TokenLogprob] = field(default_factory=list)   # not yet sent in an event
+    index: int = 0                        # which choice of its request (n > 1)
+    # Choices 1..n-1 of a request with n > 1, on choice 0 alone: admitted with it, their KV-cache
+    # slots copied from its prompt's rather than prefilled again, and sharing its event sink.
+    forks: list[Sequence] = field(default_factory=list)
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None   # from the prefill, until the first event takes them
 
     def __post_init__(self) -> None:
         # Each request draws from its own generator, so a seeded request samples the same

@@ -27,6 +27,14 @@ class KVCache:
         self.k[layer][slots, :, :length] = k
         self.v[layer][slots, :, :length] = v
 
+    def fork(self, source: int, targets: list[int], length: int) -> None:
+        """Copies positions 0..length-1 of slot `source` into slots `targets`: choices of one request
+        (n > 1) start from one prefill of their shared prompt."""
+        index = torch.tensor(targets, device=self.k[0].device)
+        for k, v in zip(self.k, self.v):
+            k[index, :, :length] = k[source, :, :length]
+            v[index, :, :length] = v[source, :, :length]
+
     def write_decode(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [B, KV, 1, D] of one new token per slot 0..B-1, at `positions` [B]."""
         rows = torch.arange(k.shape[0], device=k.device)

@@ -214,13 +214,22 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, batch: Batch, cache: KVCache,
                 last_index: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, vocab] of each row's token at `last_index` (default: the last)."""
-        x, delta = self.embed_tokens(tokens), None                     # [B, T, dim]
-        for i, layer in enumerate(self.layers):
-            x, delta = layer(x, delta, batch, cache, i)
+        x, delta = self.residual(tokens, batch, cache)
         if last_index is None:
             x, delta = x[:, -1], delta[:, -1]
         else:
             # Only each row's last real token needs logits: skips the vocab matmul for the rest.
             rows = torch.arange(x.shape[0], device=x.device)
             x, delta = x[rows, last_index], delta[rows, last_index]
+        return self.logits(x, delta)
+
+    def residual(self, tokens: torch.Tensor, batch: Batch, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [B, T] -> the residual stream and the last block's output [B, T, dim] each, not yet added."""
+        x, delta = self.embed_tokens(tokens), None                     # [B, T, dim]
+        for i, layer in enumerate(self.layers):
+            x, delta = layer(x, delta, batch, cache, i)
+        return x, delta
+
+    def logits(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """residual(...)'s two [..., dim] at the positions wanted -> logits [..., vocab] float32."""
         return self.lm_head(self.norm(x, delta)[0]).float()

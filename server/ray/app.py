@@ -33,7 +33,8 @@ from adapters.formats.store_layout import StoreReader, read_live
 from cartridge.v1 import inference_pb2
 
 from ..errors import InvalidArgument, ServingError, serving_error, status_of
-from ..edge.grpc_service import from_proto, response_proto
+from ..edge.grpc_answers import StreamAnswer, answer
+from ..edge.grpc_service import from_proto, tool_mode
 from ..edge.http_app import VERSION_HEADER
 
 APP_NAME = "cartridge"
@@ -226,19 +227,17 @@ class Ingress:
         except ServingError as error:
             return _refuse(grpc_context, error)
         grpc_context.set_trailing_metadata(list(generation.headers.items()))
-        return response_proto("".join(e.text for e in pieces), pieces[-1], generation.prompt_tokens, adapter,
-                              generation.headers.get(VERSION_HEADER, ""))
+        return answer(pieces, generation.prompt_tokens, adapter, generation.headers.get(VERSION_HEADER, ""),
+                      tool_mode(request))
 
     async def GenerateStream(self, request, grpc_context):
         try:
             generation, adapter = await self._start(request)
             grpc_context.set_trailing_metadata(list(generation.headers.items()))
+            stream = StreamAnswer(generation.prompt_tokens, adapter, generation.headers.get(VERSION_HEADER, ""),
+                                  tool_mode(request))
             async for event in generation.events:
-                if event.finish_reason is None:
-                    yield inference_pb2.GenerateResponse(text=event.text)
-                else:
-                    yield response_proto(event.text, event, generation.prompt_tokens, adapter,
-                                         generation.headers.get(VERSION_HEADER, ""))
+                yield stream.message(event)
         except ServingError as error:
             yield _refuse(grpc_context, error)
 
