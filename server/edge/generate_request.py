@@ -7,14 +7,13 @@ both edges refuse the same things with the same words.
 from __future__ import annotations
 
 import math
-import uuid
 from dataclasses import dataclass
 
 from adapters.formats.chat import render_prompt
 
 from ..lora.registry import AdapterRegistry, RegisteredAdapter, check_name
 from ..errors import InvalidArgument
-from ..engine.sequence import SamplingParams, Sequence
+from ..engine.sequence import SamplingParams, Sequence, new_request_id
 from ..engine.store_follower import StoreAdapters
 from ..engine.text_stream import TextStream
 from ..engine.grammar import Grammars, GrammarState, check_format
@@ -54,6 +53,7 @@ class GenerateRequest:
     top_logprobs: int = 0                          # ... and this many likeliest alternatives (0-20)
     routing_key: str = ""                          # keeps a caller on one side of a canary split; empty: random
     routing_key_field: str = "routing_key"         # its name on the edge ("user")
+    request_id: str = ""                           # the edge's id for the answer; empty: a new one
 
 
 class RequestValidator:
@@ -64,7 +64,8 @@ class RequestValidator:
 
     def sequence(self, request: GenerateRequest, **fields) -> Sequence:
         """The request as the engine runs it; `fields` go to the Sequence (e.g. its event sink)."""
-        adapter, canary = self._routed(request)
+        request_id = request.request_id or new_request_id()
+        adapter, canary = self._routed(request, request_id)
         prompt_ids = self._prompt_ids(request)
         room = self.max_seq_len - len(prompt_ids)
         if room <= 0:
@@ -83,7 +84,7 @@ class RequestValidator:
                                 stop=_stop(request.stop), logprobs=_logprobs(request))
         grammar = self._grammar(request)
         return Sequence(prompt_ids, params, adapter, TextStream(self.tokenizer, params.stop), grammar=grammar,
-                        canary=canary, **fields)
+                        canary=canary, request_id=request_id, **fields)
 
     def _grammar(self, request: GenerateRequest) -> GrammarState | None:
         """The request's response format compiled here, on the caller's thread (cached by content)."""
@@ -94,7 +95,7 @@ class RequestValidator:
             raise InvalidArgument("response_format is not available on this server", field="response_format")
         return self.grammars.matcher(self.grammars.compile(fmt))
 
-    def _routed(self, request: GenerateRequest) -> tuple[RegisteredAdapter | None, bool]:
+    def _routed(self, request: GenerateRequest, request_id: str) -> tuple[RegisteredAdapter | None, bool]:
         """The adapter, and whether the name's canary split sent the request to the canary version."""
         if len(request.routing_key) > MAX_ROUTING_KEY_CHARS:
             raise InvalidArgument(f"{request.routing_key_field} must be at most {MAX_ROUTING_KEY_CHARS} characters",
@@ -103,7 +104,7 @@ class RequestValidator:
         if self.store is None or adapter is None or not adapter.live:
             return adapter, False
         # Without a key the request's own id decides: a fresh one each time, so the share holds, unstuck.
-        canary = self.store.route(adapter.name, request.routing_key or uuid.uuid4().hex)
+        canary = self.store.route(adapter.name, request.routing_key or request_id)
         return (canary, True) if canary is not None else (adapter, False)
 
     def adapter(self, name: str, field: str = "adapter") -> RegisteredAdapter | None:

@@ -7,6 +7,7 @@ from cartridge.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inferen
 
 from ..lora.registry import AdapterRegistry, RegisteredAdapter, check_name
 from ..engine.engine import Engine
+from ..engine.feedback import FeedbackBook
 from ..errors import InvalidArgument
 from .generate_request import GenerateRequest, RequestValidator
 from ..engine.sequence import Event, FinishReason, Sequence
@@ -23,8 +24,8 @@ _FINISH = {
 
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, engine: Engine, validator: RequestValidator):
-        self.engine, self.validator = engine, validator
+    def __init__(self, engine: Engine, validator: RequestValidator, feedback: FeedbackBook):
+        self.engine, self.validator, self.feedback = engine, validator, feedback
 
     def Generate(self, request, context) -> inference_pb2.GenerateResponse:
         seq = self._start(request, context)
@@ -33,7 +34,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             pieces.append(event.text)
             logprobs.extend(event.logprobs)
         return response_proto("".join(pieces), event, len(seq.prompt_ids), seq.answered_as,
-                              seq.adapter_version, self._logprobs(logprobs))
+                              seq.adapter_version, self._logprobs(logprobs), seq.request_id)
 
     def GenerateStream(self, request, context) -> Iterator[inference_pb2.GenerateResponse]:
         seq = self._start(request, context)
@@ -42,7 +43,11 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 yield inference_pb2.GenerateResponse(text=event.text, logprobs=self._logprobs(event.logprobs))
             else:
                 yield response_proto(event.text, event, len(seq.prompt_ids), seq.answered_as,
-                                     seq.adapter_version, self._logprobs(event.logprobs))
+                                     seq.adapter_version, self._logprobs(event.logprobs), seq.request_id)
+
+    def Feedback(self, request, context) -> inference_pb2.FeedbackResponse:
+        version = self.feedback.rate(request.request_id, request.score, request.tag)
+        return inference_pb2.FeedbackResponse(adapter_version=version)
 
     @staticmethod
     def _logprobs(logprobs) -> list[inference_pb2.TokenLogprob]:
@@ -69,14 +74,14 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 return
 
 
-def response_proto(text: str, last: Event, prompt_tokens: int, adapter: str,
-                   adapter_version: str = "", logprobs: list | None = None) -> inference_pb2.GenerateResponse:
+def response_proto(text: str, last: Event, prompt_tokens: int, adapter: str, adapter_version: str = "",
+                   logprobs: list | None = None, request_id: str = "") -> inference_pb2.GenerateResponse:
     """The answer (or a stream's last message) once `last` carries the outcome; a stream's other pieces
     are just their text (and logprobs)."""
     return inference_pb2.GenerateResponse(
         text=text, finish_reason=_FINISH.get(last.finish_reason, inference_pb2.FINISH_REASON_UNSPECIFIED),
         prompt_tokens=prompt_tokens, completion_tokens=last.completion_tokens, adapter=adapter,
-        adapter_version=adapter_version, logprobs=logprobs)
+        adapter_version=adapter_version, logprobs=logprobs, request_id=request_id)
 
 
 def from_proto(request: inference_pb2.GenerateRequest) -> GenerateRequest:

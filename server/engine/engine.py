@@ -45,7 +45,11 @@ class Engine:
         """Queues a request (RESOURCE_EXHAUSTED when the queue is full); events arrive on seq.events.
         Every edge submits here, so every request holds its adapter version until it ends."""
         if seq.adapter is not None:
-            self.registry.hold(seq.adapter)      # dropped by the engine when the request ends
+            try:
+                self.registry.hold(seq.adapter)      # dropped by the engine when the request ends
+            except ServingError:
+                self.metrics.refused(seq)
+                raise
         try:
             self.scheduler.add(seq)
         except ServingError:
@@ -262,7 +266,7 @@ class Engine:
         if reason in (FinishReason.END_OF_SEQUENCE, FinishReason.LENGTH):
             piece += seq.text.flush()
         seq.events.put(Event(piece, seq.finish_reason, len(seq.output_ids), error, self._take_logprobs(seq)))
-        self.metrics.finished(seq)
+        self.metrics.finished(seq, failed=error is not None)
         if seq.adapter is not None:
             self.registry.drop_hold(seq.adapter)
             self._forget_if_unused(seq.adapter)   # it may have finished after its name or version moved on

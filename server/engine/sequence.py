@@ -6,6 +6,7 @@ import itertools
 import queue
 import random
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -59,6 +60,10 @@ class Event:
 _ids = itertools.count()
 
 
+def new_request_id() -> str:
+    return f"req-{uuid.uuid4().hex}"
+
+
 @dataclass(eq=False)
 class Sequence:
     prompt_ids: list[int]
@@ -66,6 +71,9 @@ class Sequence:
     adapter: RegisteredAdapter | None
     text: TextStream
     canary: bool = False      # sent to its name's canary version by the split (serve --store)
+    shadow: bool = False      # a copy run on its name's shadow version, whose answer nobody receives
+    # The id callers give feedback with (GenerateResponse.request_id, the OpenAI response's id).
+    request_id: str = field(default_factory=new_request_id)
     id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
     kv_slot: int | None = None

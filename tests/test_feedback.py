@@ -1,0 +1,120 @@
+"""Feedback and the per-version metrics a release decision reads: a rating given with the id an answer carried
+(gRPC GenerateResponse.request_id, the OpenAI response's `id`) is counted for the stored version that gave the
+answer, live or canary; requests, errors, TTFT and TPOT are labelled by that version, pinned versions collapse.
+
+A real server on a store of random peft versions, the real `cartridge release` command.
+"""
+from __future__ import annotations
+
+import json
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from adapters.formats.store_layout import routes_to_canary
+from adapters.store.versions import AdapterStore
+from client.client import CartridgeClient, CartridgeError
+from tests.conftest import PROMPT, start_server
+from tests.test_canary import FLAGS, KEYS, canary_share, http_post, move, wait_for
+from tests.test_store_serving import store_random_version
+
+
+@pytest.fixture(scope="module")
+def store(base_model, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("feedback")
+    for seed in (1, 2):
+        store_random_version(AdapterStore(root), "legal", base_model, seed)
+    move(root, "release", "legal@v1", "--force", "--reason", "first")
+    move(root, "release", "legal@v2", "--canary", "50", "--force", "--reason", "try")
+    return root
+
+
+def post(server, path: str, body: object) -> tuple[int, dict]:
+    request = urllib.request.Request(server.http_url + path, data=json.dumps(body).encode(),
+                                     headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def metric(text: str, name: str, version: str) -> float:
+    found = re.search(rf'^{name}\{{adapter="legal",version="{version}"\}} (\S+)$', text, re.M)
+    return float(found[1]) if found else 0.0
+
+
+def test_feedback_is_counted_for_the_version_that_answered(store):
+    server = start_server("--store", str(store), *FLAGS)
+    try:
+        wait_for(lambda: canary_share(server) == "50.0", "the canary")
+        on = {k: "legal@v2" if routes_to_canary("legal", 2, 50, k) else "legal@v1" for k in KEYS}
+        with CartridgeClient(server.address, timeout=120) as client:
+            ratings = {"legal@v1": [], "legal@v2": []}
+            for i, key in enumerate(KEYS[:8]):
+                answer = client.generate(PROMPT, adapter="legal", max_tokens=4, routing_key=key)
+                assert answer.adapter_version == on[key] and answer.request_id.startswith("req-")
+                score = 1.0 if answer.adapter_version == "legal@v1" else -0.5
+                assert client.feedback(answer.request_id, score, tag="helpful" if i % 2 else "") == on[key]
+                ratings[on[key]].append(score)
+            streamed = list(client.generate_stream(PROMPT, adapter="legal", max_tokens=4, routing_key=KEYS[0]))
+            assert streamed[-1].request_id and client.feedback(streamed[-1].request_id, 0) == on[KEYS[0]]
+            ratings[on[KEYS[0]]].append(0.0)
+
+            # The OpenAI edge: the response's id is what /v1/feedback takes.
+            status, headers, body = http_post(server, {"model": "legal", "prompt": PROMPT, "max_tokens": 4,
+                                                       "user": KEYS[1]})
+            assert status == 200 and body["id"].startswith("cmpl-"), body
+            status, rated = post(server, "/feedback", {"id": body["id"], "score": 1, "tag": "helpful"})
+            assert status == 200 and rated == {"id": body["id"], "adapter_version": on[KEYS[1]]}
+            assert headers["x-cartridge-adapter-version"] == on[KEYS[1]]
+            ratings[on[KEYS[1]]].append(1.0)
+
+            # A pinned version answers under its own name@vN, and is counted as "other".
+            pinned = client.generate(PROMPT, adapter="legal@v1", max_tokens=4)
+            assert client.feedback(pinned.request_id, 1) == "legal@v1"
+            base = client.generate(PROMPT, max_tokens=2)
+
+            # Refusals: by field, with the server still serving.
+            for request_id, score, tag, code, words in [
+                    ("req-nope", 1, "", "NOT_FOUND", "is not among the answers this server gave"),
+                    (base.request_id, 1, "", "NOT_FOUND", "is not among the answers"),
+                    (pinned.request_id, 1.5, "", "INVALID_ARGUMENT", "score must be a number from -1 to 1"),
+                    (pinned.request_id, float("nan"), "", "INVALID_ARGUMENT", "score must be a number"),
+                    (pinned.request_id, 1, "no spaces", "INVALID_ARGUMENT", "tag must be 1 to 32 letters"),
+                    (pinned.request_id, 1, "t" * 33, "INVALID_ARGUMENT", "tag must be 1 to 32"),
+                    ("", 1, "", "INVALID_ARGUMENT", "request_id must be 1 to 128")]:
+                with pytest.raises(CartridgeError) as err:
+                    client.feedback(request_id, score, tag)
+                assert err.value.code.name == code and words in err.value.message, err.value
+            for body, code, words in [({"id": "cmpl-nope", "score": 1}, 404, "is not among the answers"),
+                                      ({"id": body["id"], "score": 2}, 400, "score must be a number from -1 to 1"),
+                                      ({"id": body["id"], "score": "1"}, 400, "score must be a number"),
+                                      ({"id": body["id"]}, 400, "score must be a number"),
+                                      ({"score": 1}, 400, "id is required"),
+                                      ({"id": body["id"], "score": 1, "stars": 5}, 400, "stars is not supported"),
+                                      ([1], 400, "must be a JSON object")]:
+                status, refused = post(server, "/feedback", body)
+                assert status == code and words in refused["error"]["message"], refused
+            assert client.generate(PROMPT, adapter="legal", max_tokens=2).text
+
+        metrics = urllib.request.urlopen(server.metrics_url).read().decode()
+        for version, scores in ratings.items():
+            label = version.split("@")[1]
+            assert metric(metrics, "cartridge_feedback_ratings_total", label) == len(scores), version
+            assert metric(metrics, "cartridge_feedback_score_sum", label) == pytest.approx(sum(scores))
+            assert metric(metrics, "cartridge_feedback_score_squares_sum", label) == \
+                pytest.approx(sum(s * s for s in scores))
+        assert metric(metrics, "cartridge_feedback_ratings_total", "other") == 1
+        assert re.search(r'cartridge_feedback_tags_total\{adapter="legal",tag="helpful",version="v\d"\} [1-9]', metrics)
+        # Per-version requests and latencies: every answered request, the pinned one under "other".
+        total = sum(metric(metrics, "cartridge_release_requests_total", f"v{n}") for n in (1, 2))
+        assert total == 8 + 1 + 1 + 1 and metric(metrics, "cartridge_release_requests_total", "other") == 1
+        assert metric(metrics, "cartridge_release_errors_total", "v2") == 0
+        assert sum(metric(metrics, "cartridge_release_ttft_seconds_count", f"v{n}") for n in (1, 2)) == total
+        assert metric(metrics, "cartridge_release_tpot_seconds_count", "v2") > 0
+    finally:
+        server.stop()
