@@ -146,7 +146,7 @@ def build_core(config: ServerConfig, *, store_on_demand: bool = False) -> Servin
     store = None
     if config.store is not None:
         store = StoreAdapters(StoreReader(Path(config.store).resolve()), registry, engine, metrics,
-                              on_demand=store_on_demand)
+                              on_demand=store_on_demand, canary_check_s=config.canary_check_s)
         store.start()
     log.info("base %s on %s (%s, %s): weights+cache ready in %.1f s; KV cache %.0f MiB for %d x %d tokens",
              directory.name, device, "nf4" if config.quantize else "dense", str(config.torch_dtype).split(".")[-1],

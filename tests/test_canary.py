@@ -24,7 +24,7 @@ import pytest
 
 from adapters.formats.store_layout import LiveMove, StoreError, VersionRef, read_live, release_log, routes_to_canary
 from adapters.release.lifecycle import release
-from adapters.store.live import LiveMoved, move_live
+from adapters.formats.live_pointer import LiveMoved, move_live
 from adapters.store.versions import AdapterStore
 from client.client import CartridgeClient, CartridgeError
 from tests.conftest import PROMPT, start_server

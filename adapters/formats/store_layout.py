@@ -167,7 +167,8 @@ class StoreReader:
 
 CANARY_MIN_SHARE, CANARY_MAX_SHARE = 1, 50
 # Moves that start, change or end a canary leave the live version where it was (from_version == to_version).
-CANARY_ACTIONS = ("canary start", "forced canary start", "canary change", "forced canary change", "canary end")
+CANARY_ACTIONS = ("canary start", "forced canary start", "canary change", "forced canary change", "canary end",
+                  "canary aborted")
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,8 +180,10 @@ class LiveMove:
     to_version: int
     gate_report_sha256: str | None    # of the gate report the release relied on; None for rollbacks and forced ones
     reason: str
-    # The canary running after this move: {"version": N, "share": percent, "started_at": time}; None: no split.
+    # The canary running after this move: {"version": N, "share": percent, "started_at": time, "limits": {...}}
+    # (limits: adapters/formats/version_stats.CanaryLimits' fields, absent or null when none); None: no split.
     canary: dict | None = None
+    tripped: str | None = None        # canary aborted: the limit crossed, with the numbers
 
     @property
     def canary_version(self) -> int | None:

@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..formats.version_stats import CanaryLimits
 from ..formats.store_layout import CANARY_MAX_SHARE, CANARY_MIN_SHARE, StoreError, default_store_dir, parse_ref
 from ..store.versions import AdapterStore
 
@@ -46,6 +47,16 @@ def register_release(commands) -> None:
     p.add_argument("--canary", metavar="PCT", help="send only PCT percent (1 to 50) of NAME's requests to the "
                    "version, the rest staying on the live one; again with another PCT changes the share. Without "
                    "--canary, releasing the canary's version promotes it to all requests")
+    abort = p.add_argument_group("automatic abort of a canary", "Every server following the store checks these "
+                                 "every few seconds (serve --canary-check-s) against the live version, and ends "
+                                 "the canary when one is crossed; releases.jsonl logs 'canary aborted' with the "
+                                 "numbers. Default: off.")
+    abort.add_argument("--abort-error-rate", type=float, metavar="X", help="abort when the canary's error rate "
+                       "(the low end of its 95%% interval) is above the live version's plus X, e.g. 0.05")
+    abort.add_argument("--abort-tpot-pct", type=float, metavar="Y", help="abort when the canary's p95 time per "
+                       "output token is more than Y %% above the live version's (after 20 requests each)")
+    abort.add_argument("--abort-feedback-min-n", type=int, metavar="N", help="abort when the canary's mean "
+                       "feedback is lower than the live version's with p < 0.05, once each has N ratings (N >= 30)")
     p.add_argument("--force", action="store_true", help="release without a passing gate report (needs --reason)")
     p.add_argument("--reason", default="", help="why; logged with the release")
     _store_flag(p)
@@ -67,7 +78,8 @@ def register_rollback(commands) -> None:
 def register_versions(commands) -> None:
     p = commands.add_parser("versions", help="list a stored adapter's versions",
                             description="Every version of NAME: parent, gate verdicts, the live marker (*) and "
-                            "when each was live; a running canary is marked ~ with its share.")
+                            "when each was live; a running canary is marked ~ with its share, and each ended canary "
+                            "period is listed under its version with how it ended (end, promote, abort and why).")
     p.add_argument("name")
     _store_flag(p)
     p.set_defaults(run=_versions)
@@ -123,11 +135,20 @@ def _release(args: argparse.Namespace) -> int | None:
                   f"{CANARY_MAX_SHARE}", file=sys.stderr)
             return EXIT_BAD_INPUT
         canary = int(args.canary)
-    move = release(_store(args), parse_ref(args.version), force=args.force, reason=args.reason, canary=canary)
+    try:
+        limits = CanaryLimits(args.abort_error_rate, args.abort_tpot_pct, args.abort_feedback_min_n)
+    except ValueError as err:
+        print(f"cartridge release: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    move = release(_store(args), parse_ref(args.version), force=args.force, reason=args.reason, canary=canary,
+                   limits=limits)
     name = parse_ref(args.version).name
     if move.canary is not None:
+        limits = move.canary.get("limits")
+        watched = "; aborted by servers past " + ", ".join(f"{k}={v:g}" for k, v in limits.items() if v is not None) \
+            if limits else ""
         print(f"{name}: canary {name}@v{move.canary['version']} takes {move.canary['share']}% of requests, live "
-              f"{name}@v{move.to_version} the rest ({move.action}, {move.time})")
+              f"{name}@v{move.to_version} the rest ({move.action}, {move.time}){watched}")
         return None
     was = f"{name}@v{move.from_version}" if move.from_version is not None else "nothing"
     print(f"{name}: live {was} -> {name}@v{move.to_version} ({move.action}, {move.time})")
@@ -159,9 +180,11 @@ def _versions(args: argparse.Namespace) -> None:
         marker = "*" if line.live else "~" if line.canary else " "
         if line.problem:
             print(f"{marker} v{line.number}\tREFUSED: {line.problem}")
-            continue
-        parent = f"from v{line.parent}" if line.parent is not None else "new"
-        gates = ", ".join(f"{'PASS' if ok else 'FAIL'} vs {against}" for against, ok in line.verdicts) or "not gated"
-        periods = "; ".join(f"{start} to {end or 'now'}" for start, end in line.live_periods) or "never live"
-        canary = f"\tcanary: {line.canary['share']}% since {line.canary['started_at']}" if line.canary else ""
-        print(f"{marker} v{line.number}\t{parent}\t{line.created}\t{gates}\tlive: {periods}{canary}")
+        else:
+            parent = f"from v{line.parent}" if line.parent is not None else "new"
+            gates = ", ".join(f"{'PASS' if ok else 'FAIL'} vs {against}" for against, ok in line.verdicts) or "not gated"
+            periods = "; ".join(f"{start} to {end or 'now'}" for start, end in line.live_periods) or "never live"
+            canary = f"\tcanary: {line.canary['share']}% since {line.canary['started_at']}" if line.canary else ""
+            print(f"{marker} v{line.number}\t{parent}\t{line.created}\t{gates}\tlive: {periods}{canary}")
+        for period in line.canary_periods:
+            print(f"    canary {period.share}%: {period.start} to {period.end} ({period.ended})")

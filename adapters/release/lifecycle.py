@@ -10,14 +10,15 @@ live version, which it leaves in place; releasing the canary's version promotes 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..formats.hashing import file_sha256
 from ..formats.store_layout import (GATE_DIR, IntegrityError, LiveMove, StoredVersion, StoreError, VersionRef,
                                      check_canary_share, read_live, release_log)
-from ..store.live import move_live
-from ..store.versions import AdapterStore, now
+from ..formats.live_pointer import move_live, now
+from ..formats.version_stats import CanaryLimits
+from ..store.versions import AdapterStore
 
 VERDICT_FILE = "verdict.json"
 REPORT_FILE = "report.json"
@@ -59,9 +60,13 @@ def live_version(store: AdapterStore, name: str) -> StoredVersion | None:
     return store.open(VersionRef(name, move.to_version)) if move else None
 
 
-def release(store: AdapterStore, ref: VersionRef, *, force: bool, reason: str, canary: int | None = None) -> LiveMove:
-    """Makes `ref` live; with `canary` (percent), sends only that share of the name's requests to it instead.
-    Releasing the running canary's version promotes it and ends the canary."""
+def release(store: AdapterStore, ref: VersionRef, *, force: bool, reason: str, canary: int | None = None,
+            limits: CanaryLimits | None = None) -> LiveMove:
+    """Makes `ref` live; with `canary` (percent), sends only that share of the name's requests to it instead,
+    and with `limits` servers abort it when it does worse. Releasing the running canary's version promotes it
+    and ends the canary."""
+    if limits is not None and limits.any and canary is None:
+        raise StoreError("--abort-* limits apply to a canary: give --canary PCT too")
     if ref.number is None:
         raise StoreError(f"name the version to release, such as {ref.name}@v{max(store.version_numbers(ref.name), default=1)}")
     if canary is not None:
@@ -72,7 +77,7 @@ def release(store: AdapterStore, ref: VersionRef, *, force: bool, reason: str, c
     expected = live.number if live else None
     running = current.canary if current else None
     if canary is not None:
-        return _canary(store, ref, candidate, live, running, canary, force, reason)
+        return _canary(store, ref, candidate, live, running, canary, force, reason, limits)
     if expected == candidate.number:
         raise StoreError(f"{ref} is already live" + (f"; end its canary of {ref.name}@v{running['version']} with "
                                                      f"`cartridge rollback {ref.name}`" if running else ""))
@@ -89,7 +94,7 @@ def release(store: AdapterStore, ref: VersionRef, *, force: bool, reason: str, c
 
 
 def _canary(store: AdapterStore, ref: VersionRef, candidate: StoredVersion, live: StoredVersion | None,
-            running: dict | None, share: int, force: bool, reason: str) -> LiveMove:
+            running: dict | None, share: int, force: bool, reason: str, limits: CanaryLimits | None) -> LiveMove:
     if live is None:
         raise StoreError(f"{ref.name} has no live version to split requests with; release a first version "
                          f"without --canary")
@@ -98,16 +103,18 @@ def _canary(store: AdapterStore, ref: VersionRef, candidate: StoredVersion, live
     if running and running["version"] != candidate.number:
         raise StoreError(f"{ref.name}@v{running['version']} is already in a canary at {running['share']}%; one "
                          f"canary at a time: promote or end it (`cartridge rollback {ref.name}`) first")
-    if running and running["share"] == share:
+    if running and running["share"] == share and not (limits is not None and limits.any):
         raise StoreError(f"{ref} already takes {share}% of {ref.name}'s requests")
     gate_sha = _admitted(candidate, live, force, reason)    # every share it is given, as a release would
     step = "change" if running else "start"
     started_at = running["started_at"] if running else now()
+    # A change of share keeps the running limits unless new ones are given.
+    kept = asdict(limits) if limits is not None and limits.any else (running or {}).get("limits")
     return move_live(store, ref.name, expected=live.number, to=live.number,
                      action=f"canary {step}" if gate_sha else f"forced canary {step}",
                      gate_report_sha256=gate_sha, reason=reason,
                      expected_canary=running["version"] if running else None,
-                     canary={"version": candidate.number, "share": share, "started_at": started_at})
+                     canary={"version": candidate.number, "share": share, "started_at": started_at, "limits": kept})
 
 
 def _admitted(candidate: StoredVersion, live: StoredVersion | None, force: bool, reason: str) -> str | None:
@@ -170,6 +177,15 @@ class VersionLine:
     live: bool
     live_periods: list[tuple[str, str | None]]   # (from, until; None = still live)
     canary: dict | None = None                   # the running canary's entry, on the canary version's line
+    canary_periods: list["CanaryPeriod"] = field(default_factory=list)   # ended ones, oldest first
+
+
+@dataclass(frozen=True, slots=True)
+class CanaryPeriod:
+    start: str
+    end: str
+    share: int           # the largest share it reached
+    ended: str           # how: the move that ended it, and for an abort the limit crossed
 
 
 def list_versions(store: AdapterStore, name: str) -> list[VersionLine]:
@@ -186,8 +202,21 @@ def list_versions(store: AdapterStore, name: str) -> list[VersionLine]:
         lines.append(VersionLine(
             number, version.parent if version else None, version.manifest["created"] if version else "",
             problem, _verdicts(version) if version else [], bool(current and current.to_version == number),
-            _periods(log, number), current.canary if current and current.canary_version == number else None))
+            _periods(log, number), current.canary if current and current.canary_version == number else None,
+            _canary_periods(log, number)))
     return lines
+
+
+def _canary_periods(log: list[LiveMove], number: int) -> list[CanaryPeriod]:
+    periods, start, share = [], None, 0
+    for move in log:
+        if move.canary_version == number:
+            start, share = start or move.time, max(share, move.canary["share"])
+        elif start is not None:
+            ended = f"{move.action}: {move.tripped}" if move.tripped else move.action
+            periods.append(CanaryPeriod(start, move.time, share, ended))
+            start, share = None, 0
+    return periods
 
 
 def _verdicts(version: StoredVersion) -> list[tuple[str, bool]]:

@@ -96,7 +96,8 @@ class Engine:
         def job() -> bool:
             slots = self.scheduler.adapter_slots
             try:
-                if slots.can_acquire(adapter):
+                # Under --max-host-adapter-bytes its host copy may be gone already: its first request reads it.
+                if adapter.weights is not None and slots.can_acquire(adapter):
                     slots.free(slots.acquire(adapter))
                     done.set_result(True)
                 else:

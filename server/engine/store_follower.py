@@ -11,7 +11,8 @@ keeps serving and the failure is logged and counted.
 
 A canary in the live pointer (`release --canary`) is followed the same way: its version is read and
 warmed as `name@vN`, and from then `route` sends the share of the name's requests whose routing key
-`routes_to_canary` picks to it; a canary that fails to load takes no requests.
+`routes_to_canary` picks to it; a canary that fails to load takes no requests. A canary with abort limits
+is judged by a CanaryGuard (canary_guard.py), which moves the pointer back when one is crossed.
 
 `cartridge serve` follows every name in the store, and on start the same path restores every live
 version, so a restart, after kill -9 too, serves what the store says is live. A Ray replica
@@ -28,6 +29,7 @@ from adapters.formats.store_layout import (LiveMove, StoreError, StoreReader, Ve
                                            release_log, routes_to_canary)
 
 from ..lora.registry import AdapterRegistry, RegisteredAdapter
+from .canary_guard import CHECK_S, CanaryGuard
 from .engine import Engine
 from ..errors import FailedPrecondition, NotFound
 from .metrics import ServerMetrics
@@ -43,9 +45,11 @@ WARM_WAIT_S = 0.3
 
 class StoreAdapters:
     def __init__(self, store: StoreReader, registry: AdapterRegistry, engine: Engine, metrics: ServerMetrics,
-                 *, on_demand: bool = False):
-        """`on_demand`: follow only the names asked for through `serve` (a Ray replica), not the whole store."""
+                 *, on_demand: bool = False, canary_check_s: float = CHECK_S):
+        """`on_demand`: follow only the names asked for through `serve` (a Ray replica), not the whole store;
+        `canary_check_s`: how often a canary's abort limits are checked."""
         self.store, self.registry, self.engine, self.metrics = store, registry, engine, metrics
+        self.guard = CanaryGuard(store, metrics, canary_check_s, self._follow)
         self._followed: set[str] | None = set() if on_demand else None
         self._seen: dict[str, int] = {}          # name -> mtime_ns of the live pointer last acted on
         self._logged: dict[str, int] = {}        # name -> release-log lines already counted
@@ -60,6 +64,7 @@ class StoreAdapters:
         for name in self._names():
             self._begin(name, "restored at start-up")
         self._thread.start()
+        self.guard.start()
 
     def versions(self, name: str) -> list[int]:
         return self.store.version_numbers(name)
@@ -95,6 +100,7 @@ class StoreAdapters:
             self._logged.pop(text, None)
             if self._canaries.pop(text, None) is not None:
                 self.metrics.forget_canary(text)
+            self.guard.forget(text)
             try:
                 adapter = self.registry.unregister(text)
             except NotFound:
@@ -175,12 +181,14 @@ class StoreAdapters:
 
     def _follow_canary(self, name: str, move: LiveMove) -> None:
         if move.canary is None:
+            self.guard.forget(name)
             if self._canaries.pop(name, None) is not None:
                 self.metrics.forget_canary(name)
                 log.info("%s: canary ended (%s); the live version takes every request", name, move.action)
             return
         canary = (move.canary["version"], move.canary["share"])
         if self._canaries.get(name) == canary:
+            self.guard.watch(name, move.to_version, canary[0], move.canary.get("limits"))   # limits may change alone
             return
         ref = VersionRef(name, canary[0])
         try:
@@ -192,6 +200,7 @@ class StoreAdapters:
             log.error("not starting the canary %s (the live version keeps every request): %s", ref, err)
             return
         self._canaries[name] = canary
+        self.guard.watch(name, move.to_version, canary[0], move.canary.get("limits"))
         self.metrics.canary_version.labels(name).set(canary[0])
         self.metrics.canary_share.labels(name).set(canary[1])
         log.info("%s: canary %s takes %d%% of requests (%s); %s", name, ref, canary[1], move.action, warm)
@@ -230,7 +239,7 @@ class StoreAdapters:
             warmed = self.engine.warm(adapter).result(timeout=WARM_WAIT_S)
         except FutureTimeout:
             return "its copy into a device slot runs before the engine's next step"
-        return "in a device slot before the switch" if warmed else "no device slot free: its first request loads it"
+        return "in a device slot before the switch" if warmed else "not copied (no idle slot, or no host copy): its first request loads it"
 
     def _count_moves(self, name: str) -> None:
         moves = release_log(self.store, name)
