@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -116,5 +118,24 @@ def test_feedback_is_counted_for_the_version_that_answered(store):
         assert metric(metrics, "cartridge_release_errors_total", "v2") == 0
         assert sum(metric(metrics, "cartridge_release_ttft_seconds_count", f"v{n}") for n in (1, 2)) == total
         assert metric(metrics, "cartridge_release_tpot_seconds_count", "v2") > 0
+
+        # `cartridge canary` shows the same counts; given the same server twice it sums them, as for two replicas.
+        shown = subprocess.run([sys.executable, "-m", "client.cli", "canary", "legal", "--url", server.metrics_url],
+                               capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0, shown.stderr
+        lines = shown.stdout.splitlines()
+        assert lines[0] == "legal: live v1 against canary 50% v2 (1 server, 95% intervals)", lines
+        for version, column in (("legal@v1", 1), ("legal@v2", 2)):
+            scores = ratings[version]
+            feedback = re.split(r"\s{2,}", next(l for l in lines if l.startswith("feedback")))[column]
+            mean = sum(scores) / len(scores)
+            assert feedback.startswith(f"{mean:+.3f} [") and f"n={len(scores)}" in feedback, (version, feedback)
+        assert re.search(r"^error rate\s+0\.0% \[0\.0%, \d+\.\d%\]\s+0\.0% \[", shown.stdout, re.M), shown.stdout
+        assert re.search(r"^TPOT p95\s+\d+ ms \[\d+, \d+\] n=\d+", shown.stdout, re.M), shown.stdout
+        twice = subprocess.run([sys.executable, "-m", "client.cli", "canary", "legal", "--url", server.metrics_url,
+                                "--url", server.metrics_url], capture_output=True, text=True, timeout=60)
+        requests = lambda out: [int(n) for n in re.findall(r"(\d+) \(", next(l for l in out.splitlines()
+                                                                          if l.startswith("requests")))]
+        assert "(2 servers," in twice.stdout and requests(twice.stdout) == [2 * n for n in requests(shown.stdout)]
     finally:
         server.stop()

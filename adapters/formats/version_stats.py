@@ -104,6 +104,16 @@ def quantile(buckets: dict[float, float], q: float) -> float | None:
     return lower
 
 
+def quantile_interval(buckets: dict[float, float], q: float) -> tuple[float, float] | None:
+    """A 95 % interval of the `q` quantile: the normal approximation of the order statistics' ranks
+    (n q +- 1.96 sqrt(n q (1 - q))), each read off the histogram as `quantile` reads the point."""
+    n = observations(buckets)
+    if n <= 0:
+        return None
+    half = Z95 * math.sqrt(n * q * (1 - q))
+    return quantile(buckets, max(0.0, n * q - half) / n), quantile(buckets, min(n, n * q + half) / n)
+
+
 def observations(buckets: dict[float, float]) -> float:
     return buckets.get(math.inf, 0.0)
 
