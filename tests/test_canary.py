@@ -118,7 +118,7 @@ def test_canary_commands_start_change_end_and_promote_in_the_store(tmp_path):
     pointer = (root / "legal" / "live.json").read_bytes()
 
     refused(cartridge("release", "legal@v3", "--canary", "10", "--force", "--reason", "x", store=root), 1,
-            "legal@v2 is already in a canary at 10%; one canary at a time")
+            "legal@v2 is already in a canary at 10%; one canary or shadow at a time")
     refused(cartridge("release", "legal@v2", "--canary", "10", "--force", "--reason", "x", store=root), 1,
             "legal@v2 already takes 10% of legal's requests")
     refused(cartridge("release", "legal@v3", "--force", "--reason", "x", store=root), 1,

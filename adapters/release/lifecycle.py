@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..formats.hashing import file_sha256
 from ..formats.store_layout import (GATE_DIR, IntegrityError, LiveMove, StoredVersion, StoreError, VersionRef,
-                                     check_canary_share, read_live, release_log)
+                                     check_canary_share, read_live, release_log, split_mode)
 from ..formats.live_pointer import move_live, now
 from ..formats.version_stats import CanaryLimits
 from ..store.versions import AdapterStore
@@ -61,60 +61,72 @@ def live_version(store: AdapterStore, name: str) -> StoredVersion | None:
 
 
 def release(store: AdapterStore, ref: VersionRef, *, force: bool, reason: str, canary: int | None = None,
-            limits: CanaryLimits | None = None) -> LiveMove:
+            limits: CanaryLimits | None = None, shadow: int | None = None) -> LiveMove:
     """Makes `ref` live; with `canary` (percent), sends only that share of the name's requests to it instead,
-    and with `limits` servers abort it when it does worse. Releasing the running canary's version promotes it
-    and ends the canary."""
+    and with `limits` servers abort it when it does worse; with `shadow` (percent), runs that share of the
+    requests on it too, beside the live version, whose answers alone callers get. Releasing the running
+    canary's or shadow's version promotes it and ends the split."""
     if limits is not None and limits.any and canary is None:
         raise StoreError("--abort-* limits apply to a canary: give --canary PCT too")
+    if canary is not None and shadow is not None:
+        raise StoreError("give --canary or --shadow, not both: one experiment on a name at a time")
     if ref.number is None:
         raise StoreError(f"name the version to release, such as {ref.name}@v{max(store.version_numbers(ref.name), default=1)}")
-    if canary is not None:
-        check_canary_share(canary)
+    for share in (canary, shadow):
+        if share is not None:
+            check_canary_share(share)
     candidate = store.open(ref)
     current = read_live(store, ref.name)
     live = live_version(store, ref.name)
     expected = live.number if live else None
     running = current.canary if current else None
-    if canary is not None:
-        return _canary(store, ref, candidate, live, running, canary, force, reason, limits)
+    if canary is not None or shadow is not None:
+        mode = "canary" if canary is not None else "shadow"
+        return _split(store, ref, candidate, live, running, mode, canary or shadow, force, reason, limits)
     if expected == candidate.number:
-        raise StoreError(f"{ref} is already live" + (f"; end its canary of {ref.name}@v{running['version']} with "
-                                                     f"`cartridge rollback {ref.name}`" if running else ""))
+        raise StoreError(f"{ref} is already live" + (f"; end its {split_mode(running)} of "
+                                                     f"{ref.name}@v{running['version']} with `cartridge rollback "
+                                                     f"{ref.name}`" if running else ""))
     if running and running["version"] != candidate.number:
-        raise StoreError(f"{ref.name}@v{running['version']} is in a canary at {running['share']}%; promote it "
-                         f"(`cartridge release {ref.name}@v{running['version']}`) or end it (`cartridge rollback "
-                         f"{ref.name}`) before releasing {ref}")
+        raise StoreError(f"{ref.name}@v{running['version']} is in a {split_mode(running)} at {running['share']}%; "
+                         f"promote it (`cartridge release {ref.name}@v{running['version']}`) or end it (`cartridge "
+                         f"rollback {ref.name}`) before releasing {ref}")
     gate_sha = _admitted(candidate, live, force, reason)
-    action = ("canary promote" if running else "release") if gate_sha else \
-        ("forced canary promote" if running else "forced release")
-    return move_live(store, ref.name, expected=expected, to=candidate.number, action=action,
-                     gate_report_sha256=gate_sha, reason=reason,
+    action = f"{split_mode(running)} promote" if running else "release"
+    return move_live(store, ref.name, expected=expected, to=candidate.number,
+                     action=action if gate_sha else f"forced {action}", gate_report_sha256=gate_sha, reason=reason,
                      expected_canary=running["version"] if running else None)
 
 
-def _canary(store: AdapterStore, ref: VersionRef, candidate: StoredVersion, live: StoredVersion | None,
-            running: dict | None, share: int, force: bool, reason: str, limits: CanaryLimits | None) -> LiveMove:
+def _split(store: AdapterStore, ref: VersionRef, candidate: StoredVersion, live: StoredVersion | None,
+           running: dict | None, mode: str, share: int, force: bool, reason: str,
+           limits: CanaryLimits | None) -> LiveMove:
+    """Starts or changes a canary or shadow of `candidate` at `share` percent."""
     if live is None:
         raise StoreError(f"{ref.name} has no live version to split requests with; release a first version "
-                         f"without --canary")
+                         f"without --{mode}")
     if live.number == candidate.number:
-        raise StoreError(f"{ref} is the live version; a canary must be another version")
-    if running and running["version"] != candidate.number:
-        raise StoreError(f"{ref.name}@v{running['version']} is already in a canary at {running['share']}%; one "
-                         f"canary at a time: promote or end it (`cartridge rollback {ref.name}`) first")
+        raise StoreError(f"{ref} is the live version; a {mode} must be another version")
+    if running and (running["version"] != candidate.number or split_mode(running) != mode):
+        raise StoreError(f"{ref.name}@v{running['version']} is already in a {split_mode(running)} at "
+                         f"{running['share']}%; one canary or shadow at a time: promote or end it (`cartridge "
+                         f"rollback {ref.name}`) first")
     if running and running["share"] == share and not (limits is not None and limits.any):
         raise StoreError(f"{ref} already takes {share}% of {ref.name}'s requests")
-    gate_sha = _admitted(candidate, live, force, reason)    # every share it is given, as a release would
+    # Every share it is given needs the gate a release needs: a shadow's answers reach no caller, but its
+    # rows share the live version's batches.
+    gate_sha = _admitted(candidate, live, force, reason)
     step = "change" if running else "start"
     started_at = running["started_at"] if running else now()
     # A change of share keeps the running limits unless new ones are given.
     kept = asdict(limits) if limits is not None and limits.any else (running or {}).get("limits")
+    entry = {"version": candidate.number, "share": share, "started_at": started_at, "limits": kept}
+    if mode == "shadow":
+        entry["mode"] = "shadow"
     return move_live(store, ref.name, expected=live.number, to=live.number,
-                     action=f"canary {step}" if gate_sha else f"forced canary {step}",
+                     action=f"{mode} {step}" if gate_sha else f"forced {mode} {step}",
                      gate_report_sha256=gate_sha, reason=reason,
-                     expected_canary=running["version"] if running else None,
-                     canary={"version": candidate.number, "share": share, "started_at": started_at, "limits": kept})
+                     expected_canary=running["version"] if running else None, canary=entry)
 
 
 def _admitted(candidate: StoredVersion, live: StoredVersion | None, force: bool, reason: str) -> str | None:
@@ -137,7 +149,7 @@ def _admitted(candidate: StoredVersion, live: StoredVersion | None, force: bool,
 
 
 def rollback(store: AdapterStore, name: str, to: int | None, reason: str) -> LiveMove:
-    """Makes the previous live version (or `v<to>`) live; with a canary running, ends the canary instead
+    """Makes the previous live version (or `v<to>`) live; with a canary or shadow running, ends it instead
     (and, with `to`, also moves the live version there)."""
     current = read_live(store, name)
     if current is None:
@@ -146,7 +158,7 @@ def rollback(store: AdapterStore, name: str, to: int | None, reason: str) -> Liv
         target = to if to is not None else current.to_version
         store.open(VersionRef(name, target))  # intact, or refused before the pointer moves
         return move_live(store, name, expected=current.to_version, to=target,
-                         action="canary end" if target == current.to_version else "rollback",
+                         action=f"{split_mode(current.canary)} end" if target == current.to_version else "rollback",
                          gate_report_sha256=None, reason=reason, expected_canary=current.canary_version)
     target = to if to is not None else previous_live(release_log(store, name), current.to_version)
     if target is None:
@@ -186,6 +198,7 @@ class CanaryPeriod:
     end: str
     share: int           # the largest share it reached
     ended: str           # how: the move that ended it, and for an abort the limit crossed
+    mode: str = "canary"  # or "shadow"
 
 
 def list_versions(store: AdapterStore, name: str) -> list[VersionLine]:
@@ -208,13 +221,13 @@ def list_versions(store: AdapterStore, name: str) -> list[VersionLine]:
 
 
 def _canary_periods(log: list[LiveMove], number: int) -> list[CanaryPeriod]:
-    periods, start, share = [], None, 0
+    periods, start, share, mode = [], None, 0, "canary"
     for move in log:
         if move.canary_version == number:
-            start, share = start or move.time, max(share, move.canary["share"])
+            start, share, mode = start or move.time, max(share, move.canary["share"]), split_mode(move.canary)
         elif start is not None:
             ended = f"{move.action}: {move.tripped}" if move.tripped else move.action
-            periods.append(CanaryPeriod(start, move.time, share, ended))
+            periods.append(CanaryPeriod(start, move.time, share, ended, mode))
             start, share = None, 0
     return periods
 

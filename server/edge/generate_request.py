@@ -14,6 +14,7 @@ from adapters.formats.chat import render_prompt
 from ..lora.registry import AdapterRegistry, RegisteredAdapter, check_name
 from ..errors import InvalidArgument
 from ..engine.sequence import SamplingParams, Sequence, new_request_id
+from ..engine.shadow import shadow_copy
 from ..engine.store_follower import StoreAdapters
 from ..engine.text_stream import TextStream
 from ..engine.grammar import Grammars, GrammarState, check_format
@@ -83,8 +84,15 @@ class RequestValidator:
                                 top_p=_top_p(request.top_p), top_k=request.top_k, seed=request.seed,
                                 stop=_stop(request.stop), logprobs=_logprobs(request))
         grammar = self._grammar(request)
-        return Sequence(prompt_ids, params, adapter, TextStream(self.tokenizer, params.stop), grammar=grammar,
-                        canary=canary, request_id=request_id, **fields)
+        seq = Sequence(prompt_ids, params, adapter, TextStream(self.tokenizer, params.stop), grammar=grammar,
+                       canary=canary, request_id=request_id, **fields)
+        # A shadow runs the live version's requests (not the canary's, nor pinned ones); a grammar's state is
+        # one row's, so constrained requests are not shadowed.
+        if self.store is not None and adapter is not None and adapter.live and grammar is None:
+            shadow = self.store.shadow(adapter.name, request.routing_key or request_id)
+            if shadow is not None:
+                shadow_copy(seq, shadow, TextStream(self.tokenizer, params.stop))
+        return seq
 
     def _grammar(self, request: GenerateRequest) -> GrammarState | None:
         """The request's response format compiled here, on the caller's thread (cached by content)."""

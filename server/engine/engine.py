@@ -9,7 +9,7 @@ from concurrent.futures import Future
 from typing import Callable
 
 from ..lora.registry import AdapterRegistry, RegisteredAdapter
-from ..errors import ServingError
+from ..errors import ResourceExhausted, ServingError
 from .metrics import ServerMetrics
 from .runner import DecodePass, ModelRunner
 from .sampler import sample
@@ -57,6 +57,21 @@ class Engine:
                 self.registry.drop_hold(seq.adapter)
             raise
         self._wake.set()
+        if seq.pair is not None and not seq.shadow:
+            self._submit_shadow(seq.pair.shadow)
+
+    def _submit_shadow(self, copy: Sequence) -> None:
+        """A live row's shadow copy goes in only while no live row waits for room; what goes wrong with it
+        is the shadow version's (counted), never the caller's."""
+        if self.scheduler.needs_room():
+            self.metrics.shadows.count_shed(copy)
+            return
+        try:
+            self.submit(copy)
+        except ResourceExhausted:
+            self.metrics.shadows.count_shed(copy)
+        except ServingError:
+            pass    # its version could not be held: counted as that version's error by submit
 
     def cancel(self, seq: Sequence) -> None:
         seq.cancel()
@@ -152,6 +167,9 @@ class Engine:
             self._in_flight = None
             for seq in self.scheduler.take_all():
                 self._finish(seq, None, error=self._abort)
+        for seq in self.scheduler.shadows_to_shed():
+            seq.cancel()
+            self.metrics.shadows.count_shed(seq)
         for seq in self.scheduler.take_cancelled():
             self._finish(seq, FinishReason.CANCELLED)
         admitted = self.scheduler.schedule()

@@ -15,6 +15,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from .feedback import FeedbackBook
 from .scheduler import Scheduler
+from .shadow import ShadowMetrics
 from .sequence import Sequence
 from .version_metrics import LATENCY_BUCKETS as _LATENCY_BUCKETS, TOKEN_BUCKETS as _TOKEN_BUCKETS, VersionMetrics
 
@@ -126,6 +127,7 @@ class ServerMetrics:
         self.shadow_share = Gauge("cartridge_shadow_share_percent", "Share of the adapter's requests its shadow "
                                   "version also runs", ["adapter"], registry=r)
         self.versions = VersionMetrics(r)
+        self.shadows = ShadowMetrics(r)
         self.feedback = FeedbackBook(self.versions)
         self.store_load_failures = Counter("cartridge_store_load_failures", "Live versions that failed to load "
                                            "(the previous one kept serving)", ["adapter"], registry=r)
@@ -161,6 +163,7 @@ class ServerMetrics:
         """Removes a store version's series once it is neither live nor asked for by number."""
         self.version_requests.remove_by_labels({"adapter": name, "version": f"v{version}"})
         self.versions.forget(name, version)
+        self.shadows.forget(name, version)
 
     def forget_canary(self, name: str) -> None:
         self._forget_gauges(name, self.canary_version, self.canary_share)
@@ -184,7 +187,12 @@ class ServerMetrics:
         """`failed`: the server ended the request with an error."""
         now, adapter = time.monotonic(), seq.adapter_name
         label = self.versions.finished(seq, now, failed)
-        if label is not None and not failed and not seq.cancelled:
+        answered = not failed and not seq.cancelled
+        if seq.pair is not None:
+            self.shadows.ended(seq, now, answered)
+        if seq.shadow:
+            return    # no caller's request: counted by version and in its pair alone
+        if label is not None and answered:
             self.feedback.answered(seq.request_id, seq.adapter.store_name, seq.adapter.version, label)
         if seq.adapter is not None and seq.adapter.version is not None:
             self.version_requests.labels(seq.adapter.store_name, f"v{seq.adapter.version}").inc()

@@ -16,6 +16,7 @@ from .text_stream import TextStream
 
 if TYPE_CHECKING:
     from .grammar import GrammarState
+    from .shadow import ShadowPair
 
 
 class FinishReason(enum.Enum):
@@ -72,6 +73,7 @@ class Sequence:
     text: TextStream
     canary: bool = False      # sent to its name's canary version by the split (serve --store)
     shadow: bool = False      # a copy run on its name's shadow version, whose answer nobody receives
+    pair: ShadowPair | None = None    # a live row with a shadow copy, and that copy, share one
     # The id callers give feedback with (GenerateResponse.request_id, the OpenAI response's id).
     request_id: str = field(default_factory=new_request_id)
     id: int = field(default_factory=lambda: next(_ids))

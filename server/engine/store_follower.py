@@ -26,7 +26,7 @@ import time
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from adapters.formats.store_layout import (LiveMove, StoreError, StoreReader, VersionRef, live_file, parse_ref, read_live,
-                                           release_log, routes_to_canary)
+                                           release_log, routes_to_canary, split_mode)
 
 from ..lora.registry import AdapterRegistry, RegisteredAdapter
 from .canary_guard import CHECK_S, CanaryGuard
@@ -53,7 +53,8 @@ class StoreAdapters:
         self._followed: set[str] | None = set() if on_demand else None
         self._seen: dict[str, int] = {}          # name -> mtime_ns of the live pointer last acted on
         self._logged: dict[str, int] = {}        # name -> release-log lines already counted
-        self._canaries: dict[str, tuple[int, int]] = {}   # name -> (canary version, share), once it is loaded
+        # name -> (version, share, "canary" or "shadow") of its split, once the version is loaded
+        self._canaries: dict[str, tuple[int, int, str]] = {}
         self._read_lock = threading.Lock()       # one read per name@vN
         self._names_lock = threading.Lock()      # guards _followed
         self._name_locks: dict[str, threading.Lock] = {}   # per name: one switch at a time, never beside a drop
@@ -98,9 +99,7 @@ class StoreAdapters:
                     self._followed.discard(text)
             self._seen.pop(text, None)
             self._logged.pop(text, None)
-            if self._canaries.pop(text, None) is not None:
-                self.metrics.forget_canary(text)
-            self.guard.forget(text)
+            self._end_split(text)
             try:
                 adapter = self.registry.unregister(text)
             except NotFound:
@@ -124,10 +123,17 @@ class StoreAdapters:
     def route(self, name: str, key: str) -> RegisteredAdapter | None:
         """The canary version for a request for live `name` with routing `key`, when the split sends it
         there; None: the live version serves it."""
-        canary = self._canaries.get(name)
-        if canary is None or not routes_to_canary(name, canary[0], canary[1], key):
+        return self._split_version(name, key, "canary")
+
+    def shadow(self, name: str, key: str) -> RegisteredAdapter | None:
+        """The shadow version that also runs a request for live `name` with routing `key`; None: none does."""
+        return self._split_version(name, key, "shadow")
+
+    def _split_version(self, name: str, key: str, mode: str) -> RegisteredAdapter | None:
+        split = self._canaries.get(name)
+        if split is None or split[2] != mode or not routes_to_canary(name, split[0], split[1], key):
             return None
-        return self.by_version(f"{name}@v{canary[0]}")
+        return self.by_version(f"{name}@v{split[0]}")
 
     @staticmethod
     def _parse(text: str) -> VersionRef:
@@ -180,30 +186,44 @@ class StoreAdapters:
             self._follow_canary(name, move)
 
     def _follow_canary(self, name: str, move: LiveMove) -> None:
+        """Starts, changes or ends `name`'s canary or shadow as the pointer says."""
         if move.canary is None:
-            self.guard.forget(name)
-            if self._canaries.pop(name, None) is not None:
-                self.metrics.forget_canary(name)
-                log.info("%s: canary ended (%s); the live version takes every request", name, move.action)
+            ended = self._end_split(name)
+            if ended is not None:
+                log.info("%s: %s ended (%s); the live version takes every request", name, ended, move.action)
             return
-        canary = (move.canary["version"], move.canary["share"])
-        if self._canaries.get(name) == canary:
-            self.guard.watch(name, move.to_version, canary[0], move.canary.get("limits"))   # limits may change alone
+        split = (move.canary["version"], move.canary["share"], split_mode(move.canary))
+        limits = move.canary.get("limits") if split[2] == "canary" else None
+        if self._canaries.get(name) == split:
+            self.guard.watch(name, move.to_version, split[0], limits)   # limits may change alone
             return
-        ref = VersionRef(name, canary[0])
+        ref = VersionRef(name, split[0])
         try:
             warm = self._warm(self.by_version(str(ref)))
         except Exception as err:  # noqa: BLE001 - the live version keeps every request
             self.metrics.store_load_failures.labels(name).inc()
-            if self._canaries.pop(name, None) is not None:
-                self.metrics.forget_canary(name)
-            log.error("not starting the canary %s (the live version keeps every request): %s", ref, err)
+            self._end_split(name)
+            log.error("not starting the %s %s (the live version keeps every request): %s", split[2], ref, err)
             return
-        self._canaries[name] = canary
-        self.guard.watch(name, move.to_version, canary[0], move.canary.get("limits"))
-        self.metrics.canary_version.labels(name).set(canary[0])
-        self.metrics.canary_share.labels(name).set(canary[1])
-        log.info("%s: canary %s takes %d%% of requests (%s); %s", name, ref, canary[1], move.action, warm)
+        if self._canaries.get(name, split)[2] != split[2]:
+            self._end_split(name)
+        self._canaries[name] = split
+        self.guard.watch(name, move.to_version, split[0], limits)
+        version, share = ((self.metrics.canary_version, self.metrics.canary_share) if split[2] == "canary" else
+                          (self.metrics.shadow_version, self.metrics.shadow_share))
+        version.labels(name).set(split[0])
+        share.labels(name).set(split[1])
+        what = "takes" if split[2] == "canary" else "also runs"
+        log.info("%s: %s %s %s %d%% of requests (%s); %s", name, split[2], ref, what, split[1], move.action, warm)
+
+    def _end_split(self, name: str) -> str | None:
+        """Ends `name`'s canary or shadow on this server; returns which it was."""
+        self.guard.forget(name)
+        split = self._canaries.pop(name, None)
+        if split is None:
+            return None
+        (self.metrics.forget_canary if split[2] == "canary" else self.metrics.forget_shadow)(name)
+        return split[2]
 
     def _switch(self, name: str, move: LiveMove, stamp: int, why: str | None) -> None:
         try:
