@@ -6,11 +6,9 @@ A real server on a store of random peft versions, the real `cartridge release` c
 """
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from adapters.formats.store_layout import routes_to_canary
 from adapters.store.versions import AdapterStore
 from client.client import CartridgeClient, CartridgeError
 from tests.conftest import PROMPT, start_server
-from tests.test_canary import FLAGS, KEYS, canary_share, http_post, move, wait_for
+from tests.release_helpers import FLAGS, KEYS, canary_share, http_post, move, wait_for
 from tests.test_store_serving import store_random_version
 
 
@@ -32,16 +30,6 @@ def store(base_model, tmp_path_factory) -> Path:
     move(root, "release", "legal@v1", "--force", "--reason", "first")
     move(root, "release", "legal@v2", "--canary", "50", "--force", "--reason", "try")
     return root
-
-
-def post(server, path: str, body: object) -> tuple[int, dict]:
-    request = urllib.request.Request(server.http_url + path, data=json.dumps(body).encode(),
-                                     headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(request) as reply:
-            return reply.status, json.loads(reply.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
 
 
 def metric(text: str, name: str, version: str) -> float:
@@ -70,7 +58,7 @@ def test_feedback_is_counted_for_the_version_that_answered(store):
             status, headers, body = http_post(server, {"model": "legal", "prompt": PROMPT, "max_tokens": 4,
                                                        "user": KEYS[1]})
             assert status == 200 and body["id"].startswith("cmpl-"), body
-            status, rated = post(server, "/feedback", {"id": body["id"], "score": 1, "tag": "helpful"})
+            status, _, rated = http_post(server, {"id": body["id"], "score": 1, "tag": "helpful"}, "/feedback")
             assert status == 200 and rated == {"id": body["id"], "adapter_version": on[KEYS[1]]}
             assert headers["x-cartridge-adapter-version"] == on[KEYS[1]]
             ratings[on[KEYS[1]]].append(1.0)
@@ -99,7 +87,7 @@ def test_feedback_is_counted_for_the_version_that_answered(store):
                                       ({"score": 1}, 400, "id is required"),
                                       ({"id": body["id"], "score": 1, "stars": 5}, 400, "stars is not supported"),
                                       ([1], 400, "must be a JSON object")]:
-                status, refused = post(server, "/feedback", body)
+                status, _, refused = http_post(server, body, "/feedback")
                 assert status == code and words in refused["error"]["message"], refused
             assert client.generate(PROMPT, adapter="legal", max_tokens=2).text
 

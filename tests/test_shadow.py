@@ -21,7 +21,7 @@ from adapters.formats.store_layout import routes_to_canary
 from adapters.store.versions import AdapterStore
 from client.client import CartridgeClient
 from tests.conftest import start_server
-from tests.test_canary import canary_share, move, refused, wait_for
+from tests.release_helpers import canary_share, move, refused, wait_for
 from tests.test_release import cartridge
 from tests.test_store_serving import store_random_version
 

@@ -116,6 +116,8 @@ def _split(store: AdapterStore, ref: VersionRef, candidate: StoredVersion, live:
     # Every share it is given needs the gate a release needs: a shadow's answers reach no caller, but its
     # rows share the live version's batches.
     gate_sha = _admitted(candidate, live, force, reason)
+    if mode == "canary" and not running and (limits is None or not limits.any):
+        limits = gate_file_limits(candidate)
     step = "change" if running else "start"
     started_at = running["started_at"] if running else now()
     # A change of share keeps the running limits unless new ones are given.
@@ -127,6 +129,20 @@ def _split(store: AdapterStore, ref: VersionRef, candidate: StoredVersion, live:
                      action=f"{mode} {step}" if gate_sha else f"forced {mode} {step}",
                      gate_report_sha256=gate_sha, reason=reason,
                      expected_canary=running["version"] if running else None, canary=entry)
+
+
+def gate_file_limits(version: StoredVersion) -> CanaryLimits | None:
+    """The canary section of the gate file `version` was trained with, if it names one."""
+    from ..gate import GateConfig, GateConfigError
+
+    recorded = version.manifest.get("train_config", {}).get("gate_file")
+    if not recorded:
+        return None
+    try:
+        return GateConfig.load(Path(recorded)).canary
+    except GateConfigError as err:
+        raise StoreError(f"{version.ref}: its gate file's canary limits cannot be used: {err}; give --abort-... "
+                         f"flags instead") from None
 
 
 def _admitted(candidate: StoredVersion, live: StoredVersion | None, force: bool, reason: str) -> str | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -97,8 +96,6 @@ class ShadowMetrics:
                                   registry=r)
         self.seconds = Gauge("cartridge_shadow_seconds_sum", "Latency of the shadow rows of pairs", labels, registry=r)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._pending = 0
-        self._lock = threading.Lock()
         threading.Thread(target=self._record_loop, name="shadow-pairs", daemon=True).start()
 
     def ended(self, seq: Sequence, now: float, answered: bool) -> None:
@@ -106,8 +103,6 @@ class ShadowMetrics:
         rows = seq.pair.ended(seq, now, answered)
         if rows is not None:
             shadow = seq.pair.shadow
-            with self._lock:
-                self._pending += 1
             self._queue.put((shadow.adapter.store_name, f"v{shadow.adapter.version}", rows,
                              seq.params.temperature == 0, shadow.text))
 
@@ -119,12 +114,6 @@ class ShadowMetrics:
                        self.live_tokens, self.tokens, self.live_seconds, self.seconds):
             metric.remove_by_labels({"adapter": name, "version": f"v{version}"})
 
-    def wait_idle(self, timeout: float = 5.0) -> None:
-        """Until every pair handed over so far is recorded (what a scrape right after a request expects)."""
-        deadline = time.monotonic() + timeout
-        while self._pending and time.monotonic() < deadline:
-            time.sleep(0.005)
-
     def _record_loop(self) -> None:
         while True:
             item = self._queue.get()
@@ -132,8 +121,6 @@ class ShadowMetrics:
                 self._record(*item)
             except Exception:  # noqa: BLE001 - a bad pair must not stop the recorder
                 log.exception("recording a shadow pair failed")
-            with self._lock:
-                self._pending -= 1
 
     def _record(self, name: str, version: str, rows: tuple[Row, Row], greedy: bool, text_stream) -> None:
         live, shadow = rows
