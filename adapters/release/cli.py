@@ -51,7 +51,8 @@ def register_release(commands) -> None:
     abort = p.add_argument_group("automatic abort of a canary", "Every server following the store checks these "
                                  "every few seconds (serve --canary-check-s) against the live version, and ends "
                                  "the canary when one is crossed; releases.jsonl logs 'canary aborted' with the "
-                                 "numbers. Default: off.")
+                                 "numbers. Default: the canary section of the gate file the version was trained "
+                                 "with (error_rate, tpot_pct, feedback_min_n), else none.")
     abort.add_argument("--abort-error-rate", type=float, metavar="X", help="abort when the canary's error rate "
                        "(the low end of its 95%% interval) is above the live version's plus X, e.g. 0.05")
     abort.add_argument("--abort-tpot-pct", type=float, metavar="Y", help="abort when the canary's p95 time per "
