@@ -6,6 +6,7 @@ A real server on a store of random peft versions, the real `cartridge release` c
 """
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -125,5 +126,16 @@ def test_feedback_is_counted_for_the_version_that_answered(store):
         requests = lambda out: [int(n) for n in re.findall(r"(\d+) \(", next(l for l in out.splitlines()
                                                                           if l.startswith("requests")))]
         assert "(2 servers," in twice.stdout and requests(twice.stdout) == [2 * n for n in requests(shown.stdout)]
+
+        # From the command line: `generate --json` gives the id, `feedback` rates it.
+        cli = [sys.executable, "-m", "client.cli"]
+        answer = json.loads(subprocess.run([*cli, "generate", "Hi", "--adapter", "legal", "--max-tokens", "2", "--json",
+                                            "--server", server.address], capture_output=True, text=True).stdout)
+        rated = subprocess.run([*cli, "feedback", answer["request_id"], "0.5", "--tag", "cli", "--server",
+                                server.address], capture_output=True, text=True)
+        assert rated.returncode == 0 and rated.stdout.strip() == answer["adapter_version"], rated
+        wrong = subprocess.run([*cli, "feedback", answer["request_id"], "3", "--server", server.address],
+                               capture_output=True, text=True)
+        assert wrong.returncode == 1 and "INVALID_ARGUMENT: score must be a number from -1 to 1" in wrong.stderr
     finally:
         server.stop()

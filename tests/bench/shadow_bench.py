@@ -29,19 +29,21 @@ from client.client import CartridgeClient
 from tests.bench.serve_bench import write_random_adapter
 from tests.conftest import start_server
 
-PROMPT = "Write a short note about the history of gardening."
+MESSAGES = [{"role": "user", "content": "Tell me a long story about a gardener and her orchard."}]
 
 
-def phase(server, streams: int, requests: int, max_tokens: int) -> float:
-    """Live tokens per second of `streams` streams sending `requests` greedy requests each, random keys."""
+def phase(server, streams: int, requests: int, max_tokens: int) -> dict:
+    """Live tokens, seconds and tokens per second of `streams` streams sending `requests` greedy requests
+    each, with random routing keys."""
     def stream(_: int) -> int:
         with CartridgeClient(server.address, timeout=600) as client:
-            return sum(client.generate(PROMPT, adapter="legal", max_tokens=max_tokens,
+            return sum(client.generate(messages=MESSAGES, adapter="legal", max_tokens=max_tokens,
                                        routing_key=uuid.uuid4().hex).completion_tokens for _ in range(requests))
     started = time.monotonic()
     with ThreadPoolExecutor(streams) as pool:
         tokens = sum(pool.map(stream, range(streams)))
-    return tokens / (time.monotonic() - started)
+    seconds = time.monotonic() - started
+    return {"tokens": tokens, "seconds": round(seconds, 1), "tokens_per_s": round(tokens / seconds, 1)}
 
 
 def main() -> None:
@@ -69,7 +71,7 @@ def main() -> None:
             if mode == "shadow":
                 release(store, VersionRef("legal", 2), force=True, reason="bench", shadow=args.shadow)
             time.sleep(0.5)                  # the server follows within 0.2 s
-            figures[mode].append(round(phase(server, args.streams, args.requests, args.max_tokens), 1))
+            figures[mode].append(phase(server, args.streams, args.requests, args.max_tokens))
             if mode == "shadow":
                 rollback(store, "legal", None, "bench")
         metrics = urllib.request.urlopen(server.metrics_url).read().decode()
@@ -77,9 +79,9 @@ def main() -> None:
             r'^cartridge_shadow_(pairs|shed)_total\{adapter="legal",version="v2"\} (\S+)$', metrics, re.M)}
     finally:
         server.stop()
-    mean = {mode: sum(v) / len(v) for mode, v in figures.items()}
+    mean = {mode: sum(p["tokens"] for p in v) / sum(p["seconds"] for p in v) for mode, v in figures.items()}
     result = {"streams": args.streams, "requests_per_stream": args.requests, "max_tokens": args.max_tokens,
-              "shadow_percent": args.shadow, "live_tokens_per_s": figures,
+              "shadow_percent": args.shadow, "phases": figures,
               "shadow_over_none": round(mean["shadow"] / mean["none"], 3), "shadow_pairs": counts.get("pairs", 0),
               "shadow_shed": counts.get("shed", 0)}
     print(json.dumps(result))
