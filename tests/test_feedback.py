@@ -66,7 +66,8 @@ def test_feedback_is_counted_for_the_version_that_answered(store):
 
             # A pinned version answers under its own name@vN, and is counted as "other".
             pinned = client.generate(PROMPT, adapter="legal@v1", max_tokens=4)
-            assert client.feedback(pinned.request_id, 1) == "legal@v1"
+            assert client.feedback(pinned.request_id, -1) == "legal@v1"
+            assert client.feedback(pinned.request_id, 1) == "legal@v1"     # replaces the -1: one answer, one rating
             base = client.generate(PROMPT, max_tokens=2)
 
             # Refusals: by field, with the server still serving.
@@ -100,6 +101,8 @@ def test_feedback_is_counted_for_the_version_that_answered(store):
             assert metric(metrics, "cartridge_feedback_score_squares_sum", label) == \
                 pytest.approx(sum(s * s for s in scores))
         assert metric(metrics, "cartridge_feedback_ratings_total", "other") == 1
+        assert metric(metrics, "cartridge_feedback_score_sum", "other") == 1
+        assert metric(metrics, "cartridge_feedback_score_squares_sum", "other") == 1
         assert re.search(r'cartridge_feedback_tags_total\{adapter="legal",tag="helpful",version="v\d"\} [1-9]', metrics)
         # Per-version requests and latencies: every answered request, the pinned one under "other".
         total = sum(metric(metrics, "cartridge_release_requests_total", f"v{n}") for n in (1, 2))

@@ -23,12 +23,13 @@ TAG = re.compile(r"[A-Za-z0-9._-]{1,32}")
 MAX_REQUEST_ID_CHARS = 128
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Answer:
     name: str        # the store name
     version: int     # the version that answered
     label: str       # its metric label: vN, or "other" when the request pinned it
     at: float        # time.monotonic() when it ended
+    score: float | None = None    # its rating so far: a later one replaces it, so one answer counts once
 
 
 class FeedbackBook:
@@ -56,19 +57,21 @@ class FeedbackBook:
                                   field="tag")
         if not request_id or len(request_id) > MAX_REQUEST_ID_CHARS:
             raise InvalidArgument(f"request_id must be 1 to {MAX_REQUEST_ID_CHARS} characters", field="request_id")
-        answer = self._find(request_id)
-        self.metrics.rated(answer.name, answer.label, float(score), tag)
+        with self._lock:
+            answer = self._find(request_id)
+            earlier, answer.score = answer.score, float(score)
+            self.metrics.rated(answer.name, answer.label, float(score), tag, replaces=earlier)
         return f"{answer.name}@v{answer.version}"
 
     def _find(self, request_id: str) -> Answer:
+        """Under the lock."""
         now = time.monotonic()
-        with self._lock:
-            while self._answers:     # expired ones first: they are the oldest
-                oldest = next(iter(self._answers.values()))
-                if now - oldest.at <= self.ttl:
-                    break
-                self._answers.popitem(last=False)
-            answer = self._answers.get(request_id)
+        while self._answers:     # expired ones first: they are the oldest
+            oldest = next(iter(self._answers.values()))
+            if now - oldest.at <= self.ttl:
+                break
+            self._answers.popitem(last=False)
+        answer = self._answers.get(request_id)
         if answer is None:
             raise NotFound(f"request {request_id[:MAX_REQUEST_ID_CHARS]!r} is not among the answers this server "
                            f"gave from a stored adapter version in the last {self.ttl / 60:g} minutes (it keeps "

@@ -43,7 +43,7 @@ class VersionMetrics:
                               "by version", labels, buckets=TOKEN_BUCKETS, registry=r)
         self.ratings = Counter("cartridge_feedback_ratings", "Feedback scores received, by the version that answered",
                                labels, registry=r)
-        # Gauges, as scores may be negative; never decreased all the same.
+        # Gauges: scores may be negative, and a later rating of an answer replaces its earlier one.
         self.score_sum = Gauge("cartridge_feedback_score_sum", "Sum of feedback scores (-1 to 1)", labels, registry=r)
         self.score_squares = Gauge("cartridge_feedback_score_squares_sum", "Sum of squared feedback scores",
                                    labels, registry=r)
@@ -67,11 +67,14 @@ class VersionMetrics:
                 self.tpot.labels(name, label).observe((now - seq.first_token_time) / (len(seq.output_ids) - 1))
         return label
 
-    def rated(self, name: str, label: str, score: float, tag: str) -> None:
+    def rated(self, name: str, label: str, score: float, tag: str, replaces: float | None = None) -> None:
+        """Counts a rating; `replaces`: the same answer's earlier score, which this one takes the place of."""
+        earlier = replaces or 0.0
         with self._lock:
-            self.ratings.labels(name, label).inc()
-            self.score_sum.labels(name, label).inc(score)
-            self.score_squares.labels(name, label).inc(score * score)
+            if replaces is None:
+                self.ratings.labels(name, label).inc()
+            self.score_sum.labels(name, label).inc(score - earlier)
+            self.score_squares.labels(name, label).inc(score * score - earlier * earlier)
             if tag:
                 seen = self._tags.setdefault((name, label), set())
                 if tag not in seen and len(seen) < MAX_TAGS:
