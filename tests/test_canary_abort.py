@@ -1,6 +1,6 @@
 """Automatic abort: a canary released with `--abort-...` limits is ended by the server that sees a limit crossed,
 within its check interval (`serve --canary-check-s`) plus a second, under the release's compare-and-set, and
-releases.jsonl records `canary aborted` with the numbers.
+releases.jsonl records `canary aborted` with the numbers. A server started after kill -9 resumes the limits.
 
 Errors are real ones: the server runs with `--max-host-adapter-bytes 0`, so every request reads its version's
 weights again and checks them against the sha256 taken when the version loaded; the canary's weights file is
@@ -43,14 +43,19 @@ def canary_entry(store: Path) -> dict | None:
 
 
 def test_errors_on_the_canary_abort_it_within_the_check_interval_plus_a_second(store):
-    server = start_server("--store", str(store), *FLAGS, "--max-host-adapter-bytes", "0",
-                          "--canary-check-s", str(CHECK_S))
+    flags = ["--store", str(store), *FLAGS, "--max-host-adapter-bytes", "0", "--canary-check-s", str(CHECK_S)]
+    server = start_server(*flags)
     try:
         started = cartridge("release", "legal@v2", "--canary", "50", "--abort-error-rate", "0.05", "--force",
                             "--reason", "try", store=store)
         assert started.returncode == 0 and "aborted by servers past error_rate=0.05" in started.stdout, started
         assert canary_entry(store)["limits"] == {"error_rate": 0.05, "tpot_pct": None, "feedback_min_n": None}
         wait_for(lambda: canary_share(server) == "50.0", "the canary")
+        # kill -9, and a new server: it resumes the split, and its limits, from the store.
+        server.process.kill()
+        server.process.wait()
+        server = start_server(*flags)
+        assert canary_share(server) == "50.0"
         with CartridgeClient(server.address, timeout=120) as client:
             for key in ON_CANARY[:3] + ON_LIVE[:3]:     # healthy first: no abort
                 assert client.generate(PROMPT, adapter="legal", max_tokens=2, routing_key=key).text
