@@ -165,7 +165,8 @@ def build_server(config: ServerConfig) -> RunningServer:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[core.gate, StatusInterceptor()],
                          maximum_concurrent_rpcs=workers,
                          options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(core.engine, core.validator, core.metrics.feedback), server)
+    inference = InferenceService(core.engine, core.validator, core.metrics.feedback)
+    inference_pb2_grpc.add_InferenceServicer_to_server(inference, server)
     adapters_pb2_grpc.add_AdaptersServicer_to_server(
         AdaptersService(core.registry, core.engine, core.store), server)
     health_servicer = health.HealthServicer()

@@ -159,8 +159,8 @@ class CanaryLimits:
                              f"above the live version's error rate)")
         if self.tpot_pct is not None and not 0 < self.tpot_pct <= 1000:
             raise ValueError(f"--abort-tpot-pct {self.tpot_pct!r}: a percent above 0 (20: p95 TPOT 20 % above live)")
-        if self.feedback_min_n is not None and (isinstance(self.feedback_min_n, bool) or not
-                                                isinstance(self.feedback_min_n, int) or self.feedback_min_n < MIN_FEEDBACK_N):
+        n = self.feedback_min_n
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < MIN_FEEDBACK_N):
             raise ValueError(f"--abort-feedback-min-n {self.feedback_min_n!r}: at least {MIN_FEEDBACK_N} ratings a "
                              f"side (the test is a normal approximation)")
 

@@ -196,7 +196,8 @@ def _versions(args: argparse.Namespace) -> None:
             print(f"{marker} v{line.number}\tREFUSED: {line.problem}")
         else:
             parent = f"from v{line.parent}" if line.parent is not None else "new"
-            gates = ", ".join(f"{'PASS' if ok else 'FAIL'} vs {against}" for against, ok in line.verdicts) or "not gated"
+            gates = ", ".join(f"{'PASS' if ok else 'FAIL'} vs {against}"
+                              for against, ok in line.verdicts) or "not gated"
             periods = "; ".join(f"{start} to {end or 'now'}" for start, end in line.live_periods) or "never live"
             canary = f"\t{mode}: {line.canary['share']}% since {line.canary['started_at']}" if line.canary else ""
             print(f"{marker} v{line.number}\t{parent}\t{line.created}\t{gates}\tlive: {periods}{canary}")

@@ -60,13 +60,14 @@ def report(name: str, texts: list[str]) -> list[str]:
         "95% intervals)"
     table = [("", [f"{label} v{version}" for label, version in columns])]
     total = sum(s.requests for s in rows.values())
-    table.append(("requests", [f"{s.requests:.0f} ({_pct(*wilson(s.requests, total), s.requests / total if total else 0)})"
+    table.append(("requests", [f"{s.requests:.0f} ({_pct(*wilson(s.requests, total), s.requests / (total or 1))})"
                                for s in rows.values()]))
     table.append(("error rate", [f"{_pct(*wilson(s.errors, s.requests), s.errors / s.requests if s.requests else 0)}"
                                  for s in rows.values()]))
     for metric in ("ttft", "tpot"):
         for q in (0.5, 0.95):
-            table.append((f"{metric.upper()} p{round(q * 100)}", [_latency(getattr(s, metric), q) for s in rows.values()]))
+            cells = [_latency(getattr(s, metric), q) for s in rows.values()]
+            table.append((f"{metric.upper()} p{round(q * 100)}", cells))
     live_mean = Mean.of(rows["live"])
     cells = []
     for label, sample in rows.items():

@@ -259,7 +259,9 @@ class StoreAdapters:
             warmed = self.engine.warm(adapter).result(timeout=WARM_WAIT_S)
         except FutureTimeout:
             return "its copy into a device slot runs before the engine's next step"
-        return "in a device slot before the switch" if warmed else "not copied (no idle slot, or no host copy): its first request loads it"
+        if warmed:
+            return "in a device slot before the switch"
+        return "not copied (no idle slot, or no host copy): its first request loads it"
 
     def _count_moves(self, name: str) -> None:
         moves = release_log(self.store, name)
