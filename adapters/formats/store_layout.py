@@ -221,6 +221,10 @@ def live_file(store: StoreReader, name: str) -> Path:
     return store.root / name / LIVE_FILE
 
 
+def log_file(store: StoreReader, name: str) -> Path:
+    return store.root / name / LOG_FILE
+
+
 def read_live(store: StoreReader, name: str) -> LiveMove | None:
     """The move that made the live version live; None when the name has never been released."""
     try:
@@ -231,7 +235,7 @@ def read_live(store: StoreReader, name: str) -> LiveMove | None:
 
 def release_log(store: StoreReader, name: str) -> list[LiveMove]:
     try:
-        lines = (store.root / name / LOG_FILE).read_text().splitlines()
+        lines = log_file(store, name).read_text().splitlines()
     except FileNotFoundError:
         return []
     return [LiveMove(**json.loads(line)) for line in lines if line.strip()]

@@ -25,8 +25,8 @@ import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from adapters.formats.store_layout import (LiveMove, StoreError, StoreReader, VersionRef, live_file, parse_ref, read_live,
-                                           release_log, routes_to_canary, split_mode)
+from adapters.formats.store_layout import (LiveMove, StoreError, StoreReader, VersionRef, live_file, log_file,
+                                           parse_ref, read_live, release_log, routes_to_canary, split_mode)
 
 from ..lora.registry import AdapterRegistry, RegisteredAdapter
 from .canary_guard import CHECK_S, CanaryGuard
@@ -53,6 +53,7 @@ class StoreAdapters:
         self._followed: set[str] | None = set() if on_demand else None
         self._seen: dict[str, int] = {}          # name -> mtime_ns of the live pointer last acted on
         self._logged: dict[str, int] = {}        # name -> release-log lines already counted
+        self._log_sizes: dict[str, int] = {}     # name -> bytes of the release log when last read
         # name -> (version, share, "canary" or "shadow") of its split, once the version is loaded
         self._canaries: dict[str, tuple[int, int, str]] = {}
         self._read_lock = threading.Lock()       # one read per name@vN
@@ -99,6 +100,7 @@ class StoreAdapters:
                     self._followed.discard(text)
             self._seen.pop(text, None)
             self._logged.pop(text, None)
+            self._log_sizes.pop(text, None)
             self._end_split(text)
             try:
                 adapter = self.registry.unregister(text)
@@ -178,12 +180,13 @@ class StoreAdapters:
             except FileNotFoundError:
                 return
             if self._seen.get(name) == stamp:
+                self._count_moves(name)   # a move's log line is appended just after its pointer lands
                 return
             self._seen[name] = stamp
-            self._count_moves(name)
             move = read_live(self.store, name)
             self._switch(name, move, stamp, why)
             self._follow_canary(name, move)
+            self._count_moves(name)
 
     def _follow_canary(self, name: str, move: LiveMove) -> None:
         """Starts, changes or ends `name`'s canary or shadow as the pointer says."""
@@ -264,6 +267,14 @@ class StoreAdapters:
         return "not copied (no idle slot, or no host copy): its first request loads it"
 
     def _count_moves(self, name: str) -> None:
+        """Counts the release log's new moves; the log is read only when it has grown."""
+        try:
+            size = log_file(self.store, name).stat().st_size
+        except FileNotFoundError:
+            return
+        if self._log_sizes.get(name) == size:
+            return
+        self._log_sizes[name] = size
         moves = release_log(self.store, name)
         for move in moves[self._logged.get(name, 0):]:
             if move.moves_live:
