@@ -72,11 +72,12 @@ class Completion:
     completion_tokens: int
     adapter: str
     adapter_version: str = ""    # name@vN: the stored version that answered (serve --store)
+    request_id: str = ""         # what `feedback` rates (on the last piece of a stream)
 
     @classmethod
     def from_proto(cls, message: inference_pb2.GenerateResponse) -> "Completion":
         return cls(message.text, FINISH_REASONS[message.finish_reason], message.prompt_tokens,
-                   message.completion_tokens, message.adapter, message.adapter_version)
+                   message.completion_tokens, message.adapter, message.adapter_version, message.request_id)
 
 
 class CartridgeClient:
@@ -128,6 +129,12 @@ class CartridgeClient:
             raise _call_error(err, self.target) from None
         finally:
             call.cancel()  # a caller that stops reading early frees its slot on the server at once
+
+    def feedback(self, request_id: str, score: float, tag: str = "") -> str:
+        """Rates an answer from -1 (bad) to 1 (good), for the stored version that gave it; returns that
+        version as name@vN. `tag`: an optional label (1 to 32 of [A-Za-z0-9._-])."""
+        request = inference_pb2.FeedbackRequest(request_id=request_id, score=score, tag=tag)
+        return self._call(self._inference.Feedback, request, self._inference_metadata).adapter_version
 
     def register_adapter(self, name: str, path: str, replace: bool = False,
                          pin: bool = False) -> adapters_pb2.AdapterInfo:

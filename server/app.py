@@ -164,7 +164,7 @@ def build_core(config: ServerConfig, *, store_on_demand: bool = False) -> Servin
     store = None
     if config.store is not None:
         store = StoreAdapters(StoreReader(Path(config.store).resolve()), registry, engine, metrics,
-                              on_demand=store_on_demand)
+                              on_demand=store_on_demand, canary_check_s=config.canary_check_s)
         store.start()
     log.info("base %s on %s (%s, %s): weights+cache ready in %.1f s; KV cache %.0f MiB for %d x %d tokens",
              directory.name, device, "nf4" if config.quantize else "dense", str(config.torch_dtype).split(".")[-1],
@@ -182,7 +182,8 @@ def build_server(config: ServerConfig) -> RunningServer:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[core.gate, StatusInterceptor()],
                          maximum_concurrent_rpcs=workers,
                          options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(core.engine, core.validator), server)
+    inference = InferenceService(core.engine, core.validator, core.metrics.feedback)
+    inference_pb2_grpc.add_InferenceServicer_to_server(inference, server)
     adapters_pb2_grpc.add_AdaptersServicer_to_server(
         AdaptersService(core.registry, core.engine, core.store), server)
     health_servicer = HealthService()

@@ -7,14 +7,14 @@ both edges refuse the same things with the same words.
 from __future__ import annotations
 
 import hashlib
-import uuid
 from dataclasses import dataclass, replace
 
 from adapters.formats.chat import render_prompt
 
 from ..lora.registry import AdapterRegistry, RegisteredAdapter, check_name
 from ..errors import InvalidArgument
-from ..engine.sequence import Sequence
+from ..engine.sequence import Sequence, new_request_id
+from ..engine.shadow import shadow_copy
 from ..engine.store_follower import StoreAdapters
 from ..engine.text_stream import TextStream
 from ..engine.grammar import Grammars, ResponseFormat, check_format
@@ -65,6 +65,7 @@ class GenerateRequest:
     prompt_logprobs: bool = False                  # the prompt's tokens' logprobs too (completions' echo)
     tools: tuple[Tool, ...] = ()                   # functions the chat answer may call (server/edge/tools.py)
     tool_choice: str = ""                          # "none", "auto" (""), "required" or a function's name
+    request_id: str = ""                           # the edge's id for the answer; empty: a new one
 
 
 class RequestValidator:
@@ -77,7 +78,8 @@ class RequestValidator:
     def sequence(self, request: GenerateRequest, **fields) -> Sequence:
         """The request as the engine runs it; `fields` go to the Sequence (e.g. its event sink). With n > 1
         it is choice 0, and `forks` holds the other choices, which share its prefill and its event sink."""
-        adapter, canary = self._routed(request)
+        request_id = request.request_id or new_request_id()
+        adapter, canary = self._routed(request, request_id)
         asked = request.max_tokens
         if adapter is not None:
             request = with_defaults(request, adapter.defaults)
@@ -109,9 +111,17 @@ class RequestValidator:
                 fields["events"] = choices[0].events     # one sink for every choice: events say their index
             choices.append(Sequence(prompt_ids, replace(params, seed=choice_seed(params.seed, i)), adapter,
                                     TextStream(self.tokenizer, params.stop), canary=canary, index=i,
-                                    grammar=None if compiled is None else self.grammars.matcher(compiled), **fields))
-        choices[0].forks = choices[1:]
-        return choices[0]
+                                    grammar=None if compiled is None else self.grammars.matcher(compiled),
+                                    request_id=request_id, **fields))
+        seq = choices[0]
+        seq.forks = choices[1:]
+        # A shadow runs the live version's requests (not the canary's, nor pinned ones); a grammar's state is
+        # one row's, and choices share one prefill, so constrained and n > 1 requests are not shadowed.
+        if self.store is not None and adapter is not None and adapter.live and compiled is None and not seq.forks:
+            shadow = self.store.shadow(adapter.name, request.routing_key or request_id)
+            if shadow is not None:
+                shadow_copy(seq, shadow, TextStream(self.tokenizer, params.stop))
+        return seq
 
     def _compiled(self, fmt: ResponseFormat | None):
         """The response format compiled here, on the caller's thread (cached by content); None: plain text."""
@@ -121,7 +131,7 @@ class RequestValidator:
             raise InvalidArgument("response_format is not available on this server", field="response_format")
         return self.grammars.compile(fmt)
 
-    def _routed(self, request: GenerateRequest) -> tuple[RegisteredAdapter | None, bool]:
+    def _routed(self, request: GenerateRequest, request_id: str) -> tuple[RegisteredAdapter | None, bool]:
         """The adapter, and whether the name's canary split sent the request to the canary version."""
         if len(request.routing_key) > MAX_ROUTING_KEY_CHARS:
             raise InvalidArgument(f"{request.routing_key_field} must be at most {MAX_ROUTING_KEY_CHARS} characters",
@@ -130,7 +140,7 @@ class RequestValidator:
         if self.store is None or adapter is None or not adapter.live:
             return adapter, False
         # Without a key the request's own id decides: a fresh one each time, so the share holds, unstuck.
-        canary = self.store.route(adapter.name, request.routing_key or uuid.uuid4().hex)
+        canary = self.store.route(adapter.name, request.routing_key or request_id)
         return (canary, True) if canary is not None else (adapter, False)
 
     def adapter(self, name: str, field: str = "adapter") -> RegisteredAdapter | None:

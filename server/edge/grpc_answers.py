@@ -31,9 +31,10 @@ def _outcome(text: str, finish: FinishReason | None, tools: str) -> tuple[int, l
 
 
 def answer(events: list[Event], prompt_tokens: int, adapter: str, adapter_version: str = "",
-           tools: str = "") -> inference_pb2.GenerateResponse:
+           tools: str = "", request_id: str = "") -> inference_pb2.GenerateResponse:
     """Generate's answer from all of a request's events (every choice's, the last of each with its outcome);
-    `tools`: how answers are read for tool calls (server/edge/tools.py's mode)."""
+    `tools`: how answers are read for tool calls (server/edge/tools.py's mode); `request_id`: what feedback
+    names the answer by."""
     texts, logprobs, last = defaultdict(list), defaultdict(list), {}
     prompt = ()
     for event in events:
@@ -54,16 +55,17 @@ def answer(events: list[Event], prompt_tokens: int, adapter: str, adapter_versio
         text=first.text, finish_reason=first.finish_reason, prompt_tokens=prompt_tokens,
         completion_tokens=sum(c.completion_tokens for c in choices), adapter=adapter,
         adapter_version=adapter_version, logprobs=first.logprobs, choices=choices if len(choices) > 1 else [],
-        prompt_logprobs=token_logprobs(prompt), tool_calls=first.tool_calls)
+        prompt_logprobs=token_logprobs(prompt), tool_calls=first.tool_calls, request_id=request_id)
 
 
 class StreamAnswer:
     """GenerateStream's messages for one request, event by event: each piece, and on a choice's last the
     outcome too (with tools, the calls read from the choice's whole text)."""
 
-    def __init__(self, prompt_tokens: int, adapter: str, adapter_version: str = "", tools: str = ""):
+    def __init__(self, prompt_tokens: int, adapter: str, adapter_version: str = "", tools: str = "",
+                 request_id: str = ""):
         self.prompt_tokens, self.adapter, self.adapter_version = prompt_tokens, adapter, adapter_version
-        self.tools = tools
+        self.tools, self.request_id = tools, request_id
         self._texts: dict[int, list[str]] = defaultdict(list)
 
     def message(self, event: Event) -> inference_pb2.GenerateResponse:
@@ -75,5 +77,6 @@ class StreamAnswer:
             reason, calls = _outcome("".join(self._texts.pop(event.index)), event.finish_reason, self.tools)
             message.MergeFrom(inference_pb2.GenerateResponse(
                 finish_reason=reason, prompt_tokens=self.prompt_tokens, completion_tokens=event.completion_tokens,
-                adapter=self.adapter, adapter_version=self.adapter_version, tool_calls=calls))
+                adapter=self.adapter, adapter_version=self.adapter_version, tool_calls=calls,
+                request_id=self.request_id))
         return message

@@ -7,6 +7,7 @@ from cartridge.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inferen
 
 from ..lora.registry import AdapterRegistry, RegisteredAdapter, check_name
 from ..engine.engine import Engine
+from ..engine.feedback import FeedbackBook
 from ..errors import InvalidArgument
 from .generate_request import GenerateRequest, RequestValidator
 from ..engine.sequence import Event, Sequence
@@ -21,19 +22,24 @@ MAX_PATH_CHARS = 4096
 
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, engine: Engine, validator: RequestValidator):
-        self.engine, self.validator = engine, validator
+    def __init__(self, engine: Engine, validator: RequestValidator, feedback: FeedbackBook):
+        self.engine, self.validator, self.feedback = engine, validator, feedback
 
     def Generate(self, request, context) -> inference_pb2.GenerateResponse:
         seq = self._start(request, context)
         return answer(list(self._events(seq)), len(seq.prompt_ids), seq.answered_as, seq.adapter_version,
-                      tool_mode(request))
+                      tool_mode(request), seq.request_id)
 
     def GenerateStream(self, request, context) -> Iterator[inference_pb2.GenerateResponse]:
         seq = self._start(request, context)
-        stream = StreamAnswer(len(seq.prompt_ids), seq.answered_as, seq.adapter_version, tool_mode(request))
+        stream = StreamAnswer(len(seq.prompt_ids), seq.answered_as, seq.adapter_version, tool_mode(request),
+                              seq.request_id)
         for event in self._events(seq):
             yield stream.message(event)
+
+    def Feedback(self, request, context) -> inference_pb2.FeedbackResponse:
+        version = self.feedback.rate(request.request_id, request.score, request.tag)
+        return inference_pb2.FeedbackResponse(adapter_version=version)
 
     def _start(self, request, context) -> Sequence:
         seq = self.validator.sequence(from_proto(request))

@@ -7,6 +7,7 @@ backend that reaches engine replicas instead, so both speak exactly the same API
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import socket
@@ -28,7 +29,7 @@ from ..engine.engine import Engine
 from ..errors import InvalidArgument, RequestTooLarge, ServingError, http_error_of
 from .call_gate import CallGate
 from .generate_request import MAX_REQUEST_BYTES, GenerateRequest, RequestValidator
-from .openai_api import OpenAIRequest, parse
+from .openai_api import OpenAIRequest, parse, parse_feedback
 from .openai_responses import ResponseWriter
 from ..engine.sequence import Event, Sequence
 
@@ -58,6 +59,9 @@ class Backend(Protocol):
 
     async def generate(self, request: GenerateRequest) -> Generation:
         """Checks and queues the request: a refusal raises here, before any event."""
+
+    def feedback(self, request_id: str, score: float, tag: str) -> str:
+        """Counts a rating for the version that answered `request_id`; returns it as name@vN."""
 
 
 class LoopEvents:
@@ -108,6 +112,9 @@ class EngineBackend:
         return Generation(len(seq.prompt_ids), self._events(seq, events),
                           {VERSION_HEADER: seq.adapter_version} if seq.adapter_version else {})
 
+    def feedback(self, request_id: str, score: float, tag: str) -> str:
+        return self.engine.metrics.feedback.rate(request_id, score, tag)
+
     async def _events(self, seq: Sequence, events: LoopEvents) -> AsyncIterator[Event]:
         """The events of every choice of the request, until each has ended."""
         running = 1 + len(seq.forks)
@@ -145,12 +152,19 @@ def openai_app(backend: Backend, metrics: CollectorRegistry | None = None) -> St
     async def completions(request: Request) -> Response:
         return await _complete(backend, request, chat=False)
 
+    async def feedback(request: Request) -> Response:
+        backend.authorize("POST /v1/feedback", request.headers.get("authorization"))
+        rating = parse_feedback(await _json_body(request))
+        version = backend.feedback(rating["id"], rating["score"], rating["tag"])
+        return JSONResponse({"id": rating["id"], "adapter_version": version})
+
     async def prometheus(_: Request) -> Response:
         return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
 
     routes = [Route("/health", health), Route("/v1/models", models),
               Route("/v1/chat/completions", chat, methods=["POST"]),
-              Route("/v1/completions", completions, methods=["POST"])]
+              Route("/v1/completions", completions, methods=["POST"]),
+              Route("/v1/feedback", feedback, methods=["POST"])]
     if metrics is not None:
         routes.append(Route("/metrics", prometheus))
     return Starlette(routes=routes,
@@ -169,8 +183,9 @@ async def _error_response(_: Request, error: Exception) -> Response:
 async def _complete(backend: Backend, http: Request, chat: bool) -> Response:
     backend.authorize(f"POST {http.url.path}", http.headers.get("authorization"))
     request = parse(await _json_body(http), chat, backend.base_name)
-    generation = await backend.generate(request.generate)
     writer = ResponseWriter(request)
+    # The response's id is the request's: what POST /v1/feedback is given back.
+    generation = await backend.generate(dataclasses.replace(request.generate, request_id=writer.id))
     if request.stream:
         return StreamingResponse(_sse(writer, request, generation), media_type="text/event-stream",
                                  headers=generation.headers)

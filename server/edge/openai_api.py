@@ -100,6 +100,19 @@ def _sampling_controls(fields: dict) -> dict:
             "logit_bias": tuple(entries)}
 
 
+def parse_feedback(body: object) -> dict:
+    """POST /v1/feedback: {"id": the response's id, "score": -1 to 1, "tag": optional label}; the values are
+    checked where gRPC's Feedback checks them (server/engine/feedback.py)."""
+    if not isinstance(body, dict):
+        raise InvalidArgument("the request body must be a JSON object")
+    _refuse_unsupported(body, frozenset({"id", "score", "tag"}))
+    score = body.get("score")
+    if isinstance(score, bool) or not isinstance(score, (int, float)):
+        raise InvalidArgument(f"score must be a number from -1 to 1, got {score!r}", field="score")
+    return {"id": _typed(body, "id", str, required=True), "score": float(score),
+            "tag": _typed(body, "tag", str, default="")}
+
+
 def _logprobs(fields: dict, chat: bool) -> dict:
     """Chat: logprobs true/false and top_logprobs n; completions: logprobs n (the alternatives per token)."""
     if chat:

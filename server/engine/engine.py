@@ -9,7 +9,7 @@ from concurrent.futures import Future
 from typing import Callable
 
 from ..lora.registry import AdapterRegistry, RegisteredAdapter
-from ..errors import ServingError
+from ..errors import ResourceExhausted, ServingError
 from .metrics import ServerMetrics
 from .runner import DecodePass, ModelRunner
 from .sampler import sample
@@ -46,8 +46,16 @@ class Engine:
         Every edge submits here, so every request holds its adapter version until it ends."""
         choices = (seq, *seq.forks)
         if seq.adapter is not None:
-            for _ in choices:
-                self.registry.hold(seq.adapter)      # dropped by the engine as each choice ends
+            held = 0
+            try:
+                for _ in choices:
+                    self.registry.hold(seq.adapter)      # dropped by the engine as each choice ends
+                    held += 1
+            except ServingError:
+                for _ in range(held):
+                    self.registry.drop_hold(seq.adapter)
+                self.metrics.refused(seq)
+                raise
         try:
             self.scheduler.add(seq)
         except ServingError:
@@ -56,6 +64,21 @@ class Engine:
                     self.registry.drop_hold(seq.adapter)
             raise
         self._wake.set()
+        if seq.pair is not None and not seq.shadow:
+            self._submit_shadow(seq.pair.shadow)
+
+    def _submit_shadow(self, copy: Sequence) -> None:
+        """A live row's shadow copy goes in only while no live row waits for room; what goes wrong with it
+        is the shadow version's (counted), never the caller's."""
+        if self.scheduler.needs_room():
+            self.metrics.shadows.count_shed(copy)
+            return
+        try:
+            self.submit(copy)
+        except ResourceExhausted:
+            self.metrics.shadows.count_shed(copy)
+        except ServingError:
+            pass    # its version could not be held: counted as that version's error by submit
 
     def cancel(self, seq: Sequence) -> None:
         """Cancels `seq` and its forks (the request's other choices)."""
@@ -97,7 +120,8 @@ class Engine:
         def job() -> bool:
             slots = self.scheduler.adapter_slots
             try:
-                if slots.can_acquire(adapter):
+                # Under --max-host-adapter-bytes its host copy may be gone already: its first request reads it.
+                if adapter.weights is not None and slots.can_acquire(adapter):
                     slots.free(slots.acquire(adapter))
                     done.set_result(True)
                 else:
@@ -152,6 +176,9 @@ class Engine:
             self._in_flight = None
             for seq in self.scheduler.take_all():
                 self._finish(seq, None, error=self._abort)
+        for seq in self.scheduler.shadows_to_shed():
+            seq.cancel()
+            self.metrics.shadows.count_shed(seq)
         for seq in self.scheduler.take_cancelled():
             self._finish(seq, FinishReason.CANCELLED)
         admitted = self.scheduler.schedule()
@@ -270,7 +297,7 @@ class Engine:
         if reason in (FinishReason.END_OF_SEQUENCE, FinishReason.LENGTH):
             piece += seq.text.flush()
         seq.events.put(self._event(seq, piece, seq.finish_reason, error))
-        self.metrics.finished(seq)
+        self.metrics.finished(seq, failed=error is not None)
         if seq.adapter is not None:
             self.registry.drop_hold(seq.adapter)
             self._forget_if_unused(seq.adapter)   # it may have finished after its name or version moved on

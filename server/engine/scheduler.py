@@ -47,6 +47,21 @@ class Scheduler:
                 raise ResourceExhausted(f"the server's queue is full ({self.max_queue} requests waiting); retry later")
             self.waiting.append(seq)
 
+    def needs_room(self) -> bool:
+        """Whether live rows wait for more KV slots than are free: shadow rows must give way then."""
+        with self._lock:
+            return sum(not s.shadow for s in self.waiting) > len(self._free_kv)
+
+    def shadows_to_shed(self) -> list[Sequence]:
+        """While live rows wait for more KV slots than are free: every waiting shadow row, and as many running
+        ones as live rows lack slots (a shadow row never delays a live one by more than the step under way)."""
+        with self._lock:
+            short = sum(not s.shadow for s in self.waiting) - len(self._free_kv)
+            if short <= 0:
+                return []
+            waiting = [s for s in self.waiting if s.shadow and not s.cancelled]
+        return waiting + [s for s in self.running if s.shadow and not s.cancelled][:short]
+
     def take_cancelled(self) -> list[Sequence]:
         """Cancelled requests, waiting or running, taken out of the schedule."""
         return self._take(lambda seq: seq.cancelled)

@@ -6,6 +6,7 @@ import itertools
 import queue
 import random
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ from .text_stream import TextStream
 
 if TYPE_CHECKING:
     from .grammar import GrammarState
+    from .shadow import ShadowPair
 
 
 class FinishReason(enum.Enum):
@@ -72,6 +74,10 @@ class Event:
 _ids = itertools.count()
 
 
+def new_request_id() -> str:
+    return f"req-{uuid.uuid4().hex}"
+
+
 @dataclass(eq=False)
 class Sequence:
     prompt_ids: list[int]
@@ -79,6 +85,10 @@ class Sequence:
     adapter: RegisteredAdapter | None
     text: TextStream
     canary: bool = False      # sent to its name's canary version by the split (serve --store)
+    shadow: bool = False      # a copy run on its name's shadow version, whose answer nobody receives
+    pair: ShadowPair | None = None    # a live row with a shadow copy, and that copy, share one
+    # The id callers give feedback with (GenerateResponse.request_id, the OpenAI response's id).
+    request_id: str = field(default_factory=new_request_id)
     id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
     kv_slot: int | None = None

@@ -32,7 +32,7 @@ from ray import serve
 from adapters.formats.store_layout import StoreReader, read_live
 from cartridge.v1 import inference_pb2
 
-from ..errors import InvalidArgument, ServingError, serving_error, status_of
+from ..errors import FailedPrecondition, InvalidArgument, ServingError, serving_error, status_of
 from ..edge.grpc_answers import StreamAnswer, answer
 from ..edge.grpc_service import from_proto, tool_mode
 from ..edge.http_app import VERSION_HEADER
@@ -174,6 +174,10 @@ class RayBackend:
         if self.store is not None:
             return [name for name in self.store.names() if read_live(self.store, name) is not None]
         return sorted(p.name for p in self.root.iterdir() if (p / "adapter_config.json").is_file())
+
+    def feedback(self, request_id: str, score: float, tag: str) -> str:
+        # The ingress does not know which replica answered a request, and each replica keeps its own book.
+        raise FailedPrecondition("feedback is counted by `cartridge serve`; under serve-ray it is not available")
 
     async def generate(self, request):
         from ..edge.http_app import Generation
