@@ -43,13 +43,14 @@ class RunIdentity:
     batch_size: int
     gradient_accumulation: int
     max_seq_len: int
+    packing: bool
 
     @classmethod
     def of(cls, config: TrainConfig, data_fingerprint: str, validation_fingerprint: str,
            base_fingerprint: str) -> "RunIdentity":
         return cls(data_fingerprint, validation_fingerprint, base_fingerprint, config.method, config.r,
                    config.lora_alpha, list(config.target_modules), config.use_rslora, config.seed,
-                   config.batch_size, config.gradient_accumulation, config.max_seq_len)
+                   config.batch_size, config.gradient_accumulation, config.max_seq_len, config.packing)
 
 
 def save(output: Path, trainer: Trainer, state: TrainState, identity: RunIdentity) -> None:
