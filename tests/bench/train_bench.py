@@ -138,7 +138,8 @@ class Bench:
         result = {"step_s": round(step_s, 3), "tokens_per_s": round(tokens / step_s),
                   "padding": round(1 - tokens / width, 3), "losses": losses}
         if self.device.type == "cuda":
-            result["peak_alloc_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+            result.update(peak_alloc_GB=round(torch.cuda.max_memory_allocated() / 1e9, 2),
+                          peak_reserved_GB=round(torch.cuda.max_memory_reserved() / 1e9, 2))
         del trainer
         self._reset_peak()
         return result
@@ -200,7 +201,7 @@ def run(args: argparse.Namespace) -> dict:
     today_losses, fast_losses = rows["padded"]["losses"], rows["fast"]["losses"]
     differences = [abs(fast - base) / abs(base) for base, fast in zip(today_losses, fast_losses)]
     result["loss_curve"] = {"steps": len(differences), "today": today_losses, "fast": fast_losses,
-                            "relative_difference": [round(d, 6) for d in differences]}
+                            "relative_difference": [float(f"{d:.2e}") for d in differences]}
     for part in (speed, rows):
         for figures in part.values():
             figures["loss_first"], figures["loss_last"] = figures["losses"][0], figures.pop("losses")[-1]
@@ -224,7 +225,7 @@ def _summary(result: dict, max_loss_difference: float) -> dict:
                                                              / rows["padded"]["tokens_per_s"], 2),
                "fast_vs_padded_useful_tokens_per_s": round(rows["fast"]["tokens_per_s"]
                                                            / rows["padded"]["tokens_per_s"], 2),
-               "max_relative_loss_difference": round(max_loss_difference, 6)}
+               "max_relative_loss_difference": float(f"{max_loss_difference:.2e}")}
     if "peak_alloc_GB" in speed["fast"]:
         summary["fast_vs_today_peak_alloc"] = round(speed["fast"]["peak_alloc_GB"] / speed["today"]["peak_alloc_GB"], 2)
     if isinstance(peer, dict) and "tokens_per_s" in peer:
