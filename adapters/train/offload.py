@@ -1,7 +1,8 @@
 """Gradient checkpointing whose saved layer inputs wait in host memory instead of on the GPU.
 
 With checkpointing, what stays on the GPU between a layer's forward and its backward is its input hidden
-state ([B, S, H] per layer: 1 GB for a 7B shape at 4 x 1024 in bf16). Non-reentrant checkpointing keeps
+state ([B, S, H] per layer: for a 7B shape at 4 x 1024, 2 GB in the float32 that peft's QLoRA preparation
+leaves the residual stream in, as it casts the embeddings and norms to float32). Non-reentrant checkpointing keeps
 those inputs as autograd saved tensors, so saved-tensor hooks around the checkpoint call see exactly them
 (the layer's own activations are taken by the checkpoint's inner hooks and recomputed).
 
