@@ -2,7 +2,8 @@
 
     python -m tests.bench.train_bench --shape 7b                                  # on CUDA
     python -m tests.bench.train_bench --shape 7b --peer PATH/train_baseline.py    # and the peer, first
-    python -m tests.bench.train_bench --shape tiny --steps 2 --seq 256 --loss-steps 2 --batch 2   # CPU smoke test
+    python -m tests.bench.train_bench --shape 7b --parts rows --loss-steps 200    # the loss curve alone
+    python -m tests.bench.train_bench --shape tiny --steps 2 --seq 256 --loss-steps 3 --batch 2 --warmup 1  # CPU
 
 The recipe is the peer's (a plain transformers + peft + bitsandbytes loop): NF4 with double quantization,
 bf16 compute, LoRA r=32 alpha=64 on all seven projections, gradient checkpointing, bitsandbytes paged
@@ -79,7 +80,8 @@ def run_peer(script: str, shape: str, batch: int, seq: int) -> dict:
         if done.returncode:
             return {"error": done.stderr.strip().splitlines()[-1:]}
         result = json.loads((Path(out) / f"train_baseline_{shape}.json").read_text())
-    return next(run for run in result["runs"] if (run["batch"], run["seq"], run["grad_checkpointing"]) == (batch, seq, True))
+    return next(run for run in result["runs"]
+                if (run["batch"], run["seq"], run["grad_checkpointing"]) == (batch, seq, True))
 
 
 def real_rows(vocab_size: int, seq: int, seed: int) -> list[Example]:
@@ -120,10 +122,9 @@ class Bench:
         self.initial = {name: p.detach().to("cpu", copy=True) for name, p in self.model.named_parameters()
                         if p.requires_grad}
 
-    def run(self, steps: list[list], warmup: int, **settings) -> dict:
+    def run(self, steps: list[list], warmup: int) -> dict:
         """Times `steps` (each a list of micro-batches) after `warmup` untimed ones, from the initial weights."""
-        config = replace(self.config, **settings)
-        trainer = Trainer(self.model, config, len(steps))
+        trainer = Trainer(self.model, self.config, len(steps))
         trainer.load_lora_weights(self.initial)
         losses = []
         for i, step in enumerate(steps):
@@ -186,28 +187,37 @@ def run(args: argparse.Namespace) -> dict:
               for g in groups]
     packed = [[collate_packed(g, pad_id=0)] for g in groups]
     warm = min(args.warmup, len(groups) - 1)
+    speed, rows = {}, {}
 
     today = Bench(base_dir, config, device)
-    speed = {"today": today.run(speed_steps["today"], args.warmup)}
-    rows = {"padded": today.run(padded, warm), "packed": today.run(packed, warm)}
+    if "speed" in args.parts:
+        speed["today"] = today.run(speed_steps["today"], args.warmup)
+    if "rows" in args.parts:
+        rows = {"padded": today.run(padded, warm), "packed": today.run(packed, warm)}
     initial = today.initial
     today.close()
     fast = Bench(base_dir, replace(config, **FAST), device)
     fast.initial = initial   # the very LoRA weights today's path started from
-    speed["fast"] = fast.run(speed_steps["fast"], args.warmup)
-    rows["fast"] = fast.run(packed, warm)
+    if "speed" in args.parts:
+        speed["fast"] = fast.run(speed_steps["fast"], args.warmup)
+    if "rows" in args.parts:
+        rows["fast"] = fast.run(packed, warm)
     fast.close()
 
-    today_losses, fast_losses = rows["padded"]["losses"], rows["fast"]["losses"]
-    differences = [abs(fast - base) / abs(base) for base, fast in zip(today_losses, fast_losses)]
-    result["loss_curve"] = {"steps": len(differences), "today": today_losses, "fast": fast_losses,
-                            "relative_difference": [float(f"{d:.2e}") for d in differences]}
+    if rows:
+        today_losses, fast_losses = rows["padded"]["losses"], rows["fast"]["losses"]
+        differences = [abs(fast - base) / abs(base) for base, fast in zip(today_losses, fast_losses)]
+        result["loss_curve"] = {"steps": len(differences), "today": today_losses, "fast": fast_losses,
+                                "relative_difference": [float(f"{d:.2e}") for d in differences],
+                                "max_relative_difference": float(f"{max(differences):.2e}")}
     for part in (speed, rows):
         for figures in part.values():
             figures["loss_first"], figures["loss_last"] = figures["losses"][0], figures.pop("losses")[-1]
-    result["speed"] = speed
-    result["rows"] = {"steps": len(groups), "rows_per_step": sum(len(b) for b in groups[0]), **rows}
-    result["summary"] = _summary(result, max(differences))
+    if speed:
+        result["speed"] = speed
+    if rows:
+        result["rows"] = {"steps": len(groups), "rows_per_step": sum(len(b) for b in groups[0]), **rows}
+    result["summary"] = _summary(result)
     if not cuda:
         result["peak_host_rss_GB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2)
     return result
@@ -217,20 +227,22 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def _summary(result: dict, max_loss_difference: float) -> dict:
+def _summary(result: dict) -> dict:
     """The issue's figures: ratios against today's path and the peer, the loss gap, packed against padded."""
-    speed, rows, peer = result["speed"], result["rows"], result.get("peer")
-    summary = {"fast_vs_today_tokens_per_s": round(speed["fast"]["tokens_per_s"] / speed["today"]["tokens_per_s"], 2),
-               "packed_vs_padded_useful_tokens_per_s": round(rows["packed"]["tokens_per_s"]
-                                                             / rows["padded"]["tokens_per_s"], 2),
-               "fast_vs_padded_useful_tokens_per_s": round(rows["fast"]["tokens_per_s"]
-                                                           / rows["padded"]["tokens_per_s"], 2),
-               "max_relative_loss_difference": float(f"{max_loss_difference:.2e}")}
-    if "peak_alloc_GB" in speed["fast"]:
-        summary["fast_vs_today_peak_alloc"] = round(speed["fast"]["peak_alloc_GB"] / speed["today"]["peak_alloc_GB"], 2)
-    if isinstance(peer, dict) and "tokens_per_s" in peer:
-        summary["fast_vs_peer_tokens_per_s"] = round(speed["fast"]["tokens_per_s"] / peer["tokens_per_s"], 2)
-        summary["fast_vs_peer_peak_alloc"] = round(speed["fast"]["peak_alloc_GB"] / peer["peak_alloc_GB"], 2)
+    speed, rows, peer, summary = result.get("speed"), result.get("rows"), result.get("peer"), {}
+    if speed:
+        summary["fast_vs_today_tokens_per_s"] = round(speed["fast"]["tokens_per_s"] / speed["today"]["tokens_per_s"], 2)
+        if "peak_alloc_GB" in speed["fast"]:
+            summary["fast_vs_today_peak_alloc"] = round(speed["fast"]["peak_alloc_GB"]
+                                                        / speed["today"]["peak_alloc_GB"], 2)
+        if isinstance(peer, dict) and "tokens_per_s" in peer:
+            summary["fast_vs_peer_tokens_per_s"] = round(speed["fast"]["tokens_per_s"] / peer["tokens_per_s"], 2)
+            summary["fast_vs_peer_peak_alloc"] = round(speed["fast"]["peak_alloc_GB"] / peer["peak_alloc_GB"], 2)
+    if rows:
+        for run in ("packed", "fast"):
+            summary[f"{run}_vs_padded_useful_tokens_per_s"] = round(rows[run]["tokens_per_s"]
+                                                                    / rows["padded"]["tokens_per_s"], 2)
+        summary["max_relative_loss_difference"] = result["loss_curve"]["max_relative_difference"]
     return summary
 
 
@@ -243,6 +255,9 @@ def main() -> None:
                         help="steps of the rows part, whose losses are compared (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=4, help="rows per micro-batch (default: %(default)s)")
     parser.add_argument("--seq", type=int, default=1024, help="tokens per row (default: %(default)s)")
+    parser.add_argument("--parts", nargs="+", choices=("speed", "rows"), default=["speed", "rows"],
+                        help="speed: full random rows; rows: the sample domains' rows and the loss comparison "
+                        "(default: both)")
     parser.add_argument("--peer", metavar="PATH", help="the peer's script (train_baseline.py), run first on CUDA")
     parser.add_argument("--out", default="bench-results", help="directory for the JSON (default: %(default)s)")
     args = parser.parse_args()
