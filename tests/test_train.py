@@ -246,6 +246,7 @@ def test_sample_data_is_the_generators_output(tmp_path):
 
 
 def test_rows_of_like_length_share_a_micro_batch_and_every_row_comes_once_an_epoch():
+    from adapters.train.config import TrainConfig
     from adapters.train.datasets import Example
     from adapters.train.loop import micro_batches
 
@@ -255,7 +256,8 @@ def test_rows_of_like_length_share_a_micro_batch_and_every_row_comes_once_an_epo
                         row=("mix", i)) for i in range(1, 97)]
 
     def one_epoch(group_by_length: bool) -> list:
-        stream = micro_batches(examples, 4, seed=0, skip=0, pad_id=0, group_by_length=group_by_length)
+        config = TrainConfig(data=("unused",), output="unused", batch_size=4, seed=0, group_by_length=group_by_length)
+        stream = micro_batches(examples, config, skip=0, pad_id=0)
         return [next(stream) for _ in range(24)]
 
     def padding(batches: list) -> float:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from . import checkpoint
+from ..dependencies import for_cuda_training, require
 from .datasets import Dataset, Example, read_dataset, split_validation
 from ..eval.evaluate import PACE, Comparison, Measurement, about, compare, exact_match, measure_loss
 from ..formats.adapter_dir import CONFIG_FILE, WEIGHTS_FILE, AdapterFormatError, BaseShape, read_adapter
@@ -36,6 +37,8 @@ def run_training(config: TrainConfig) -> tuple[dict, str]:
     device = pick_device(config.device)
     if config.optimizer == "paged_adamw_8bit" and device.type != "cuda":
         raise ConfigError("optimizer: paged_adamw_8bit pages through CUDA memory; use adamw on the CPU")
+    if device.type == "cuda":
+        require(for_cuda_training(config), "cartridge train on CUDA", extra="train-gpu")
     store = open_store(config) if config.name or config.from_version else None
     parent = resolve(store, config.from_version) if config.from_version else None
     if parent is not None:
@@ -60,10 +63,10 @@ def run_training(config: TrainConfig) -> tuple[dict, str]:
     replay = (replay_for(str(parent.ref), [parent, *store.lineage(parent)], len(train), config, tokenizer)
               if parent else None)
     mixed = [*train, *replay.examples] if replay else train
-    steps = total_steps(len(mixed), config)
+    steps = total_steps(mixed, config)
     print(f"data: {data.rows_used} rows used, {data.rows_rejected} rejected; {len(train)} training and "
           f"{len(val)} validation examples" + (f", {len(mixed) - len(train)} replayed" if replay else "") +
-          f"; {steps} steps ({steps / steps_per_epoch(len(mixed), config):.1f} epochs)", flush=True)
+          f"; {steps} steps ({steps / steps_per_epoch(mixed, config):.1f} epochs)", flush=True)
 
     base = load_base(base_dir, config.quantized, device)
     model = with_continued_lora(base, parent.path, config) if parent else with_new_lora(base, config)
