@@ -16,6 +16,7 @@
 // F16 (1: fp16, 0: bf16), PARTIAL.
 
 #define XROW (64 * G + 8)   // x row stride in shared memory, in elements (16 bytes of padding: no bank conflicts)
+#define HALVES (MT == 1 ? 2 : 1)   // sets of partial sums a block (compute_stage)
 
 __device__ __forceinline__ void mma(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
 #if F16
@@ -103,16 +104,18 @@ __device__ __forceinline__ void compute_stage(u32 stage, u32 mine, u32 mine_s, u
 #pragma unroll
       for (int j = 0; j < 4; ++j) decode8(w[j], t, a[sl][j]);
     }
-    // two independent sums (k 0..31 and 32..63 of the block) halve the chain of dependent MMAs
-    float part[SLABS][2][MT][4];
+    // One 8-row tile: two independent sums (k 0..31 and 32..63 of the block) halve the chain of
+    // dependent MMAs. More tiles are chains of their own, and a second set of sums would only cost
+    // registers (at 4 tiles and 2 slabs they pushed the kernel to ptxas' 128-register cap).
+    float part[SLABS][HALVES][MT][4];
 #pragma unroll
     for (int sl = 0; sl < SLABS; ++sl)
 #pragma unroll
-      for (int half = 0; half < 2; ++half)
+      for (int h = 0; h < HALVES; ++h)
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) part[sl][half][mt][e] = 0.f;
+          for (int e = 0; e < 4; ++e) part[sl][h][mt][e] = 0.f;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
 #pragma unroll
@@ -126,8 +129,8 @@ __device__ __forceinline__ void compute_stage(u32 stage, u32 mine, u32 mine_s, u
         for (int sl = 0; sl < SLABS; ++sl) {
           const u32 (&f0)[4] = a[sl][2 * half];
           const u32 (&f1)[4] = a[sl][2 * half + 1];
-          mma(part[sl][half][mt], f0[0], f0[1], f0[2], f0[3], b0, b1);
-          mma(part[sl][half][mt], f1[0], f1[1], f1[2], f1[3], b2, b3);
+          mma(part[sl][half % HALVES][mt], f0[0], f0[1], f0[2], f0[3], b0, b1);
+          mma(part[sl][half % HALVES][mt], f1[0], f1[1], f1[2], f1[3], b2, b3);
         }
       }
     }
@@ -137,10 +140,13 @@ __device__ __forceinline__ void compute_stage(u32 stage, u32 mine, u32 mine_s, u
       scale_pair(sc[sl], lo, hi);
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        acc[sl][mt][0] = fmaf(lo, part[sl][0][mt][0] + part[sl][1][mt][0], acc[sl][mt][0]);
-        acc[sl][mt][1] = fmaf(lo, part[sl][0][mt][1] + part[sl][1][mt][1], acc[sl][mt][1]);
-        acc[sl][mt][2] = fmaf(hi, part[sl][0][mt][2] + part[sl][1][mt][2], acc[sl][mt][2]);
-        acc[sl][mt][3] = fmaf(hi, part[sl][0][mt][3] + part[sl][1][mt][3], acc[sl][mt][3]);
+        const float (&p0)[4] = part[sl][0][mt];
+        const float (&p1)[4] = part[sl][HALVES - 1][mt];
+        const bool two = HALVES == 2;
+        acc[sl][mt][0] = fmaf(lo, two ? p0[0] + p1[0] : p0[0], acc[sl][mt][0]);
+        acc[sl][mt][1] = fmaf(lo, two ? p0[1] + p1[1] : p0[1], acc[sl][mt][1]);
+        acc[sl][mt][2] = fmaf(hi, two ? p0[2] + p1[2] : p0[2], acc[sl][mt][2]);
+        acc[sl][mt][3] = fmaf(hi, two ? p0[3] + p1[3] : p0[3], acc[sl][mt][3]);
       }
     }
   }

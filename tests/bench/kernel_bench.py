@@ -103,9 +103,10 @@ def sweep_configs(m: int, n: int):
     from server.kernels.nf4_matmul import NF4Config
 
     slabs = (1, 2) if (n // 16) % 2 == 0 else (1,)
-    groups = (1, 2) if m <= 32 else (1,)
-    for warps, slab, group, split, table in itertools.product((4, 8), slabs, groups, (2, 4, 8), (False, True)):
-        yield NF4Config(warps, slab, group, 3, split, table)
+    rings = ((3, 1), (3, 2), (4, 1)) if m <= 32 else ((3, 1), (4, 1))      # (stages, blocks a stage)
+    splits = (2, 4, 8) if m < 32 else (1, 2, 4, 8)
+    for warps, slab, (stages, group), split, table in itertools.product((4, 8), slabs, rings, splits, (False, True)):
+        yield NF4Config(warps, slab, group, stages, split, table)
 
 
 def load_previous(path: str):
