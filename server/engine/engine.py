@@ -12,9 +12,8 @@ from ..lora.registry import AdapterRegistry, RegisteredAdapter
 from ..errors import ServingError
 from .metrics import ServerMetrics
 from .runner import DecodePass, ModelRunner
-from .sampler import sample
 from .scheduler import Scheduler
-from .sequence import Event, FinishReason, Sequence, TokenLogprob
+from .sequence import Event, FinishReason, Sequence, TokenLogprob, Work
 
 log = logging.getLogger(__name__)
 
@@ -149,29 +148,30 @@ class Engine:
                 self._finish(seq, None, error=self._abort)
         for seq in self.scheduler.take_cancelled():
             self._finish(seq, FinishReason.CANCELLED)
-        admitted = self.scheduler.schedule()
-        if admitted:
+        previous = self._in_flight
+        # A row with a grammar needs its last token accepted before its next mask: no chaining then.
+        work = None
+        if previous is not None and self.runner.can_chain and not any(s.grammar is not None for s in previous.seqs):
+            work = self.scheduler.chain(previous.seqs)
+        if work is None:
+            previous = None
             self._settle()
-            self._run_prefill(admitted)
-        decoding = list(self.scheduler.running)
-        if decoding:
-            self.metrics.decode_batch.observe(len(decoding))
-            previous = self._in_flight
-            # A row with a grammar needs its last token accepted before its next mask: no chaining then.
-            chained = (previous is not None and previous.seqs == decoding and self.runner.can_chain
-                       and not any(s.grammar is not None for s in decoding))
-            if not chained:
-                self._settle()
-                decoding = list(self.scheduler.running)     # less whatever that pass finished
-            if decoding:
-                self._in_flight = self._launch(decoding, previous if chained else None)
-            if chained:
-                self._settle(previous)
-            if not self.runner.can_chain:
-                self._settle()
+            plan = self.scheduler.schedule()
+            work = plan.work
+            self.metrics.observe_plan(plan)
+            for seq in plan.preempted:
+                log.info("preempted request %d (%d tokens) for lack of KV-cache blocks; it runs again from the "
+                         "head of the queue", seq.id, seq.num_tokens)
+        if work:
+            self.metrics.decode_batch.observe(len(work))
+            self._in_flight = self._launch(work, previous)
+        if previous is not None:
+            self._settle(previous)
+        if not self.runner.can_chain:
+            self._settle()
         self.metrics.observe_schedule(self.scheduler)
-        if not admitted and not decoding and self.scheduler.waiting:
-            # Everyone waiting needs an adapter slot that running requests still hold.
+        if not work and self.scheduler.waiting:
+            # Everyone waiting needs an adapter slot, or blocks, that running requests still hold.
             self._wake.wait(0.005)
             self._wake.clear()
 
@@ -188,25 +188,18 @@ class Engine:
             if seq.finish_reason is None:
                 self._finish(seq, None, error=ServingError("the server failed while running this request"))
 
-    def _run_prefill(self, seqs: list[Sequence]) -> None:
+    def _launch(self, work: list[Work], fed: DecodePass | None) -> DecodePass | None:
         self._observe_host_gap()
         try:
-            tokens, logprobs = sample(self.runner.prefill(seqs), seqs)
+            launched = self.runner.launch(work, fed)
         except Exception:  # noqa: BLE001 - a failed pass fails its requests, not the server
-            self._fail(seqs)
-            return
-        self._advance_all(seqs, tokens, logprobs)
-
-    def _launch(self, seqs: list[Sequence], fed: DecodePass | None) -> DecodePass | None:
-        self._observe_host_gap()
-        try:
-            return self.runner.launch_decode(seqs, fed)
-        except Exception:  # noqa: BLE001
-            self._fail(seqs)
+            self._fail([w.seq for w in work])
             return None
+        self.scheduler.advance(work)
+        return launched
 
     def _settle(self, decode_pass: DecodePass | None = None) -> None:
-        """Waits for a launched decode pass (default: the one in flight) and advances its requests."""
+        """Waits for a launched pass (default: the one in flight) and advances its requests."""
         if decode_pass is None:
             decode_pass, self._in_flight = self._in_flight, None
         if decode_pass is None:

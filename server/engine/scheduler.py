@@ -1,29 +1,48 @@
-"""Who runs next: a bounded FIFO queue, KV-cache slots and adapter slots.
+"""Who runs next, and on what share of the pass: a bounded FIFO queue, KV-cache blocks and adapter slots.
 
-Continuous batching: requests are admitted between forward passes whenever a cache slot is
-free, and leave as soon as they finish, so a new request never waits for a batch to drain.
-A request whose adapter cannot get a device slot yet waits without holding up those behind it.
+Continuous batching with chunked prefill (Sarathi-Serve's idea): a pass has a token budget. Running
+requests that decode come first, one token each; requests still in their prompt take chunks of what is
+left, and waiting ones are admitted into the rest while blocks are free. A long prompt then holds the
+running streams for one pass's worth of tokens at most. A request leaves as soon as it finishes, so a
+new one never waits for a batch to drain, and one whose adapter cannot get a device slot yet waits
+without holding up those behind it.
+
+When the blocks run out, the youngest request is preempted: its blocks go back (its full ones stay in
+the prefix cache), and it waits at the head of the queue to be computed again, prompt and output so
+far (vLLM's recompute). Its next token then comes from the same keys and values, so it finishes with
+the tokens it would have produced, and a seeded request draws from its generator only when it samples.
 """
 from __future__ import annotations
 
-import heapq
 import threading
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Callable
 
-from ..lora.slots import AdapterSlots
 from ..errors import ResourceExhausted
-from .sequence import Sequence
+from ..lora.slots import AdapterSlots
+from .block_pool import BlockPool, BlockTable
+from .prefix_cache import adapter_key
+from .sequence import Sequence, Work
+
+
+@dataclass(slots=True)
+class Plan:
+    """One pass's work, single tokens first, and what choosing it did."""
+    work: list[Work] = field(default_factory=list)
+    tokens: int = 0                                      # the pass's tokens: the sum of the work's lengths
+    preempted: list[Sequence] = field(default_factory=list)
+    cached_tokens: int = 0                               # tokens admitted requests found in the prefix cache
+    looked_up_tokens: int = 0                            # tokens admitted requests looked up
 
 
 class Scheduler:
-    def __init__(self, num_kv_slots: int, max_queue: int, max_prefill_tokens: int, adapter_slots: AdapterSlots):
-        self.max_queue, self.max_prefill_tokens = max_queue, max_prefill_tokens
-        self.adapter_slots = adapter_slots
+    def __init__(self, pool: BlockPool, max_batch_size: int, max_tokens_per_pass: int, max_queue: int,
+                 adapter_slots: AdapterSlots):
+        self.pool, self.max_batch_size, self.max_tokens_per_pass = pool, max_batch_size, max_tokens_per_pass
+        self.max_queue, self.adapter_slots = max_queue, adapter_slots
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.num_kv_slots = num_kv_slots
-        self._free_kv = list(range(num_kv_slots))   # a heap: lowest slot first keeps decode rows dense
         self._lock = threading.Lock()                # add() comes from gRPC threads
 
     @property
@@ -61,26 +80,93 @@ class Scheduler:
             self.finish(seq)
         return gone + running
 
-    def schedule(self) -> list[Sequence]:
-        """Admits waiting requests in arrival order while slots and the prefill budget allow."""
-        admitted: list[Sequence] = []
-        with self._lock:
-            for seq in list(self.waiting):
-                if not self._free_kv:
-                    break
-                padded = max(len(s.prompt_ids) for s in (*admitted, seq)) * (len(admitted) + 1)
-                if admitted and padded > self.max_prefill_tokens:
-                    break
-                if not self.adapter_slots.can_acquire(seq.adapter):
-                    continue
-                self.waiting.remove(seq)
-                seq.kv_slot = heapq.heappop(self._free_kv)
-                seq.lora_slot = self.adapter_slots.acquire(seq.adapter)
-                admitted.append(seq)
-        self.running.extend(admitted)
-        return admitted
+    def schedule(self) -> Plan:
+        """This pass's work: decoding requests, then the next chunks of prompts, then admissions, within the
+        token budget and --max-batch-size rows, oldest first; preempts the youngest while blocks lack."""
+        plan = Plan()
+        for seq in sorted(self.running, key=lambda s: (s.num_tokens - s.computed > 1, s.id)):
+            if seq in plan.preempted:
+                continue
+            if plan.tokens >= self.max_tokens_per_pass or len(plan.work) >= self.max_batch_size:
+                break
+            length = self._fit(seq, min(seq.num_tokens - seq.computed, self.max_tokens_per_pass - plan.tokens), plan)
+            if length:
+                plan.work.append(Work(seq, seq.computed, seq.computed + length))
+                plan.tokens += length
+        self._admit(plan)
+        plan.work.sort(key=lambda w: w.length > 1)
+        return plan
+
+    def chain(self, seqs: list[Sequence]) -> list[Work] | None:
+        """The next pass of exactly `seqs`, one token each after the one a pass in flight computes, when they
+        are all that runs, nobody waits and no block must be freed for it; None otherwise."""
+        if self.waiting or len(seqs) != len(self.running) or set(seqs) != set(self.running):
+            return None
+        if not all(seq.blocks.grow(seq.computed + 1) for seq in seqs):
+            return None
+        return [Work(seq, seq.computed, seq.computed + 1) for seq in seqs]
+
+    def advance(self, work: list[Work]) -> None:
+        """After launching a pass: its tokens' keys and values are written, and full blocks become findable."""
+        for w in work:
+            w.seq.computed = w.end
+            w.seq.blocks.publish(w.seq.tokens, min(w.end, w.seq.num_tokens))
 
     def finish(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        heapq.heappush(self._free_kv, seq.kv_slot)
+        self._release(seq)
+
+    def _fit(self, seq: Sequence, wanted: int, plan: Plan) -> int:
+        """Grows `seq`'s blocks for up to `wanted` more tokens, preempting the youngest requests while none
+        is free; returns how many fit (0 when `seq` itself was the youngest)."""
+        while True:
+            room = seq.blocks.capacity + self.pool.num_free * self.pool.block_size - seq.computed
+            if room > 0:
+                length = min(wanted, room)
+                seq.blocks.grow(seq.computed + length)
+                return length
+            victim = max(self.running, key=lambda s: s.id)
+            self._preempt(victim, plan)
+            if victim is seq:
+                return 0
+
+    def _preempt(self, seq: Sequence, plan: Plan) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        for w in [w for w in plan.work if w.seq is seq]:
+            plan.work.remove(w)
+            plan.tokens -= w.length
+        plan.preempted.append(seq)
+        with self._lock:
+            self.waiting.appendleft(seq)     # older than everything waiting: it goes first
+
+    def _admit(self, plan: Plan) -> None:
+        with self._lock:
+            for seq in list(self.waiting):
+                budget = self.max_tokens_per_pass - plan.tokens
+                if budget <= 0 or len(plan.work) >= self.max_batch_size or seq in plan.preempted:
+                    break
+                if not self.adapter_slots.can_acquire(seq.adapter):
+                    continue
+                table = BlockTable(self.pool, adapter_key(seq.adapter))
+                cached = table.match(seq.tokens, seq.num_tokens - 1)     # the last token is computed to sample
+                length = min(seq.num_tokens - cached, budget)
+                # A block per running request stays free, so those decoding rarely need a preemption.
+                if table.blocks_for(cached + length) > self.pool.num_free - len(self.running):
+                    table.release()
+                    break
+                table.grow(cached + length)
+                self.waiting.remove(seq)
+                seq.blocks, seq.computed = table, cached
+                seq.lora_slot = self.adapter_slots.acquire(seq.adapter)
+                self.running.append(seq)
+                plan.work.append(Work(seq, cached, cached + length))
+                plan.tokens += length
+                plan.cached_tokens += cached
+                plan.looked_up_tokens += seq.num_tokens
+
+    def _release(self, seq: Sequence) -> None:
+        seq.blocks.publish(seq.tokens, min(seq.computed, seq.num_tokens))
+        seq.blocks.release()
+        seq.blocks, seq.computed = None, 0
         self.adapter_slots.free(seq.lora_slot)

@@ -14,6 +14,7 @@ from ..errors import ServingError
 from .text_stream import TextStream
 
 if TYPE_CHECKING:
+    from .block_pool import BlockTable
     from .grammar import GrammarState
 
 
@@ -68,7 +69,8 @@ class Sequence:
     canary: bool = False      # sent to its name's canary version by the split (serve --store)
     id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
-    kv_slot: int | None = None
+    blocks: BlockTable | None = None      # its KV-cache blocks while admitted
+    computed: int = 0                     # leading tokens whose keys and values are in those blocks
     lora_slot: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
@@ -103,6 +105,32 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
+    def tokens(self, start: int, end: int) -> list[int]:
+        """Token ids [start, end) of the prompt followed by the output so far (a preempted request
+        computes both again)."""
+        prompt = len(self.prompt_ids)
+        if end <= prompt:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:] + self.output_ids[max(0, start - prompt):end - prompt]
+
     def cancel(self) -> None:
         """From any thread: the engine frees the slot at its next step."""
         self.cancelled = True
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """One request's share of a forward pass: its tokens [start, end), whose keys and values the pass writes."""
+    seq: Sequence
+    start: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    @property
+    def samples(self) -> bool:
+        """Whether the pass gives this request its next token: its last known token is in it (a chained
+        pass's token is still on the device, so it runs one past what the host knows)."""
+        return self.end >= self.seq.num_tokens
