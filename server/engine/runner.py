@@ -66,7 +66,7 @@ class ModelRunner:
             projections = frozenset().union(*(self.adapter_slots.projections[s] for s in lora_slots))
             logits = self.graphs.decode(tokens, positions, lora_slots, slots, tables, projections,
                                         None if fed is None else fed.tokens)
-            return logits if len(rows) == len(work) else logits[torch.tensor(rows, device=self.device)]
+            return logits if len(rows) == len(work) else logits[torch.tensor(rows, dtype=torch.long, device=self.device)]
         if fed is not None:
             raise ValueError("chained decode needs CUDA graphs")
         width = max((len(t) for t in tables), default=0)
@@ -77,7 +77,7 @@ class ModelRunner:
                                               device=self.device).view(len(tables), width),
                                  len(tables), tuple(chunks), lora, bs)
         return self.model(torch.tensor(tokens, device=self.device)[:, None], batch, self.cache,
-                          torch.tensor(rows, device=self.device))
+                          torch.tensor(rows, dtype=torch.long, device=self.device))
 
     @torch.inference_mode()
     def launch(self, work: list[Work], fed: DecodePass | None = None) -> DecodePass:
