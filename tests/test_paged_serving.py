@@ -3,6 +3,7 @@ no output, the prefix cache never serves keys and values computed under other we
 does not stall running streams."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -185,15 +186,16 @@ COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"   # the base model keeps counting: a
 
 def test_a_long_prompt_does_not_stall_running_streams():
     """Eight streams decode while a prompt of about 700 tokens arrives: with 16 tokens a pass, the prompt takes
-    8 a pass beside them, and no stream's gap between two tokens passes twice its median gap (computed whole, the
-    prompt holds them about ten steps). A timing property on a shared CPU: one of three tries must hold it."""
+    8 a pass beside them, and no stream's gap between two tokens passes twice its median gap (computed whole in one
+    pass, it held them 29 median gaps on the development CPU). A timing property on a shared CPU: one of three
+    tries must hold it."""
     server = start_server("--max-tokens-per-pass", "16", "--max-batch-size", "16", "--max-seq-len", "1024")
-    long_prompt = " ".join(f"item {i}," for i in range(180))
     try:
         with CartridgeClient(server.address, timeout=300) as client:
             ratios = []
             while len(ratios) < 3 and not any(r <= 2.0 for r in ratios):
-                ratios.append(stall_ratio(client, long_prompt))
+                # a new prompt each try: the same one would be found in the prefix cache and cost nothing
+                ratios.append(stall_ratio(client, f"Try {len(ratios)}: " + " ".join(f"item {i}," for i in range(180))))
     finally:
         server.stop()
     assert min(ratios) <= 2.0, ratios
@@ -221,4 +223,7 @@ def stall_ratio(client: CartridgeClient, long_prompt: str) -> float:
     for t in times:
         window = [b - a for a, b in zip(t, t[1:]) if b >= start and a <= end]
         ratios.append(max(window) / sorted(window)[len(window) // 2])
+    if os.environ.get("SHOW_GAPS"):
+        t = times[ratios.index(max(ratios))]
+        print([round(1000 * (b - a)) for a, b in zip(t, t[1:]) if b >= start and a <= end])
     return max(ratios)
