@@ -10,6 +10,7 @@ import torch
 from .formats import nf4
 from .formats.adapter_dir import BaseShape, read_adapter
 from .train.config import ConfigError, TrainConfig
+from .train.offload import offload_checkpointed_layers
 
 
 def pick_device(name: str) -> torch.device:
@@ -78,6 +79,8 @@ def _ready_for_training(base, config: TrainConfig):
     if config.gradient_checkpointing:
         # Non-reentrant checkpointing needs no grad-requiring inputs, so frozen embeddings stay frozen.
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if config.offload_activations:
+            offload_checkpointed_layers(base)
     return base
 
 

@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "on one 4-bit Llama-family base.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(commands)
+    _add_feedback(commands)
     _add_adapters(commands)
     # By name, first on sys.path winning: an install left over from the package's old name ("cartridge")
     # registers the same commands a second time.
@@ -79,7 +80,8 @@ def _add_generate(commands) -> None:
     p.add_argument("--system", help="a system message before the user's (chat only)")
     p.add_argument("--adapter", default="", help="registered adapter name (default: the base model)")
     p.add_argument("--max-tokens", type=_whole_number(UINT32_MAX), default=0, help="new tokens at most (default: 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--temperature", type=float,
+                   help="0 = greedy (default, unless the adapter's cartridge.json gives another)")
     p.add_argument("--top-p", type=float, default=0.0)
     p.add_argument("--top-k", type=_whole_number(UINT32_MAX), default=0)
     p.add_argument("--seed", type=_whole_number(UINT64_MAX))
@@ -89,6 +91,18 @@ def _add_generate(commands) -> None:
                    "object per line, the last with finish_reason and token counts)")
     _server_flag(p)
     p.set_defaults(run=_generate)
+
+
+def _add_feedback(commands) -> None:
+    p = commands.add_parser("feedback", help="rate an answer, for the stored adapter version that gave it",
+                            description="Counts SCORE (-1 bad to 1 good) for the version that answered REQUEST_ID "
+                            "(`generate --json` prints it); prints that version as NAME@vN.")
+    p.add_argument("request_id")
+    p.add_argument("score", type=float)
+    p.add_argument("--tag", default="", help="an optional label: 1 to 32 of [A-Za-z0-9._-]")
+    _server_flag(p)
+    p.set_defaults(run=lambda args: _with_client(args, lambda c: print(c.feedback(args.request_id, args.score,
+                                                                                 args.tag))))
 
 
 def _add_adapters(commands) -> None:
@@ -172,7 +186,10 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _completion_json(answer) -> dict:
     return {"text": answer.text, "finish_reason": answer.finish_reason, "prompt_tokens": answer.prompt_tokens,
-            "completion_tokens": answer.completion_tokens, "adapter": answer.adapter}
+            "completion_tokens": answer.completion_tokens, "adapter": answer.adapter,
+            # From a stored version (serve --store): which one, and the id `cartridge feedback` rates.
+            **({"adapter_version": answer.adapter_version, "request_id": answer.request_id}
+               if answer.adapter_version else {})}
 
 
 def _print_adapters(adapters, as_json: bool = False) -> None:

@@ -26,6 +26,7 @@ FINISH_REASONS = {
     inference_pb2.FINISH_REASON_LENGTH: "length",
     inference_pb2.FINISH_REASON_STOP: "stop",
     inference_pb2.FINISH_REASON_END_OF_SEQUENCE: "end_of_sequence",
+    inference_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
 }
 
 
@@ -71,11 +72,12 @@ class Completion:
     completion_tokens: int
     adapter: str
     adapter_version: str = ""    # name@vN: the stored version that answered (serve --store)
+    request_id: str = ""         # what `feedback` rates (on the last piece of a stream)
 
     @classmethod
     def from_proto(cls, message: inference_pb2.GenerateResponse) -> "Completion":
         return cls(message.text, FINISH_REASONS[message.finish_reason], message.prompt_tokens,
-                   message.completion_tokens, message.adapter, message.adapter_version)
+                   message.completion_tokens, message.adapter, message.adapter_version, message.request_id)
 
 
 class CartridgeClient:
@@ -128,6 +130,12 @@ class CartridgeClient:
         finally:
             call.cancel()  # a caller that stops reading early frees its slot on the server at once
 
+    def feedback(self, request_id: str, score: float, tag: str = "") -> str:
+        """Rates an answer from -1 (bad) to 1 (good), for the stored version that gave it; returns that
+        version as name@vN. `tag`: an optional label (1 to 32 of [A-Za-z0-9._-])."""
+        request = inference_pb2.FeedbackRequest(request_id=request_id, score=score, tag=tag)
+        return self._call(self._inference.Feedback, request, self._inference_metadata).adapter_version
+
     def register_adapter(self, name: str, path: str, replace: bool = False,
                          pin: bool = False) -> adapters_pb2.AdapterInfo:
         request = adapters_pb2.RegisterAdapterRequest(name=name, path=path, replace=replace, pin=pin)
@@ -150,7 +158,7 @@ class CartridgeClient:
 
 
 def _request(prompt: str = "", *, messages: Sequence[dict[str, str]] = (), adapter: str = "", max_tokens: int = 0,
-             temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0, seed: int | None = None,
+             temperature: float | None = None, top_p: float = 0.0, top_k: int = 0, seed: int | None = None,
              stop: Sequence[str] = (), routing_key: str = "") -> inference_pb2.GenerateRequest:
     for field, value, largest in (("max_tokens", max_tokens, UINT32_MAX), ("top_k", top_k, UINT32_MAX),
                                   ("seed", 0 if seed is None else seed, UINT64_MAX)):

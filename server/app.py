@@ -30,6 +30,7 @@ from .engine.cuda_graphs import DecodeGraphs
 from .engine.engine import Engine
 from .errors import StatusInterceptor, Unavailable
 from .edge.call_gate import CallGate
+from .edge.adapter_defaults import request_defaults
 from .edge.generate_request import MAX_REQUEST_BYTES, RequestValidator
 from .engine.grammar import Grammars
 from .edge.http_app import EngineBackend, HttpServer, openai_app
@@ -101,6 +102,17 @@ class RunningServer:
         return DrainReport(seconds, in_flight, cut_off)
 
 
+class HealthService(health.HealthServicer):
+    """grpc_health's servicer, whose NOT_FOUND for a service name it does not know says so (its own is silent)."""
+
+    def Check(self, request, context):
+        answer = super().Check(request, context)
+        if context.code() == grpc.StatusCode.NOT_FOUND:
+            context.set_details(f"no health status for service {request.service!r}; ask for '' (the whole server) "
+                                f"or one of its services")
+        return answer
+
+
 def eos_ids(directory, tokenizer) -> frozenset[int]:
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     try:
@@ -141,12 +153,18 @@ def build_core(config: ServerConfig, *, store_on_demand: bool = False) -> Servin
                                nf4_kernel_max_rows=config.nf4_kernel_max_rows)
     cache = paged_kv_cache(config, model.args, max_seq_len, device)
     adapter_slots = AdapterSlots(stacks, config.max_adapters)
+    stop_ids = eos_ids(directory, tokenizer)
+    # Structured output: xgrammar over this tokenizer, its vocabulary as wide as the model's logits. Made
+    # before any adapter is read: an adapter's cartridge.json may name a format, compiled when it registers.
+    grammars = Grammars(tokenizer, model.args.vocab_size, stop_ids)
     registry = AdapterRegistry(BaseShape.from_config(model_config), config.max_lora_rank,
                                AdapterFilePolicy(config.adapter_root, config.max_adapter_bytes),
                                config.max_adapters, config.max_host_adapter_bytes,
                                base_fingerprint=functools.cache(lambda: base_fingerprint(directory)),
                                stage=functools.partial(SlotWeights.stage, dtype=config.torch_dtype,
-                                                       pin=device.type == "cuda"))
+                                                       pin=device.type == "cuda"),
+                               check_defaults=functools.partial(request_defaults, grammars=grammars,
+                                                                vocab_size=model.args.vocab_size))
     for name, path in config.adapters:
         registry.register(name, path)
     metrics = ServerMetrics(device, config.max_adapters)
@@ -163,20 +181,19 @@ def build_core(config: ServerConfig, *, store_on_demand: bool = False) -> Servin
         captured = time.monotonic()
         count = graphs.capture_all()
         log.info("captured %d decode graphs in %.1f s", count, time.monotonic() - captured)
-    runner = ModelRunner(model, cache, adapter_slots, device, graphs)
-    engine = Engine(runner, scheduler, eos_ids(directory, tokenizer), metrics, registry)
+    runner = ModelRunner(model, cache, adapter_slots, device, graphs, config.max_batch_size)
+    engine = Engine(runner, scheduler, stop_ids, metrics, registry)
     engine.start()
     store = None
     if config.store is not None:
         store = StoreAdapters(StoreReader(Path(config.store).resolve()), registry, engine, metrics,
-                              on_demand=store_on_demand)
+                              on_demand=store_on_demand, canary_check_s=config.canary_check_s)
         store.start()
     log.info("base %s on %s (%s, %s): weights+cache ready in %.1f s; KV cache %.0f MiB: %d blocks of %d tokens",
              directory.name, device, "nf4" if config.quantize else "dense", str(config.torch_dtype).split(".")[-1],
              time.monotonic() - started, cache.size_bytes / 2**20, pool.num_usable, cache.block_size)
-    # Structured output: xgrammar over this tokenizer, its vocabulary as wide as the model's logits.
-    grammars = Grammars(tokenizer, model.args.vocab_size, engine.eos_ids)
-    return ServingCore(engine, registry, RequestValidator(registry, tokenizer, max_seq_len, store, grammars), metrics,
+    return ServingCore(engine, registry, RequestValidator(registry, tokenizer, max_seq_len, store, grammars,
+                                                        model.args.vocab_size), metrics,
                        CallGate(config.admin_token, config.inference_token), directory.name, store)
 
 
@@ -188,10 +205,11 @@ def build_server(config: ServerConfig) -> RunningServer:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), interceptors=[core.gate, StatusInterceptor()],
                          maximum_concurrent_rpcs=workers,
                          options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
-    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(core.engine, core.validator), server)
+    inference = InferenceService(core.engine, core.validator, core.metrics.feedback)
+    inference_pb2_grpc.add_InferenceServicer_to_server(inference, server)
     adapters_pb2_grpc.add_AdaptersServicer_to_server(
         AdaptersService(core.registry, core.engine, core.store), server)
-    health_servicer = health.HealthServicer()
+    health_servicer = HealthService()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
              adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name]

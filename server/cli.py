@@ -42,6 +42,9 @@ def register(commands) -> None:
                         help="host memory for adapter weights; idle ones past it are dropped and read again "
                         "when used (default: no limit)")
     store_flag(parser)
+    parser.add_argument("--canary-check-s", type=float, metavar="SECONDS",
+                        help="with --store: how often a canary's abort limits (release --abort-...) are checked "
+                        "against this server's metrics (default: 5)")
     parser.set_defaults(run=run)
 
 

@@ -43,6 +43,7 @@ class ServerConfig:
     max_adapter_bytes: int = 2 << 30       # adapter_model.safetensors size limit, checked before reading
     max_host_adapter_bytes: int | None = None   # host memory for idle adapters' weights; None: no limit
     store: str | None = None               # adapter store whose live versions are served (and followed)
+    canary_check_s: float = 5.0            # how often a canary's abort limits are checked (serve --store)
 
     def __post_init__(self) -> None:
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
@@ -65,6 +66,8 @@ class ServerConfig:
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"--kv-cache-memory must be bytes, or a share of free memory in (0, 1], "
                              f"got {self.kv_cache_memory:g}")
+        if not 0.1 <= self.canary_check_s <= 3600:
+            raise ValueError(f"--canary-check-s must be between 0.1 and 3600 seconds, got {self.canary_check_s}")
         if not 0 <= self.drain_timeout <= 24 * 3600:
             raise ValueError(f"--drain-timeout must be between 0 and 86400 seconds, got {self.drain_timeout}")
         if (self.tls_cert is None) != (self.tls_key is None):

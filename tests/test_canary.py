@@ -12,11 +12,8 @@ import json
 import math
 import os
 import random
-import re
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -24,17 +21,13 @@ import pytest
 
 from adapters.formats.store_layout import LiveMove, StoreError, VersionRef, read_live, release_log, routes_to_canary
 from adapters.release.lifecycle import release
-from adapters.store.live import LiveMoved, move_live
+from adapters.formats.live_pointer import LiveMoved, move_live
 from adapters.store.versions import AdapterStore
 from client.client import CartridgeClient, CartridgeError
 from tests.conftest import PROMPT, start_server
+from tests.release_helpers import FLAGS, KEYS, canary_share, http_post, move, refused, wait_for
 from tests.test_release import cartridge
 from tests.test_store_serving import store_random_version
-
-KEYS = [f"user-{i}" for i in range(20)]
-FLAGS = ["--http-port", "0", "--max-adapters", "3", "--max-lora-rank", "8", "--max-seq-len", "256",
-         "--max-batch-size", "4"]
-
 
 def binomial_interval(n: int, p: float, mass: float) -> tuple[int, int]:
     """The central interval holding `mass` of Binomial(n, p), from its exact cumulative distribution."""
@@ -84,11 +77,6 @@ def live_json(root: Path) -> dict:
     return json.loads((root / "legal" / "live.json").read_text())
 
 
-def refused(result: subprocess.CompletedProcess, code: int, words: str) -> None:
-    assert result.returncode == code, result.stdout + result.stderr
-    assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
-
-
 def test_canary_commands_start_change_end_and_promote_in_the_store(tmp_path):
     root = tmp_path / "store"
     stand_in_store(root)
@@ -118,7 +106,7 @@ def test_canary_commands_start_change_end_and_promote_in_the_store(tmp_path):
     pointer = (root / "legal" / "live.json").read_bytes()
 
     refused(cartridge("release", "legal@v3", "--canary", "10", "--force", "--reason", "x", store=root), 1,
-            "legal@v2 is already in a canary at 10%; one canary at a time")
+            "legal@v2 is already in a canary at 10%; one canary or shadow at a time")
     refused(cartridge("release", "legal@v2", "--canary", "10", "--force", "--reason", "x", store=root), 1,
             "legal@v2 already takes 10% of legal's requests")
     refused(cartridge("release", "legal@v3", "--force", "--reason", "x", store=root), 1,
@@ -192,36 +180,8 @@ def store(base_model, tmp_path_factory) -> Path:
     return root
 
 
-def move(store: Path, *args: str) -> None:
-    done = cartridge(*args, store=store)
-    assert done.returncode == 0, done.stderr
-
-
-def canary_share(server) -> str | None:
-    found = re.search(r'cartridge_canary_share_percent\{adapter="legal"\} (\S+)',
-                      urllib.request.urlopen(server.metrics_url).read().decode())
-    return found[1] if found else None
-
-
-def wait_for(condition, what: str, seconds: float = 3.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"the server did not follow: {what}"
-        time.sleep(0.02)
-
-
 def answered(client: CartridgeClient, key: str, adapter: str = "legal"):
     return client.generate(PROMPT, adapter=adapter, max_tokens=6, routing_key=key)
-
-
-def http_post(server, body: dict) -> tuple[int, dict, dict]:
-    request = urllib.request.Request(server.http_url + "/completions", data=json.dumps(body).encode(),
-                                     headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(request) as reply:
-            return reply.status, dict(reply.headers), json.loads(reply.read())
-    except urllib.error.HTTPError as err:
-        return err.code, dict(err.headers), json.loads(err.read())
 
 
 def test_the_server_splits_by_key_survives_a_restart_and_follows_promote_and_rollback(store):

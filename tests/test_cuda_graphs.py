@@ -9,6 +9,7 @@ from server.lora.slots import AdapterSlots
 from server.engine.cuda_graphs import DecodeGraphs
 from server.model.kv_cache import PagedKVCache
 from server.engine.runner import ModelRunner
+from server.engine.sequence import SamplingParams
 from server.model.weights import load_model
 from tests.conftest import paged_sequences, run_pass, tiny_llama_checkpoint
 
@@ -58,9 +59,11 @@ def test_graph_decode_matches_eager(tmp_path, quantize, kernels):
         assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.75
 
 
-def test_decode_launched_from_the_tokens_of_the_pass_in_flight_matches_one_at_a_time(tmp_path):
+@pytest.mark.parametrize("penalized", [False, True])
+def test_decode_launched_from_the_tokens_of_the_pass_in_flight_matches_one_at_a_time(tmp_path, penalized):
     """The engine launches pass n+1 from pass n's sampled tokens before reading them on the host:
-    the same greedy tokens come out as when each pass waits for the one before."""
+    the same greedy tokens come out as when each pass waits for the one before; penalties too, whose
+    counts of the tokens in flight are kept on the device."""
     config = tiny_llama_checkpoint(tmp_path)
     device = torch.device("cuda")
     model, stacks = load_model(tmp_path, config, torch.bfloat16, device, True, num_lora_slots=3, max_lora_rank=8,
@@ -77,7 +80,12 @@ def test_decode_launched_from_the_tokens_of_the_pass_in_flight_matches_one_at_a_
         graphs.capture_all()
         runner = ModelRunner(model, cache, slots, device, graphs)
         seqs = paged_sequences(runner, [[5, 6, 7], [8, 9], [10]], [1, 0, 1], max_tokens=20)
-        for seq, token in zip(seqs, run_pass(runner, [(s, len(s.prompt_ids)) for s in seqs]).argmax(-1).tolist()):
+        penalties = dict(frequency_penalty=1.5, repetition_penalty=1.3, logit_bias=((3, 2.0),)) if penalized else {}
+        for row, seq in enumerate(seqs):
+            seq.params, seq.penalty_row = SamplingParams(max_tokens=20, **(penalties if row != 1 else {})), row
+        runner.penalties.admit(seqs, model.args.vocab_size)
+        first = run_pass(runner, [(s, len(s.prompt_ids)) for s in seqs], launch=True)
+        for seq, token in zip(first.seqs, runner.collect(first)[0]):
             seq.output_ids.append(token)
 
         def launch(fed=None):

@@ -86,7 +86,7 @@ counts = st.one_of(st.integers(1, 3), st.sampled_from([41, 2**31, 2**32 - 1]))
 texts = st.one_of(st.text(max_size=40), st.sampled_from(["", " ", "\x00", "\ufffd", "🤖" * 20, "a\u0301" * 30]))
 messages = st.one_of(
     st.lists(st.builds(inference_pb2.ChatMessage,
-                       role=st.one_of(st.sampled_from(["system", "user", "assistant"]), texts), content=texts),
+                       role=st.one_of(st.sampled_from(["system", "user", "assistant", "tool"]), texts), content=texts),
              max_size=3),
     st.just([inference_pb2.ChatMessage(role="user", content="hi")] * 300))
 formats = st.one_of(st.none(), st.builds(
@@ -105,7 +105,16 @@ requests = st.builds(
     top_k=st.one_of(st.integers(0, 5), st.integers(0, 2**32 - 1)),
     seed=st.one_of(st.none(), st.integers(0, 2**64 - 1)),
     stop=st.one_of(st.lists(texts, max_size=3), st.just(["s"] * 17), st.just(["y" * 257])),
-    response_format=formats, logprobs=st.booleans(), top_logprobs=st.one_of(st.integers(0, 25), st.just(2**32 - 1)))
+    response_format=formats, logprobs=st.booleans(), top_logprobs=st.one_of(st.integers(0, 25), st.just(2**32 - 1)),
+    presence_penalty=floats, frequency_penalty=floats, repetition_penalty=floats,
+    logit_bias=st.one_of(st.dictionaries(st.one_of(st.integers(0, 50_000), st.just(2**32 - 1)), floats, max_size=4),
+                         st.just({i: 1.0 for i in range(301)})),
+    n=st.one_of(st.integers(0, 9), st.just(2**32 - 1)), prompt_logprobs=st.booleans(),
+    tools=st.lists(st.builds(inference_pb2.Tool, name=st.one_of(st.sampled_from(["f", "get_x", "bad name"]), texts),
+                             description=texts,
+                             parameters_json=st.one_of(texts, st.sampled_from(['{"type": "object"}', "[]", "{"]))),
+                   max_size=2),
+    tool_choice=st.one_of(st.sampled_from(["", "none", "auto", "required", "f"]), texts))
 
 
 # Hypothesis describes each drawn value; for the megabyte prompts that description is what it warns about.
@@ -122,7 +131,8 @@ def test_generated_requests_get_an_answer_or_a_documented_status(channel, reques
     if status == C.OK:
         last = inference_pb2.GenerateResponse.FromString(responses[-1])
         assert last.finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED
-        assert request.max_tokens == 0 or last.completion_tokens <= request.max_tokens
+        # Generate's completion_tokens counts every choice (n); a stream's last message, its choice's alone.
+        assert request.max_tokens == 0 or last.completion_tokens <= request.max_tokens * max(1, request.n)
 
 
 def test_oversized_requests_are_refused_by_a_documented_limit(channel):
@@ -163,7 +173,10 @@ VALID = {
                generate_request(1, messages=[{"role": "user", "content": "Hi " * 4}], adapter="records",
                                 temperature=0.7, top_p=0.9, top_k=5, seed=3, stop=["."]),
                generate_request(2, prompt="Hi " * 36, logprobs=True, top_logprobs=3,
-                                response_format=inference_pb2.ResponseFormat(type="choice", choice=["yes", "no"]))],
+                                response_format=inference_pb2.ResponseFormat(type="choice", choice=["yes", "no"])),
+               generate_request(2, prompt="Hi " * 30, n=3, seed=1, temperature=1.0, presence_penalty=0.5,
+                                frequency_penalty=-0.5, repetition_penalty=1.2, logit_bias={5: -10.0, 7: 3.0},
+                                prompt_logprobs=True)],
     "/cartridge.v1.Adapters/RegisterAdapter": [
         adapters_pb2.RegisterAdapterRequest(name="fz", path="/nonexistent").SerializeToString(),
         adapters_pb2.RegisterAdapterRequest(name="records-2", path=str(EXAMPLE_ADAPTER), replace=True).SerializeToString()],
@@ -176,7 +189,7 @@ VALID[STREAM] = VALID[GENERATE]
 
 def malformed(rng: random.Random, valid: bytes) -> bytes:
     """One broken message: truncated, flipped, random, wrong wire types, oversized varints, lying lengths."""
-    field = rng.randrange(0, 12)
+    field = rng.choice([*range(12), *range(20, 31), 40])
     kind = rng.randrange(9)
     if kind == 0:
         return rng.randbytes(rng.randrange(64))

@@ -61,15 +61,16 @@ def test_nf4_matmul_matches_float64_reference(model):
 
 
 def test_nf4_matmul_in_float16_and_with_tiny_scales():
-    """--dtype float16 rows, and a weight whose scales would be fp16 subnormals without the power-of-two shift."""
+    """--dtype float16 rows, and a weight whose scales would be fp16 subnormals without the power-of-two shift,
+    with either decode table."""
     from server.kernels.nf4_layout import reference
-    from server.kernels.nf4_matmul import nf4_matmul
+    from server.kernels.nf4_matmul import NF4Config, nf4_matmul
 
     for dtype, scale in ((torch.float16, 1.0), (torch.bfloat16, 1e-6)):
         packed, _, code = quantized(1024, 2048, dtype, scale)
-        for m in (1, 3, 8, 40):
+        for m, table in ((1, False), (3, True), (8, False), (40, True)):
             x = torch.randn(m, 2048, device="cuda", dtype=dtype)
-            out = nf4_matmul(x, packed, out=poisoned(m, 1024, dtype))
+            out = nf4_matmul(x, packed, NF4Config(4, 1, 2, 3, 4, table), out=poisoned(m, 1024, dtype))
             assert out.dtype == dtype
             error = relative_error(out, reference(x, packed, code, dtype))
             assert error < TOLERANCE[dtype], f"{dtype} scale {scale} M={m}: {error:.2e}"
@@ -77,7 +78,7 @@ def test_nf4_matmul_in_float16_and_with_tiny_scales():
 
 def test_nf4_matmul_every_launch_shape_computes_the_same():
     """Launch shapes the benchmark sweeps: no split (direct store), uneven K-ranges, partial chunks,
-    two slabs a warp, more than 64 rows (a second grid column)."""
+    two slabs a warp, more than 64 rows (a second grid column), the decode table in shared memory."""
     from server.kernels.nf4_layout import reference
     from server.kernels.nf4_matmul import NF4Config, nf4_matmul
 
@@ -85,11 +86,40 @@ def test_nf4_matmul_every_launch_shape_computes_the_same():
     packed, _, code = quantized(n, k)
     for m, config in [(1, NF4Config(4, 1, 1, 2, 1)), (1, NF4Config(8, 2, 4, 4, 8)), (3, NF4Config(4, 2, 3, 3, 5)),
                       (20, NF4Config(4, 1, 2, 2, 7)), (64, NF4Config(8, 1, 1, 3, 2)), (64, NF4Config(4, 2, 2, 4, 1)),
-                      (100, NF4Config(4, 1, 2, 3, 3))]:
+                      (100, NF4Config(4, 1, 2, 3, 3)), (32, NF4Config(4, 2, 2, 5, 16)), (64, NF4Config(8, 2, 1, 3, 4)),
+                      (1, NF4Config(4, 1, 2, 3, 5, True)), (17, NF4Config(8, 2, 1, 3, 1, True)),
+                      (64, NF4Config(4, 1, 1, 3, 4, True))]:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         out = nf4_matmul(x, packed, config, out=poisoned(m, n))
         error = relative_error(out, reference(x, packed, code, torch.bfloat16))
         assert error < TOLERANCE[torch.bfloat16], f"M={m} {config}: {error:.2e}"
+
+
+def test_nf4_matmul_split_k_repeats_bit_for_bit_in_a_graph():
+    """Calls one after another, and replays of a captured graph, give the same bits: the K-ranges' sums
+    are added in a fixed order, whatever order the CTAs ran in."""
+    from server.kernels.nf4_matmul import NF4Config, nf4_matmul
+
+    packed, _, _ = quantized(2048, 4096)
+    x = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16)
+    config = NF4Config(4, 2, 2, 3, 8)
+    first = nf4_matmul(x, packed, config)
+    for _ in range(3):
+        assert torch.equal(nf4_matmul(x, packed, config, out=poisoned(16, 2048)), first)
+    out = poisoned(16, 2048)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        nf4_matmul(x, packed, config, out=out)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        nf4_matmul(x, packed, config, out=out)
+    for _ in range(3):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, first)
 
 
 def test_nf4_matmul_reads_strided_rows():

@@ -11,10 +11,12 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
 import torch
 
 from adapters.store.versions import AdapterStore
+from cartridge.v1 import inference_pb2, inference_pb2_grpc
 from client.client import CartridgeClient
 
 from .conftest import PROMPT, start_server
@@ -130,6 +132,28 @@ def test_a_prefix_cache_hit_gives_the_tokens_of_a_miss_and_adapters_never_share_
     assert base == greedy_reference(base_model, tokenizer, None, LONG, 12)
     assert len({miss, other, base}) == 3, "the adapters answer alike: the test would prove nothing"
     assert metric(cached_server, "cartridge_prefix_cache_blocks") > 0
+
+
+def test_choices_fork_the_prompts_blocks_and_each_gives_the_single_answer(cached_server):
+    """n = 6 on a server of 4 rows: the other choices wait until the first has computed its prompt, then take
+    its blocks (or, once rows free after it ended, run alone); each greedy, penalised choice gives the n = 1
+    answer, and its first streamed message the prompt logprobs of the n = 1 request."""
+    fields = dict(prompt=LONG, adapter="qv8", max_tokens=10, temperature=0, frequency_penalty=0.8,
+                  prompt_logprobs=True)
+    with grpc.insecure_channel(cached_server.address) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        single = stub.Generate(inference_pb2.GenerateRequest(**fields))
+        answer = stub.Generate(inference_pb2.GenerateRequest(n=6, **fields))
+        prompts = {}
+        for message in stub.GenerateStream(inference_pb2.GenerateRequest(n=6, **fields)):
+            if message.prompt_logprobs:
+                prompts[message.choice_index] = message.prompt_logprobs
+    assert [c.text for c in answer.choices] == [single.text] * 6
+    assert sorted(prompts) == list(range(6))
+    for logprobs in prompts.values():
+        assert [t.token_id for t in logprobs] == [t.token_id for t in single.prompt_logprobs]
+        assert [t.logprob for t in logprobs[1:]] == pytest.approx([t.logprob for t in single.prompt_logprobs[1:]],
+                                                                  abs=1e-4)
 
 
 def test_a_replaced_adapter_never_gets_blocks_of_its_earlier_weights(cached_server, base_model, tokenizer,

@@ -51,9 +51,10 @@ def trained(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, Path, 
     # Paths in the file are relative to it; the max_steps flag below overrides the file's 100.
     (root / "train.yaml").write_text("data: train.jsonl\nval_data: [val.jsonl]\nmax_steps: 100\neval_every: 3\n"
                                      "r: 8\nlora_alpha: 16\n")
+    (root / "defaults.json").write_text('{"temperature": 0, "max_tokens": 32}')
     output = root / "adapter"
     result = cartridge("train", "--config", str(root / "train.yaml"), "--output", str(output), "--max-steps", "6",
-                       *QUICK)
+                       "--defaults", str(root / "defaults.json"), *QUICK)
     return output, result, train_file, val_file
 
 
@@ -64,6 +65,7 @@ def report_of(output: Path) -> dict:
 def test_training_lowers_validation_loss_and_writes_a_peft_adapter(trained, base_dir):
     output, result, train_file, _ = trained
     assert result.returncode == 0, result.stderr
+    assert json.loads((output / "cartridge.json").read_text()) == {"temperature": 0, "max_tokens": 32}   # --defaults
     assert "tokens_per_s" in result.stderr and "step 3: validation loss" in result.stdout
     assert "FutureWarning" not in result.stderr, result.stderr
     # Every phase after training says what it measures and how long it should take, then shows its rows.
@@ -227,6 +229,10 @@ def test_bad_settings_are_named(tmp_path):
     assert general.returncode == 2 and "general_replay_fraction: must be in [0, 1), got 1.0" in general.stderr
     assert "replay_fraction" not in general.stderr.replace("general_replay_fraction", "")
 
+    (tmp_path / "defaults.json").write_text('{"colour": "red"}')
+    defaults = cartridge("train", "--data", "x.jsonl", "--output", "out", "--defaults", str(tmp_path / "defaults.json"))
+    assert defaults.returncode == 2 and "defaults: " in defaults.stderr and "'colour' is not a default" in defaults.stderr
+
     assert "data: required" in cartridge("train", "--output", str(tmp_path / "out")).stderr
     assert not (tmp_path / "out").exists()
 
@@ -240,6 +246,7 @@ def test_sample_data_is_the_generators_output(tmp_path):
 
 
 def test_rows_of_like_length_share_a_micro_batch_and_every_row_comes_once_an_epoch():
+    from adapters.train.config import TrainConfig
     from adapters.train.datasets import Example
     from adapters.train.loop import micro_batches
 
@@ -249,7 +256,8 @@ def test_rows_of_like_length_share_a_micro_batch_and_every_row_comes_once_an_epo
                         row=("mix", i)) for i in range(1, 97)]
 
     def one_epoch(group_by_length: bool) -> list:
-        stream = micro_batches(examples, 4, seed=0, skip=0, pad_id=0, group_by_length=group_by_length)
+        config = TrainConfig(data=("unused",), output="unused", batch_size=4, seed=0, group_by_length=group_by_length)
+        stream = micro_batches(examples, config, skip=0, pad_id=0)
         return [next(stream) for _ in range(24)]
 
     def padding(batches: list) -> float:

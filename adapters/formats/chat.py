@@ -10,11 +10,12 @@ from typing import Sequence
 Message = dict[str, str]  # {"role": ..., "content": ...}, the form chat templates read
 
 
-def render_prompt(tokenizer, messages: Sequence[Message]) -> list[int]:
-    """Token ids of `messages` with the assistant turn opened, ready for the model to answer."""
+def render_prompt(tokenizer, messages: Sequence[Message], tools: list[dict] | None = None) -> list[int]:
+    """Token ids of `messages` with the assistant turn opened, ready for the model to answer; `tools`
+    (OpenAI's function shape) go to the template as transformers hands them."""
     if not tokenizer.chat_template:
         raise ValueError("the base model's tokenizer has no chat template; send a raw prompt instead")
-    return list(tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True,
+    return list(tokenizer.apply_chat_template(list(messages), tools=tools, add_generation_prompt=True, tokenize=True,
                                               return_dict=False))
 
 

@@ -167,7 +167,9 @@ class StoreReader:
 
 CANARY_MIN_SHARE, CANARY_MAX_SHARE = 1, 50
 # Moves that start, change or end a canary leave the live version where it was (from_version == to_version).
-CANARY_ACTIONS = ("canary start", "forced canary start", "canary change", "forced canary change", "canary end")
+CANARY_ACTIONS = ("canary start", "forced canary start", "canary change", "forced canary change", "canary end",
+                  "canary aborted", "shadow start", "forced shadow start", "shadow change", "forced shadow change",
+                  "shadow end")
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,8 +181,11 @@ class LiveMove:
     to_version: int
     gate_report_sha256: str | None    # of the gate report the release relied on; None for rollbacks and forced ones
     reason: str
-    # The canary running after this move: {"version": N, "share": percent, "started_at": time}; None: no split.
+    # The canary running after this move: {"version": N, "share": percent, "started_at": time, "limits": {...}}
+    # (limits: adapters/formats/version_stats.CanaryLimits' fields, absent or null when none); with "mode":
+    # "shadow", a shadow instead: the share also runs on the version, callers get the live answer. None: neither.
     canary: dict | None = None
+    tripped: str | None = None        # canary aborted: the limit crossed, with the numbers
 
     @property
     def canary_version(self) -> int | None:
@@ -190,6 +195,11 @@ class LiveMove:
     def moves_live(self) -> bool:
         """Whether this move changed the live version (canary starts, changes and ends do not)."""
         return self.action not in CANARY_ACTIONS
+
+
+def split_mode(entry: dict | None) -> str:
+    """"canary" or "shadow": what a live pointer's split entry runs (entries written before shadows: canary)."""
+    return (entry or {}).get("mode", "canary")
 
 
 def check_canary_share(share: int) -> int:
@@ -211,6 +221,10 @@ def live_file(store: StoreReader, name: str) -> Path:
     return store.root / name / LIVE_FILE
 
 
+def log_file(store: StoreReader, name: str) -> Path:
+    return store.root / name / LOG_FILE
+
+
 def read_live(store: StoreReader, name: str) -> LiveMove | None:
     """The move that made the live version live; None when the name has never been released."""
     try:
@@ -221,7 +235,7 @@ def read_live(store: StoreReader, name: str) -> LiveMove | None:
 
 def release_log(store: StoreReader, name: str) -> list[LiveMove]:
     try:
-        lines = (store.root / name / LOG_FILE).read_text().splitlines()
+        lines = log_file(store, name).read_text().splitlines()
     except FileNotFoundError:
         return []
     return [LiveMove(**json.loads(line)) for line in lines if line.strip()]

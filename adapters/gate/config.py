@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Union, get_args, get_origin, get_type_hints
 
+from ..formats.version_stats import CanaryLimits
 from ..train.config import ConfigError
 from .general_sets import SOURCES
 
@@ -84,6 +85,8 @@ class GateConfig:
     general_text: GeneralText = GeneralText()
     general_sets: GeneralSets = GeneralSets()
     suites: tuple[SuiteRule, ...] = ()
+    # What aborts a canary of a version gated with this file, unless `release --abort-...` flags are given.
+    canary: CanaryLimits = CanaryLimits()
     source: str | None = field(default=None, metadata={"internal": True})  # the file read, for the report
 
     def __post_init__(self) -> None:
@@ -186,7 +189,14 @@ def _value(kind, value, key: str, base: Path):
             raise GateConfigError(f"{key}: expected a mapping, got {value!r}")
         if kind is SuiteRule and "name" not in value:
             raise GateConfigError(f"{key}.name: required")
-        return kind(**_parse(kind, value, f"{key}.", base))
+        try:
+            return kind(**_parse(kind, value, f"{key}.", base))
+        except GateConfigError:
+            raise
+        except ValueError as err:   # CanaryLimits' words name its release flag: name the gate-file key instead
+            flag, _, rest = str(err).partition(" ")
+            raise GateConfigError(f"{key}.{flag.removeprefix('--abort-').replace('-', '_')}: "
+                                  f"{rest.split(': ', 1)[-1]}") from None
     if kind is Path:
         return base / str(value)
     if kind is bool and isinstance(value, bool):

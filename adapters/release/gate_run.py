@@ -18,7 +18,8 @@ from pathlib import Path
 from ..formats.file_modes import follow_umask
 from ..formats.hashing import file_sha256
 from ..formats.store_layout import GATE_DIR, StoredVersion, StoreError, VersionRef
-from ..store.versions import AdapterStore, now
+from ..formats.live_pointer import now
+from ..store.versions import AdapterStore
 from .lifecycle import REPORT_FILE, VERDICT_FILE, Verdict, gate_dir, live_version, read_verdict
 
 

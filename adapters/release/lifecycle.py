@@ -10,14 +10,15 @@ live version, which it leaves in place; releasing the canary's version promotes 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..formats.hashing import file_sha256
 from ..formats.store_layout import (GATE_DIR, IntegrityError, LiveMove, StoredVersion, StoreError, VersionRef,
-                                     check_canary_share, read_live, release_log)
-from ..store.live import move_live
-from ..store.versions import AdapterStore, now
+                                     check_canary_share, read_live, release_log, split_mode)
+from ..formats.live_pointer import move_live, now
+from ..formats.version_stats import CanaryLimits
+from ..store.versions import AdapterStore
 
 VERDICT_FILE = "verdict.json"
 REPORT_FILE = "report.json"
@@ -59,55 +60,89 @@ def live_version(store: AdapterStore, name: str) -> StoredVersion | None:
     return store.open(VersionRef(name, move.to_version)) if move else None
 
 
-def release(store: AdapterStore, ref: VersionRef, *, force: bool, reason: str, canary: int | None = None) -> LiveMove:
-    """Makes `ref` live; with `canary` (percent), sends only that share of the name's requests to it instead.
-    Releasing the running canary's version promotes it and ends the canary."""
+def release(store: AdapterStore, ref: VersionRef, *, force: bool, reason: str, canary: int | None = None,
+            limits: CanaryLimits | None = None, shadow: int | None = None) -> LiveMove:
+    """Makes `ref` live; with `canary` (percent), sends only that share of the name's requests to it instead,
+    and with `limits` servers abort it when it does worse; with `shadow` (percent), runs that share of the
+    requests on it too, beside the live version, whose answers alone callers get. Releasing the running
+    canary's or shadow's version promotes it and ends the split."""
+    if limits is not None and limits.any and canary is None:
+        raise StoreError("--abort-* limits apply to a canary: give --canary PCT too")
+    if canary is not None and shadow is not None:
+        raise StoreError("give --canary or --shadow, not both: one experiment on a name at a time")
     if ref.number is None:
         raise StoreError(f"name the version to release, such as {ref.name}@v{max(store.version_numbers(ref.name), default=1)}")
-    if canary is not None:
-        check_canary_share(canary)
+    for share in (canary, shadow):
+        if share is not None:
+            check_canary_share(share)
     candidate = store.open(ref)
     current = read_live(store, ref.name)
     live = live_version(store, ref.name)
     expected = live.number if live else None
     running = current.canary if current else None
-    if canary is not None:
-        return _canary(store, ref, candidate, live, running, canary, force, reason)
+    if canary is not None or shadow is not None:
+        mode = "canary" if canary is not None else "shadow"
+        return _split(store, ref, candidate, live, running, mode, canary or shadow, force, reason, limits)
     if expected == candidate.number:
-        raise StoreError(f"{ref} is already live" + (f"; end its canary of {ref.name}@v{running['version']} with "
-                                                     f"`cartridge rollback {ref.name}`" if running else ""))
+        raise StoreError(f"{ref} is already live" + (f"; end its {split_mode(running)} of "
+                                                     f"{ref.name}@v{running['version']} with `cartridge rollback "
+                                                     f"{ref.name}`" if running else ""))
     if running and running["version"] != candidate.number:
-        raise StoreError(f"{ref.name}@v{running['version']} is in a canary at {running['share']}%; promote it "
-                         f"(`cartridge release {ref.name}@v{running['version']}`) or end it (`cartridge rollback "
-                         f"{ref.name}`) before releasing {ref}")
+        raise StoreError(f"{ref.name}@v{running['version']} is in a {split_mode(running)} at {running['share']}%; "
+                         f"promote it (`cartridge release {ref.name}@v{running['version']}`) or end it (`cartridge "
+                         f"rollback {ref.name}`) before releasing {ref}")
     gate_sha = _admitted(candidate, live, force, reason)
-    action = ("canary promote" if running else "release") if gate_sha else \
-        ("forced canary promote" if running else "forced release")
-    return move_live(store, ref.name, expected=expected, to=candidate.number, action=action,
-                     gate_report_sha256=gate_sha, reason=reason,
+    action = f"{split_mode(running)} promote" if running else "release"
+    return move_live(store, ref.name, expected=expected, to=candidate.number,
+                     action=action if gate_sha else f"forced {action}", gate_report_sha256=gate_sha, reason=reason,
                      expected_canary=running["version"] if running else None)
 
 
-def _canary(store: AdapterStore, ref: VersionRef, candidate: StoredVersion, live: StoredVersion | None,
-            running: dict | None, share: int, force: bool, reason: str) -> LiveMove:
+def _split(store: AdapterStore, ref: VersionRef, candidate: StoredVersion, live: StoredVersion | None,
+           running: dict | None, mode: str, share: int, force: bool, reason: str,
+           limits: CanaryLimits | None) -> LiveMove:
+    """Starts or changes a canary or shadow of `candidate` at `share` percent."""
     if live is None:
         raise StoreError(f"{ref.name} has no live version to split requests with; release a first version "
-                         f"without --canary")
+                         f"without --{mode}")
     if live.number == candidate.number:
-        raise StoreError(f"{ref} is the live version; a canary must be another version")
-    if running and running["version"] != candidate.number:
-        raise StoreError(f"{ref.name}@v{running['version']} is already in a canary at {running['share']}%; one "
-                         f"canary at a time: promote or end it (`cartridge rollback {ref.name}`) first")
-    if running and running["share"] == share:
+        raise StoreError(f"{ref} is the live version; a {mode} must be another version")
+    if running and (running["version"] != candidate.number or split_mode(running) != mode):
+        raise StoreError(f"{ref.name}@v{running['version']} is already in a {split_mode(running)} at "
+                         f"{running['share']}%; one canary or shadow at a time: promote or end it (`cartridge "
+                         f"rollback {ref.name}`) first")
+    if running and running["share"] == share and not (limits is not None and limits.any):
         raise StoreError(f"{ref} already takes {share}% of {ref.name}'s requests")
-    gate_sha = _admitted(candidate, live, force, reason)    # every share it is given, as a release would
+    # Every share it is given needs the gate a release needs: a shadow's answers reach no caller, but its
+    # rows share the live version's batches.
+    gate_sha = _admitted(candidate, live, force, reason)
+    if mode == "canary" and not running and (limits is None or not limits.any):
+        limits = gate_file_limits(candidate)
     step = "change" if running else "start"
     started_at = running["started_at"] if running else now()
+    # A change of share keeps the running limits unless new ones are given.
+    kept = asdict(limits) if limits is not None and limits.any else (running or {}).get("limits")
+    entry = {"version": candidate.number, "share": share, "started_at": started_at, "limits": kept}
+    if mode == "shadow":
+        entry["mode"] = "shadow"
     return move_live(store, ref.name, expected=live.number, to=live.number,
-                     action=f"canary {step}" if gate_sha else f"forced canary {step}",
+                     action=f"{mode} {step}" if gate_sha else f"forced {mode} {step}",
                      gate_report_sha256=gate_sha, reason=reason,
-                     expected_canary=running["version"] if running else None,
-                     canary={"version": candidate.number, "share": share, "started_at": started_at})
+                     expected_canary=running["version"] if running else None, canary=entry)
+
+
+def gate_file_limits(version: StoredVersion) -> CanaryLimits | None:
+    """The canary section of the gate file `version` was trained with, if it names one."""
+    from ..gate import GateConfig, GateConfigError
+
+    recorded = version.manifest.get("train_config", {}).get("gate_file")
+    if not recorded:
+        return None
+    try:
+        return GateConfig.load(Path(recorded)).canary
+    except GateConfigError as err:
+        raise StoreError(f"{version.ref}: its gate file's canary limits cannot be used: {err}; give --abort-... "
+                         f"flags instead") from None
 
 
 def _admitted(candidate: StoredVersion, live: StoredVersion | None, force: bool, reason: str) -> str | None:
@@ -130,7 +165,7 @@ def _admitted(candidate: StoredVersion, live: StoredVersion | None, force: bool,
 
 
 def rollback(store: AdapterStore, name: str, to: int | None, reason: str) -> LiveMove:
-    """Makes the previous live version (or `v<to>`) live; with a canary running, ends the canary instead
+    """Makes the previous live version (or `v<to>`) live; with a canary or shadow running, ends it instead
     (and, with `to`, also moves the live version there)."""
     current = read_live(store, name)
     if current is None:
@@ -139,7 +174,7 @@ def rollback(store: AdapterStore, name: str, to: int | None, reason: str) -> Liv
         target = to if to is not None else current.to_version
         store.open(VersionRef(name, target))  # intact, or refused before the pointer moves
         return move_live(store, name, expected=current.to_version, to=target,
-                         action="canary end" if target == current.to_version else "rollback",
+                         action=f"{split_mode(current.canary)} end" if target == current.to_version else "rollback",
                          gate_report_sha256=None, reason=reason, expected_canary=current.canary_version)
     target = to if to is not None else previous_live(release_log(store, name), current.to_version)
     if target is None:
@@ -170,6 +205,16 @@ class VersionLine:
     live: bool
     live_periods: list[tuple[str, str | None]]   # (from, until; None = still live)
     canary: dict | None = None                   # the running canary's entry, on the canary version's line
+    canary_periods: list["CanaryPeriod"] = field(default_factory=list)   # ended ones, oldest first
+
+
+@dataclass(frozen=True, slots=True)
+class CanaryPeriod:
+    start: str
+    end: str
+    share: int           # the largest share it reached
+    ended: str           # how: the move that ended it, and for an abort the limit crossed
+    mode: str = "canary"  # or "shadow"
 
 
 def list_versions(store: AdapterStore, name: str) -> list[VersionLine]:
@@ -186,8 +231,21 @@ def list_versions(store: AdapterStore, name: str) -> list[VersionLine]:
         lines.append(VersionLine(
             number, version.parent if version else None, version.manifest["created"] if version else "",
             problem, _verdicts(version) if version else [], bool(current and current.to_version == number),
-            _periods(log, number), current.canary if current and current.canary_version == number else None))
+            _periods(log, number), current.canary if current and current.canary_version == number else None,
+            _canary_periods(log, number)))
     return lines
+
+
+def _canary_periods(log: list[LiveMove], number: int) -> list[CanaryPeriod]:
+    periods, start, share, mode = [], None, 0, "canary"
+    for move in log:
+        if move.canary_version == number:
+            start, share, mode = start or move.time, max(share, move.canary["share"]), split_mode(move.canary)
+        elif start is not None:
+            ended = f"{move.action}: {move.tripped}" if move.tripped else move.action
+            periods.append(CanaryPeriod(start, move.time, share, ended, mode))
+            start, share = None, 0
+    return periods
 
 
 def _verdicts(version: StoredVersion) -> list[tuple[str, bool]]:

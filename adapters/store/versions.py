@@ -13,20 +13,16 @@ import json
 import os
 import shutil
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
 from ..formats.file_modes import follow_umask
 from ..formats.hashing import file_sha256
+from ..formats.live_pointer import now
 from ..formats.store_layout import MANIFEST, StoredVersion, StoreReader, VersionRef, check_store_name, files_of
 
 DATA_DIR = "data"
 ROLES = ("train", "val", "test", "replay")
 _FORMAT = 1
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 

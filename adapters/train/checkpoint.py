@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -43,13 +43,15 @@ class RunIdentity:
     batch_size: int
     gradient_accumulation: int
     max_seq_len: int
+    # Fields added later carry a default: a checkpoint written before them was made with that value.
+    packing: bool = False
 
     @classmethod
     def of(cls, config: TrainConfig, data_fingerprint: str, validation_fingerprint: str,
            base_fingerprint: str) -> "RunIdentity":
         return cls(data_fingerprint, validation_fingerprint, base_fingerprint, config.method, config.r,
                    config.lora_alpha, list(config.target_modules), config.use_rslora, config.seed,
-                   config.batch_size, config.gradient_accumulation, config.max_seq_len)
+                   config.batch_size, config.gradient_accumulation, config.max_seq_len, config.packing)
 
 
 def save(output: Path, trainer: Trainer, state: TrainState, identity: RunIdentity) -> None:
@@ -79,10 +81,12 @@ def restore(output: Path, trainer: Trainer, identity: RunIdentity) -> TrainState
     """Loads the checkpoint into `trainer` and returns the loop state, after checking `identity` matches."""
     directory = output / DIRECTORY
     saved = json.loads((directory / _STATE).read_text())
+    earlier = {spec.name: spec.default for spec in fields(RunIdentity) if spec.default is not MISSING}
     for key, value in asdict(identity).items():
-        if saved["identity"].get(key) != value:
+        was = saved["identity"].get(key, earlier.get(key))
+        if was != value:
             raise CheckpointError(
-                f"cannot resume: {key} was {saved['identity'].get(key)!r} in {directory}, now it is {value!r}; "
+                f"cannot resume: {key} was {was!r} in {directory}, now it is {value!r}; "
                 f"use the same value or a new output directory")
     trainer.load_lora_weights(load_file(directory / _WEIGHTS))
     if (directory / _BEST).is_file():

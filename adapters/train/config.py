@@ -51,6 +51,8 @@ class TrainConfig:
                                           "never used to choose weights", path=True)
     gate_file: str | None = _setting(None, help="gate limits (YAML), stored with the version for `cartridge gate`",
                                      path=True)
+    defaults: str | None = _setting(None, help="request defaults (a cartridge.json: response_format, temperature, "
+                                    "...) written into the adapter beside its weights", path=True)
     val_fraction: float = _setting(0.1, help="share of data rows held out for validation when val_data is empty")
     method: str = _setting("lora", help="lora: dense base; qlora: NF4 base, quantized as the server does",
                            choices=METHODS)
@@ -67,12 +69,20 @@ class TrainConfig:
     max_steps: int = _setting(0, help="optimizer steps to run; 0 = as many as `epochs` takes")
     batch_size: int = _setting(4, help="examples per micro-batch")
     gradient_accumulation: int = _setting(1, help="micro-batches per optimizer step")
-    group_by_length: bool = _setting(True, help="put rows of like length in a micro-batch, so less of it is padding")
+    group_by_length: bool = _setting(True, help="put rows of like length in a micro-batch, so less of it is padding "
+                                     "(without packing)")
+    packing: bool = _setting(False, help="lay examples end to end in rows of max_seq_len tokens, each attending "
+                             "only to itself, so a micro-batch is batch_size such rows with almost no padding")
     weight_decay: float = _setting(0.0, help="AdamW weight decay on the LoRA weights")
     max_grad_norm: float = _setting(1.0, help="gradient clipping norm; 0 = no clipping")
     max_seq_len: int = _setting(512, help="tokens per example; longer chat rows are rejected, longer text is split")
     seed: int = _setting(0, help="seed for LoRA initialisation, the validation split and the data order")
     gradient_checkpointing: bool = _setting(False, help="recompute activations in the backward pass to save memory")
+    offload_activations: bool = _setting(False, help="with gradient_checkpointing: keep each layer's saved input in "
+                                         "host memory until the backward pass, copied out while the GPU computes")
+    fused_loss: bool = _setting(False, help="compute the loss from the answer tokens' hidden states alone; on CUDA "
+                                "through Liger Kernel's fused linear cross-entropy, so no logits are made "
+                                "(pip install 'cartridge-lora[train-gpu]')")
     optimizer: str = _setting("adamw", help="adamw (torch) or paged_adamw_8bit (bitsandbytes, CUDA only)",
                               choices=OPTIMIZERS)
     eval_every: int = _setting(50, help="optimizer steps between validation passes (and checkpoints)")
@@ -123,6 +133,8 @@ class TrainConfig:
         for key in ("max_steps", "weight_decay", "max_grad_norm", "early_stopping_patience",
                     "early_stopping_min_delta"):
             _check(getattr(self, key) >= 0, key, f"must not be negative, got {getattr(self, key)}")
+        _check(self.gradient_checkpointing or not self.offload_activations, "offload_activations",
+               "moves what gradient checkpointing saves; set gradient_checkpointing too")
         _check(0 <= self.max_rejected_fraction <= 1, "max_rejected_fraction",
                f"must be between 0 and 1, got {self.max_rejected_fraction}")
         _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device",

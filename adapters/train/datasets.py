@@ -82,14 +82,27 @@ class Batch:
     input_ids: torch.Tensor       # [B, S], right-padded
     attention_mask: torch.Tensor  # [B, S], 0 on padding
     labels: torch.Tensor          # [B, S], IGNORE on prompt and padding
+    # [B, S] with several examples packed in a row (train.packing): each example's positions restart at 0.
+    # None: one example a row.
+    position_ids: torch.Tensor | None = None
 
     @property
     def num_answer_tokens(self) -> int:
         """Tokens that carry loss: labels are shifted by one inside the model, so the first never counts."""
         return int((self.labels[:, 1:] != IGNORE).sum())
 
+    def model_inputs(self) -> dict[str, torch.Tensor | bool]:
+        """The keyword arguments of the model's forward for this batch (labels aside)."""
+        if self.position_ids is None:
+            return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "use_cache": False}
+        # Packed rows go without a 2D mask: transformers then reads each example's bounds from where its
+        # positions restart and builds a block-diagonal causal mask (sdpa, eager), or runs FlashAttention
+        # varlen, so no token attends across examples. A cache would switch that reading off.
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "use_cache": False}
+
     def to(self, device: torch.device) -> "Batch":
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
+                     None if self.position_ids is None else self.position_ids.to(device))
 
 
 def read_dataset(paths: Sequence[str], tokenizer, max_seq_len: int, max_rejected_fraction: float) -> Dataset:
@@ -137,11 +150,18 @@ def collate(examples: Sequence[Example], pad_id: int) -> Batch:
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     for i, example in enumerate(examples):
-        prompt, answer = len(example.prompt_ids), len(example.answer_ids)
-        input_ids[i, :prompt + answer] = torch.tensor(example.prompt_ids + example.answer_ids)
-        attention_mask[i, :prompt + answer] = 1
-        labels[i, prompt:prompt + answer] = torch.tensor(example.answer_ids)
+        place(example, input_ids[i], attention_mask[i], labels[i], start=0)
     return Batch(input_ids, attention_mask, labels)
+
+
+def place(example: Example, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+          start: int) -> None:
+    """Writes `example` into one batch row ([S] views) from token `start`: its ids, a 1 in the mask, and its
+    answer ids as labels."""
+    prompt, end = start + len(example.prompt_ids), start + example.num_tokens
+    input_ids[start:end] = torch.tensor(example.prompt_ids + example.answer_ids)
+    attention_mask[start:end] = 1
+    labels[prompt:end] = torch.tensor(example.answer_ids)
 
 
 def _read_bytes(path: str) -> bytes:

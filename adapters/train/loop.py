@@ -16,8 +16,10 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from .answer_loss import step_loss
 from .datasets import Batch, Example, collate
 from .config import TrainConfig
+from .packing import collate_packed, pack
 
 # Our names for transformers' schedules: "constant" still warms up first.
 _SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
@@ -50,6 +52,7 @@ class Trainer:
                                        num_warmup_steps=round(config.warmup_ratio * total_steps),
                                        num_training_steps=total_steps)
         self.max_grad_norm = config.max_grad_norm
+        self.loss = step_loss(config.fused_loss, model.device)
         self.best_weights: dict[str, torch.Tensor] | None = None
 
     def step(self, micro_batches: Sequence[Batch]) -> float:
@@ -60,8 +63,7 @@ class Trainer:
         total = torch.zeros((), device=self.model.device)
         for batch in micro_batches:
             batch = batch.to(self.model.device)
-            loss = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels,
-                              num_items_in_batch=num_items).loss
+            loss = self.loss(self.model, batch, num_items)
             loss.backward()
             total += loss.detach()
         if self.max_grad_norm:
@@ -97,12 +99,15 @@ def _optimizer(parameters: list[torch.nn.Parameter], config: TrainConfig) -> tor
     return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
-def steps_per_epoch(num_examples: int, config: TrainConfig) -> float:
-    return math.ceil(num_examples / config.batch_size) / config.gradient_accumulation
+def steps_per_epoch(examples: Sequence[Example], config: TrainConfig) -> float:
+    """Optimizer steps in an epoch (the first's, when packing makes epochs differ by a row or two)."""
+    lengths = [example.num_tokens for example in examples]
+    plan = _epoch_plan(lengths, config, random.Random(f"{config.seed}/0"))
+    return len(plan) / config.gradient_accumulation
 
 
-def total_steps(num_examples: int, config: TrainConfig) -> int:
-    return config.max_steps or math.ceil(config.epochs * steps_per_epoch(num_examples, config))
+def total_steps(examples: Sequence[Example], config: TrainConfig) -> int:
+    return config.max_steps or math.ceil(config.epochs * steps_per_epoch(examples, config))
 
 
 # Micro-batches sorted together by length: wide enough to pair rows of like length, narrow enough that an
@@ -110,34 +115,38 @@ def total_steps(num_examples: int, config: TrainConfig) -> int:
 GROUP_WINDOW = 32
 
 
-def micro_batches(examples: Sequence[Example], batch_size: int, seed: int, skip: int, pad_id: int,
-                  group_by_length: bool) -> Iterator[Batch]:
+def micro_batches(examples: Sequence[Example], config: TrainConfig, skip: int, pad_id: int) -> Iterator[Batch]:
     """Endless micro-batches, each epoch in its own seeded order, starting after the first `skip`.
 
     The order is a function of (seed, epoch) alone, so a resumed run sees the batches it would have seen.
-    With `group_by_length` (transformers' option of that name, the same idea) a micro-batch holds rows of
-    like length, so little of it is padding: a replay mix of long records and short facts padded every
-    micro-batch to its longest row."""
-    per_epoch = math.ceil(len(examples) / batch_size)
-    epoch, index = divmod(skip, per_epoch)
+    With `packing`, a micro-batch is batch_size rows of examples laid end to end (train.packing).
+    Without it, `group_by_length` (transformers' option of that name, the same idea) makes a micro-batch
+    hold rows of like length, so little of it is padding: a replay mix of long records and short facts
+    padded every micro-batch to its longest row."""
     lengths = [example.num_tokens for example in examples]
+    epoch = 0
     while True:
-        batches = _epoch_batches(lengths, batch_size, random.Random(f"{seed}/{epoch}"), group_by_length)
-        for rows in batches[index:]:
-            yield collate([examples[j] for j in rows], pad_id)
-        epoch, index = epoch + 1, 0
+        plan = _epoch_plan(lengths, config, random.Random(f"{config.seed}/{epoch}"))
+        for rows in plan[skip:]:
+            yield (collate_packed([[examples[j] for j in row] for row in rows], pad_id) if config.packing
+                   else collate([examples[j] for j in rows], pad_id))
+        skip, epoch = max(0, skip - len(plan)), epoch + 1
 
 
-def _epoch_batches(lengths: Sequence[int], batch_size: int, rng: random.Random,
-                   group_by_length: bool) -> list[list[int]]:
+def _epoch_plan(lengths: Sequence[int], config: TrainConfig, rng: random.Random) -> list[list]:
+    """One epoch's micro-batches: lists of example indices, or with packing lists of packed rows (index lists)."""
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    if group_by_length:
-        window = batch_size * GROUP_WINDOW
+    if config.packing:
+        rows = pack(lengths, order, config.max_seq_len)
+        rng.shuffle(rows)   # else every window would run from its fullest rows to its emptiest
+        return [rows[i:i + config.batch_size] for i in range(0, len(rows), config.batch_size)]
+    if config.group_by_length:
+        window = config.batch_size * GROUP_WINDOW
         order = [j for start in range(0, len(order), window)
                  for j in sorted(order[start:start + window], key=lengths.__getitem__, reverse=True)]
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    if group_by_length:
+    batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    if config.group_by_length:
         rng.shuffle(batches)   # else every window would run from its longest rows to its shortest
     return batches
 
@@ -148,8 +157,7 @@ def fit(trainer: Trainer, train: Sequence[Example], config: TrainConfig, state: 
     and stops early when validation loss stops falling for early_stopping_patience validations."""
     from tqdm import tqdm
 
-    stream = micro_batches(train, config.batch_size, config.seed, state.step * config.gradient_accumulation, pad_id,
-                           config.group_by_length)
+    stream = micro_batches(train, config, state.step * config.gradient_accumulation, pad_id)
     started, tokens_at_start = time.perf_counter() - state.training_s, state.tokens_trained
     resumed_at = time.perf_counter()
     with tqdm(total=steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True) as progress:

@@ -6,13 +6,16 @@ before the first training step, and nothing is written until the data has been f
 from __future__ import annotations
 
 import random
+import shutil
 import time
 from pathlib import Path
 
 from . import checkpoint
+from ..dependencies import for_cuda_training, require
 from .datasets import Dataset, Example, read_dataset, split_validation
 from ..eval.evaluate import PACE, Comparison, Measurement, about, compare, exact_match, measure_loss
-from ..formats.adapter_dir import CONFIG_FILE, WEIGHTS_FILE, BaseShape, read_adapter
+from ..formats.adapter_dir import CONFIG_FILE, WEIGHTS_FILE, AdapterFormatError, BaseShape, read_adapter
+from ..formats.cartridge_json import DEFAULTS_FILE, read_defaults_file
 from ..formats.base_checkpoint import resolve_base
 from ..formats.base_fingerprint import base_fingerprint
 from ..formats.file_modes import follow_umask
@@ -34,6 +37,8 @@ def run_training(config: TrainConfig) -> tuple[dict, str]:
     device = pick_device(config.device)
     if config.optimizer == "paged_adamw_8bit" and device.type != "cuda":
         raise ConfigError("optimizer: paged_adamw_8bit pages through CUDA memory; use adamw on the CPU")
+    if device.type == "cuda":
+        require(for_cuda_training(config), "cartridge train on CUDA", extra="train-gpu")
     store = open_store(config) if config.name or config.from_version else None
     parent = resolve(store, config.from_version) if config.from_version else None
     if parent is not None:
@@ -42,6 +47,7 @@ def run_training(config: TrainConfig) -> tuple[dict, str]:
               f"targets {','.join(config.target_modules)}, learning rate {config.learning_rate:g}", flush=True)
     if config.output:
         _check_output(Path(config.output), config.resume)
+    defaults = _defaults_file(config, parent)
     base_dir = resolve_base(config.base_model)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     data = read_dataset(config.data, tokenizer, config.max_seq_len, config.max_rejected_fraction)
@@ -57,10 +63,10 @@ def run_training(config: TrainConfig) -> tuple[dict, str]:
     replay = (replay_for(str(parent.ref), [parent, *store.lineage(parent)], len(train), config, tokenizer)
               if parent else None)
     mixed = [*train, *replay.examples] if replay else train
-    steps = total_steps(len(mixed), config)
+    steps = total_steps(mixed, config)
     print(f"data: {data.rows_used} rows used, {data.rows_rejected} rejected; {len(train)} training and "
           f"{len(val)} validation examples" + (f", {len(mixed) - len(train)} replayed" if replay else "") +
-          f"; {steps} steps ({steps / steps_per_epoch(len(mixed), config):.1f} epochs)", flush=True)
+          f"; {steps} steps ({steps / steps_per_epoch(mixed, config):.1f} epochs)", flush=True)
 
     base = load_base(base_dir, config.quantized, device)
     model = with_continued_lora(base, parent.path, config) if parent else with_new_lora(base, config)
@@ -77,6 +83,8 @@ def run_training(config: TrainConfig) -> tuple[dict, str]:
         output.mkdir(parents=True, exist_ok=True)
         report = _train_and_write(config, output, model, tokenizer, trainer, state, steps, mixed, train, val,
                                   identity, base_dir, data, validation, replay, started, device)
+        if defaults is not None:
+            shutil.copyfile(defaults, output / DEFAULTS_FILE)
         if draft is None:
             return report, str(output)
         version = commit_version(draft, config, report, parent, val if validation is None else [], replay)
@@ -141,6 +149,19 @@ def _recall(model, tokenizer, train: list[Example], config: TrainConfig) -> dict
     print(f"measuring recall on {len(chosen)} training rows; "
           f"{about(PACE.expected_s(chosen, config.batch_size))}", flush=True)
     return {"items": len(chosen), "exact_match": exact_match(model, tokenizer, chosen, config.batch_size, "recall")}
+
+
+def _defaults_file(config: TrainConfig, parent) -> Path | None:
+    """The cartridge.json to write beside the weights, shape-checked now: config.defaults, else the parent
+    version's (a continued cartridge keeps its defaults)."""
+    if config.defaults is None:
+        inherited = parent.path / DEFAULTS_FILE if parent is not None else None
+        return inherited if inherited is not None and inherited.is_file() else None
+    try:
+        read_defaults_file(Path(config.defaults))
+    except AdapterFormatError as err:
+        raise ConfigError(f"defaults: {err}") from None
+    return Path(config.defaults)
 
 
 def _check_output(output: Path, resume: bool) -> None:

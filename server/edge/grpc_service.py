@@ -7,49 +7,39 @@ from cartridge.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inferen
 
 from ..lora.registry import AdapterRegistry, RegisteredAdapter, check_name
 from ..engine.engine import Engine
+from ..engine.feedback import FeedbackBook
 from ..errors import InvalidArgument
 from .generate_request import GenerateRequest, RequestValidator
-from ..engine.sequence import Event, FinishReason, Sequence
+from ..engine.sequence import Event, Sequence
+from . import tools
+from .grpc_answers import StreamAnswer, answer
+from .tools import Tool
 from ..engine.store_follower import StoreAdapters
 
 PIN_WAIT_S = 30.0   # how long RegisterAdapter waits for a device slot to pin into
 # Bounds on what one call may make the server hold (README: Limits); prompt bounds are in generate_request.py.
 MAX_PATH_CHARS = 4096
-_FINISH = {
-    FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
-    FinishReason.STOP: inference_pb2.FINISH_REASON_STOP,
-    FinishReason.END_OF_SEQUENCE: inference_pb2.FINISH_REASON_END_OF_SEQUENCE,
-}
 
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, engine: Engine, validator: RequestValidator):
-        self.engine, self.validator = engine, validator
+    def __init__(self, engine: Engine, validator: RequestValidator, feedback: FeedbackBook):
+        self.engine, self.validator, self.feedback = engine, validator, feedback
 
     def Generate(self, request, context) -> inference_pb2.GenerateResponse:
         seq = self._start(request, context)
-        pieces, logprobs = [], []
-        for event in self._events(seq):
-            pieces.append(event.text)
-            logprobs.extend(event.logprobs)
-        return response_proto("".join(pieces), event, len(seq.prompt_ids), seq.answered_as,
-                              seq.adapter_version, self._logprobs(logprobs))
+        return answer(list(self._events(seq)), len(seq.prompt_ids), seq.answered_as, seq.adapter_version,
+                      tool_mode(request), seq.request_id)
 
     def GenerateStream(self, request, context) -> Iterator[inference_pb2.GenerateResponse]:
         seq = self._start(request, context)
+        stream = StreamAnswer(len(seq.prompt_ids), seq.answered_as, seq.adapter_version, tool_mode(request),
+                              seq.request_id)
         for event in self._events(seq):
-            if event.finish_reason is None:
-                yield inference_pb2.GenerateResponse(text=event.text, logprobs=self._logprobs(event.logprobs))
-            else:
-                yield response_proto(event.text, event, len(seq.prompt_ids), seq.answered_as,
-                                     seq.adapter_version, self._logprobs(event.logprobs))
+            yield stream.message(event)
 
-    @staticmethod
-    def _logprobs(logprobs) -> list[inference_pb2.TokenLogprob]:
-        return [inference_pb2.TokenLogprob(
-                    token_id=lp.token, token=lp.text, logprob=lp.logprob,
-                    top_logprobs=[inference_pb2.TopLogprob(token_id=t, token=x, logprob=v) for t, x, v in lp.top])
-                for lp in logprobs]
+    def Feedback(self, request, context) -> inference_pb2.FeedbackResponse:
+        version = self.feedback.rate(request.request_id, request.score, request.tag)
+        return inference_pb2.FeedbackResponse(adapter_version=version)
 
     def _start(self, request, context) -> Sequence:
         seq = self.validator.sequence(from_proto(request))
@@ -60,34 +50,36 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     @staticmethod
     def _events(seq: Sequence) -> Iterator[Event]:
-        while True:
+        """The events of every choice of the request, until each has ended."""
+        running = 1 + len(seq.forks)
+        while running:
             event = seq.events.get()
             if event.error:
                 raise event.error
             yield event
-            if event.finish_reason is not None:
-                return
-
-
-def response_proto(text: str, last: Event, prompt_tokens: int, adapter: str,
-                   adapter_version: str = "", logprobs: list | None = None) -> inference_pb2.GenerateResponse:
-    """The answer (or a stream's last message) once `last` carries the outcome; a stream's other pieces
-    are just their text (and logprobs)."""
-    return inference_pb2.GenerateResponse(
-        text=text, finish_reason=_FINISH.get(last.finish_reason, inference_pb2.FINISH_REASON_UNSPECIFIED),
-        prompt_tokens=prompt_tokens, completion_tokens=last.completion_tokens, adapter=adapter,
-        adapter_version=adapter_version, logprobs=logprobs)
+            running -= event.finish_reason is not None
 
 
 def from_proto(request: inference_pb2.GenerateRequest) -> GenerateRequest:
     fmt = request.response_format
     return GenerateRequest(
         prompt=request.prompt, messages=tuple((m.role, m.content) for m in request.messages),
-        adapter=request.adapter, max_tokens=request.max_tokens, temperature=request.temperature,
+        adapter=request.adapter, max_tokens=request.max_tokens,
+        temperature=request.temperature if request.HasField("temperature") else None,
         top_p=request.top_p, top_k=request.top_k, seed=request.seed if request.HasField("seed") else None,
         stop=tuple(request.stop), response_format=fmt.type, json_schema=fmt.json_schema, regex=fmt.regex,
         choice=tuple(fmt.choice), logprobs=request.logprobs, top_logprobs=request.top_logprobs,
-        routing_key=request.routing_key)
+        routing_key=request.routing_key,
+        **{name: getattr(request, name) if request.HasField(name) else None
+           for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")},
+        logit_bias=tuple(request.logit_bias.items()), n=request.n, prompt_logprobs=request.prompt_logprobs,
+        tools=tuple(Tool(t.name, t.description, t.parameters_json) for t in request.tools),
+        tool_choice=request.tool_choice)
+
+
+def tool_mode(request: inference_pb2.GenerateRequest) -> str:
+    """How the answers of a (checked) request are read for tool calls (server/edge/tools.py)."""
+    return tools.mode(tuple(request.tools), request.tool_choice)
 
 
 class AdaptersService(adapters_pb2_grpc.AdaptersServicer):

@@ -7,6 +7,7 @@ backend that reaches engine replicas instead, so both speak exactly the same API
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import socket
@@ -28,7 +29,8 @@ from ..engine.engine import Engine
 from ..errors import InvalidArgument, RequestTooLarge, ServingError, http_error_of
 from .call_gate import CallGate
 from .generate_request import MAX_REQUEST_BYTES, GenerateRequest, RequestValidator
-from .openai_api import OpenAIRequest, ResponseWriter, parse
+from .openai_api import OpenAIRequest, parse, parse_feedback
+from .openai_responses import ResponseWriter
 from ..engine.sequence import Event, Sequence
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,9 @@ class Backend(Protocol):
 
     async def generate(self, request: GenerateRequest) -> Generation:
         """Checks and queues the request: a refusal raises here, before any event."""
+
+    def feedback(self, request_id: str, score: float, tag: str) -> str:
+        """Counts a rating for the version that answered `request_id`; returns it as name@vN."""
 
 
 class LoopEvents:
@@ -107,18 +112,22 @@ class EngineBackend:
         return Generation(len(seq.prompt_ids), self._events(seq, events),
                           {VERSION_HEADER: seq.adapter_version} if seq.adapter_version else {})
 
+    def feedback(self, request_id: str, score: float, tag: str) -> str:
+        return self.engine.metrics.feedback.rate(request_id, score, tag)
+
     async def _events(self, seq: Sequence, events: LoopEvents) -> AsyncIterator[Event]:
+        """The events of every choice of the request, until each has ended."""
+        running = 1 + len(seq.forks)
         try:
-            while True:
+            while running:
                 event = await events.get()
                 if event.error:
                     raise event.error
                 yield event
-                if event.finish_reason is not None:
-                    return
+                running -= event.finish_reason is not None
         finally:
-            # A caller that went away (or a failed stream) frees the slot at the engine's next step.
-            if seq.finish_reason is None:
+            # A caller that went away (or a failed stream) frees the slots at the engine's next step.
+            if running:
                 self.engine.cancel(seq)
             self.gate.leave()
 
@@ -143,12 +152,19 @@ def openai_app(backend: Backend, metrics: CollectorRegistry | None = None) -> St
     async def completions(request: Request) -> Response:
         return await _complete(backend, request, chat=False)
 
+    async def feedback(request: Request) -> Response:
+        backend.authorize("POST /v1/feedback", request.headers.get("authorization"))
+        rating = parse_feedback(await _json_body(request))
+        version = backend.feedback(rating["id"], rating["score"], rating["tag"])
+        return JSONResponse({"id": rating["id"], "adapter_version": version})
+
     async def prometheus(_: Request) -> Response:
         return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
 
     routes = [Route("/health", health), Route("/v1/models", models),
               Route("/v1/chat/completions", chat, methods=["POST"]),
-              Route("/v1/completions", completions, methods=["POST"])]
+              Route("/v1/completions", completions, methods=["POST"]),
+              Route("/v1/feedback", feedback, methods=["POST"])]
     if metrics is not None:
         routes.append(Route("/metrics", prometheus))
     return Starlette(routes=routes,
@@ -167,8 +183,9 @@ async def _error_response(_: Request, error: Exception) -> Response:
 async def _complete(backend: Backend, http: Request, chat: bool) -> Response:
     backend.authorize(f"POST {http.url.path}", http.headers.get("authorization"))
     request = parse(await _json_body(http), chat, backend.base_name)
-    generation = await backend.generate(request.generate)
     writer = ResponseWriter(request)
+    # The response's id is the request's: what POST /v1/feedback is given back.
+    generation = await backend.generate(dataclasses.replace(request.generate, request_id=writer.id))
     if request.stream:
         return StreamingResponse(_sse(writer, request, generation), media_type="text/event-stream",
                                  headers=generation.headers)
@@ -181,12 +198,7 @@ async def _complete(backend: Backend, http: Request, chat: bool) -> Response:
         collecting.cancel()
         return Response(status_code=499)    # nginx's "client closed request": nobody reads it
     gone.cancel()
-    pieces = collecting.result()
-    last = pieces[-1]
-    return JSONResponse(writer.response("".join(e.text for e in pieces), last.finish_reason,
-                                        generation.prompt_tokens, last.completion_tokens,
-                                        [lp for e in pieces for lp in e.logprobs]),
-                        headers=generation.headers)
+    return JSONResponse(writer.response(collecting.result(), generation.prompt_tokens), headers=generation.headers)
 
 
 async def _json_body(http: Request) -> object:
@@ -216,16 +228,15 @@ async def _disconnected(http: Request) -> None:
 
 
 async def _sse(writer: ResponseWriter, request: OpenAIRequest, generation: Generation) -> AsyncIterator[bytes]:
-    first = True
+    completion_tokens = 0
     try:
         async for event in generation.events:
-            if event.text or first or event.logprobs:
-                yield _data(writer.chunk(event.text, first=first, logprobs=event.logprobs))
-                first = False
+            for chunk in writer.chunks(event):
+                yield _data(chunk)
             if event.finish_reason is not None:
-                yield _data(writer.chunk("", event.finish_reason))
-                if request.include_usage:
-                    yield _data(writer.usage_chunk(generation.prompt_tokens, event.completion_tokens))
+                completion_tokens += event.completion_tokens
+        if request.include_usage:
+            yield _data(writer.usage_chunk(generation.prompt_tokens, completion_tokens))
     except Exception as error:  # noqa: BLE001 - headers are sent: the error goes in the stream, as OpenAI does
         yield _data(http_error_of(error)[1])
     yield b"data: [DONE]\n\n"

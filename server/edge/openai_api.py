@@ -7,29 +7,27 @@ A field we do not implement is refused by name, never ignored.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
-import time
-import uuid
 from dataclasses import dataclass
 
 from ..errors import InvalidArgument
+from . import tools
 from .generate_request import GenerateRequest
-from ..engine.sequence import FinishReason, TokenLogprob
+from .openai_tools import assistant_calls_text, parse_tools
 
 BASE_ALIAS = "base"    # `model` naming the base model alone, whatever its directory is called
 _COMMON = ("model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options", "user",
-           "response_format", "logprobs")
-_CHAT_FIELDS = frozenset({*_COMMON, "messages", "max_completion_tokens", "top_logprobs"})
-_COMPLETION_FIELDS = frozenset({*_COMMON, "prompt"})
+           "response_format", "logprobs", "n", "presence_penalty", "frequency_penalty", "repetition_penalty",
+           "logit_bias")
+_CHAT_FIELDS = frozenset({*_COMMON, "messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice"})
+_COMPLETION_FIELDS = frozenset({*_COMMON, "prompt", "echo"})
 # Fields accepted only at the value that asks for nothing beyond what we do.
-_NEUTRAL = {"n": (1,), "echo": (False,), "best_of": (1,), "presence_penalty": (0,),
-            "frequency_penalty": (0,), "logit_bias": ({},), "tools": ([],), "parallel_tool_calls": (False,),
-            "suffix": ("",)}
+_NEUTRAL = {"best_of": (1,), "parallel_tool_calls": (False,), "suffix": ("",)}
 # response_format's keys by type; the values are checked (and compiled) in generate_request.py.
 _FORMAT_KEYS = {"text": set(), "json_object": set(), "json_schema": {"json_schema"}, "regex": {"regex"},
                 "choice": {"choice"}}
-_FINISH = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.END_OF_SEQUENCE: "stop"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +39,8 @@ class OpenAIRequest:
     stream: bool
     include_usage: bool          # stream_options.include_usage: a last chunk with the token counts
     logprobs: bool = False       # each choice carries its tokens' logprobs
+    echo: bool = False           # completions: each choice's text (and logprobs) begins with the prompt's
+    tools: str = ""              # how answers are read for tool calls: tools.mode
 
 
 def parse(body: object, chat: bool, base_name: str) -> OpenAIRequest:
@@ -57,8 +57,8 @@ def parse(body: object, chat: bool, base_name: str) -> OpenAIRequest:
     if unknown:
         raise InvalidArgument(f"stream_options.{unknown[0]} is not supported by this server", field="stream_options")
     include_usage = _typed(options, "include_usage", bool, default=False, prefix="stream_options.")
-    top_p = _number(fields, "top_p", 1.0)
-    if top_p == 0:    # 0 means "no cut" on the gRPC edge; an OpenAI caller asking for 0 means something else
+    top_p = _number(fields, "top_p", 0.0)      # absent: 0, unset (the adapter's default, else 1)
+    if "top_p" in fields and top_p == 0:  # 0 means "no cut" on the gRPC edge; an OpenAI caller means something else
         raise InvalidArgument("top_p must be above 0 and at most 1 (1 keeps every token)", field="top_p")
     seed = _typed(fields, "seed", int)
     if seed is not None and seed < 0:
@@ -66,12 +66,51 @@ def parse(body: object, chat: bool, base_name: str) -> OpenAIRequest:
     generate = GenerateRequest(
         **(_messages(fields) if chat else _prompt(fields)),
         adapter="" if model in (BASE_ALIAS, base_name) else model, adapter_field="model",
-        max_tokens=_max_tokens(fields, chat), temperature=_number(fields, "temperature", 1.0), top_p=top_p,
+        max_tokens=_max_tokens(fields, chat), temperature=_optional_number(fields, "temperature"),
+        fallback_temperature=1.0, top_p=top_p,
         top_k=_typed(fields, "top_k", int, default=0), seed=seed, stop=_stop(fields),
         # OpenAI's end-user id: what keeps a user on one side of a canary split.
         routing_key=_typed(fields, "user", str, default=""), routing_key_field="user",
-        **_response_format(fields), **_logprobs(fields, chat))
-    return OpenAIRequest(chat, model, generate, stream, include_usage, generate.logprobs)
+        **_response_format(fields), **_logprobs(fields, chat), **_sampling_controls(fields),
+        **(parse_tools(fields) if chat else {}))
+    echo = not chat and _typed(fields, "echo", bool, default=False)
+    if echo and generate.logprobs:
+        generate = dataclasses.replace(generate, prompt_logprobs=True)
+    return OpenAIRequest(chat, model, generate, stream, include_usage, generate.logprobs, echo,
+                         tools.mode(generate.tools, generate.tool_choice))
+
+
+def _sampling_controls(fields: dict) -> dict:
+    """n, the penalties and logit_bias (JSON object keys are strings: token ids as decimal text)."""
+    n = _typed(fields, "n", int, default=1)
+    if n < 1:
+        raise InvalidArgument(f"n must be at least 1, got {n}", field="n")
+    repetition = _optional_number(fields, "repetition_penalty")
+    if repetition is not None and repetition <= 0:   # 0 means "none" on the gRPC edge; not so for an HTTP caller
+        raise InvalidArgument(f"repetition_penalty must be above 0 (1: none), got {repetition:g}",
+                              field="repetition_penalty")
+    bias = _typed(fields, "logit_bias", dict, default={})
+    entries = []
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit()) or len(key) > 10:   # (int() refuses 4,300 digits and more)
+            raise InvalidArgument(f"logit_bias keys must be token ids, got {key!r}", field="logit_bias")
+        entries.append((int(key), _number(bias, key, 0.0, prefix="logit_bias.")))
+    return {"n": n, "presence_penalty": _optional_number(fields, "presence_penalty"),
+            "frequency_penalty": _optional_number(fields, "frequency_penalty"), "repetition_penalty": repetition,
+            "logit_bias": tuple(entries)}
+
+
+def parse_feedback(body: object) -> dict:
+    """POST /v1/feedback: {"id": the response's id, "score": -1 to 1, "tag": optional label}; the values are
+    checked where gRPC's Feedback checks them (server/engine/feedback.py)."""
+    if not isinstance(body, dict):
+        raise InvalidArgument("the request body must be a JSON object")
+    _refuse_unsupported(body, frozenset({"id", "score", "tag"}))
+    score = body.get("score")
+    if isinstance(score, bool) or not isinstance(score, (int, float)):
+        raise InvalidArgument(f"score must be a number from -1 to 1, got {score!r}", field="score")
+    return {"id": _typed(body, "id", str, required=True), "score": float(score),
+            "tag": _typed(body, "tag", str, default="")}
 
 
 def _logprobs(fields: dict, chat: bool) -> dict:
@@ -84,8 +123,11 @@ def _logprobs(fields: dict, chat: bool) -> dict:
 
 
 def _response_format(fields: dict) -> dict:
-    """OpenAI's response_format (and our regex and choice types) -> the GenerateRequest's format fields."""
-    fmt = _typed(fields, "response_format", dict, default={"type": "text"})
+    """OpenAI's response_format (and our regex and choice types) -> the GenerateRequest's format fields;
+    absent: unset (the adapter's default format, else plain text)."""
+    if "response_format" not in fields:
+        return {}
+    fmt = _typed(fields, "response_format", dict)
     kind = _typed(fmt, "type", str, required=True, prefix="response_format.")
     if kind not in _FORMAT_KEYS:
         raise InvalidArgument(f"response_format.type is {kind!r}; expected one of {sorted(_FORMAT_KEYS)}",
@@ -145,11 +187,18 @@ def _typed(fields: dict, name: str, kind: type, default=None, required: bool = F
 _JSON_TYPE = {str: "a string", bool: "true or false", dict: "an object", int: "an integer", list: "an array"}
 
 
-def _number(fields: dict, name: str, default: float) -> float:
+def _number(fields: dict, name: str, default: float, prefix: str = "") -> float:
     value = fields.get(name, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidArgument(f"{name} must be a number, got {value!r}", field=name)
-    return float(value)
+        raise InvalidArgument(f"{prefix}{name} must be a number, got {value!r}", field=prefix + name)
+    try:
+        return float(value)
+    except OverflowError:      # a JSON integer too large for a float
+        raise InvalidArgument(f"{prefix}{name} is out of range", field=prefix + name) from None
+
+
+def _optional_number(fields: dict, name: str) -> float | None:
+    return _number(fields, name, 0.0) if name in fields else None
 
 
 def _max_tokens(fields: dict, chat: bool) -> int:
@@ -192,12 +241,19 @@ def _messages(fields: dict) -> dict:
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise InvalidArgument(f"messages[{i}] must be an object", field=f"messages[{i}]")
-        extra = sorted(set(message) - {"role", "content", "name"})
+        role = _typed(message, "role", str, required=True, prefix=f"messages[{i}].")
+        # A tool result's id is for the caller: the templates we render pair results with calls by order.
+        allowed = {"role", "content", "name"} | {"assistant": {"tool_calls"}, "tool": {"tool_call_id"}}.get(role, set())
+        extra = sorted(set(message) - allowed)
         if extra:
             raise InvalidArgument(f"messages[{i}].{extra[0]} is not supported by this server",
                                   field=f"messages[{i}].{extra[0]}")
-        role = _typed(message, "role", str, required=True, prefix=f"messages[{i}].")
-        pairs.append((role, _content(message.get("content"), i)))
+        if message.get("tool_calls") is not None:
+            calls = assistant_calls_text(message["tool_calls"], i)
+            content = "" if message.get("content") is None else _content(message["content"], i)
+            pairs.append((role, "\n".join(filter(None, (content, calls)))))
+        else:
+            pairs.append((role, _content(message.get("content"), i)))
     return {"messages": tuple(pairs)}
 
 
@@ -214,63 +270,3 @@ def _content(content: object, i: int) -> str:
             return "".join(p["text"] for p in content)
     raise InvalidArgument(f"messages[{i}].content must be a string or an array of text parts",
                           field=f"messages[{i}].content")
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-class ResponseWriter:
-    """OpenAI objects for one request: the whole response, or its stream of chunks."""
-
-    def __init__(self, request: OpenAIRequest):
-        self.request = request
-        self.id = f"{'chatcmpl' if request.chat else 'cmpl'}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self._offset = 0         # completions' text_offset of the next token
-
-    def logprobs(self, logprobs: tuple[TokenLogprob, ...] | list[TokenLogprob]) -> dict | None:
-        """A choice's logprobs object, OpenAI's chat or completions shape; None when not asked for."""
-        if not self.request.logprobs:
-            return None
-        if self.request.chat:
-            return {"content": [{"token": lp.text, "logprob": lp.logprob, "bytes": list(lp.text.encode()),
-                                 "top_logprobs": [{"token": x, "logprob": v, "bytes": list(x.encode())}
-                                                  for _, x, v in lp.top]} for lp in logprobs]}
-        offsets = []
-        for lp in logprobs:
-            offsets.append(self._offset)
-            self._offset += len(lp.text)
-        return {"tokens": [lp.text for lp in logprobs], "token_logprobs": [lp.logprob for lp in logprobs],
-                "top_logprobs": [{x: v for _, x, v in lp.top} for lp in logprobs], "text_offset": offsets}
-
-    def _object(self, kind: str, choices: list, **extra) -> dict:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.request.model,
-                "choices": choices, **extra}
-
-    def response(self, text: str, finish: FinishReason, prompt_tokens: int, completion_tokens: int,
-                 logprobs: list[TokenLogprob] = ()) -> dict:
-        reason = _FINISH[finish]
-        if self.request.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": self.logprobs(logprobs), "finish_reason": reason}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": self.logprobs(logprobs), "finish_reason": reason}
-        return self._object("chat.completion" if self.request.chat else "text_completion", [choice],
-                            usage=usage(prompt_tokens, completion_tokens))
-
-    def chunk(self, text: str, finish: FinishReason | None = None, first: bool = False,
-              logprobs: tuple[TokenLogprob, ...] = ()) -> dict:
-        reason = _FINISH[finish] if finish else None
-        if self.request.chat:
-            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "logprobs": self.logprobs(logprobs), "finish_reason": reason}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": self.logprobs(logprobs), "finish_reason": reason}
-        extra = {"usage": None} if self.request.include_usage else {}
-        return self._object("chat.completion.chunk" if self.request.chat else "text_completion", [choice], **extra)
-
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
-        return self._object("chat.completion.chunk" if self.request.chat else "text_completion", [],
-                            usage=usage(prompt_tokens, completion_tokens))

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from concurrent.futures import Future
-from typing import Callable
 
 from ..lora.registry import AdapterRegistry, RegisteredAdapter
-from ..errors import ServingError
+from ..errors import ResourceExhausted, ServingError
+from .adapter_jobs import AdapterJobs
 from .metrics import ServerMetrics
 from .runner import DecodePass, ModelRunner
 from .scheduler import Scheduler
@@ -28,8 +27,7 @@ class Engine:
         self._abort: ServingError | None = None
         self._ready_at: float | None = None     # when the last pass's tokens reached the host, while busy
         self._in_flight: DecodePass | None = None
-        # Work on the adapter slots from other threads, run between steps; a job returns False to run again.
-        self._jobs: queue.SimpleQueue[Callable[[], bool]] = queue.SimpleQueue()
+        self.adapter_jobs = AdapterJobs(registry, scheduler.adapter_slots, self._wake.set)
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
     def start(self) -> None:
@@ -41,20 +39,48 @@ class Engine:
         self._thread.join()
 
     def submit(self, seq: Sequence) -> None:
-        """Queues a request (RESOURCE_EXHAUSTED when the queue is full); events arrive on seq.events.
-        Every edge submits here, so every request holds its adapter version until it ends."""
+        """Queues a request and its forks (n > 1; RESOURCE_EXHAUSTED when the queue is full); events arrive on
+        seq.events. Every edge submits here, so every choice holds its adapter version until it ends."""
+        choices = (seq, *seq.forks)
         if seq.adapter is not None:
-            self.registry.hold(seq.adapter)      # dropped by the engine when the request ends
+            held = 0
+            try:
+                for _ in choices:
+                    self.registry.hold(seq.adapter)      # dropped by the engine as each choice ends
+                    held += 1
+            except ServingError:
+                for _ in range(held):
+                    self.registry.drop_hold(seq.adapter)
+                self.metrics.refused(seq)
+                raise
         try:
             self.scheduler.add(seq)
         except ServingError:
             if seq.adapter is not None:
-                self.registry.drop_hold(seq.adapter)
+                for _ in choices:
+                    self.registry.drop_hold(seq.adapter)
             raise
         self._wake.set()
+        if seq.pair is not None and not seq.shadow:
+            self._submit_shadow(seq.pair.shadow)
+
+    def _submit_shadow(self, copy: Sequence) -> None:
+        """A live row's shadow copy goes in only while no live row waits for room; what goes wrong with it
+        is the shadow version's (counted), never the caller's."""
+        if self.scheduler.needs_room():
+            self.metrics.shadows.count_shed(copy)
+            return
+        try:
+            self.submit(copy)
+        except ResourceExhausted:
+            self.metrics.shadows.count_shed(copy)
+        except ServingError:
+            pass    # its version could not be held: counted as that version's error by submit
 
     def cancel(self, seq: Sequence) -> None:
-        seq.cancel()
+        """Cancels `seq` and its forks (the request's other choices)."""
+        for member in (seq, *seq.forks):
+            member.cancel()
         self._wake.set()
 
     def abort_all(self, error: ServingError) -> None:
@@ -63,72 +89,22 @@ class Engine:
         self._wake.set()
 
     def pin(self, adapter: RegisteredAdapter) -> Future:
-        """Resolves once `adapter` holds a device slot for good (at once, or when a running request frees one)."""
-        done: Future = Future()
-
-        def job() -> bool:
-            if self.registry.is_current(adapter):   # not replaced or unregistered while it waited
-                try:
-                    self.registry.hold(adapter)      # its weights stay on the host while they are copied
-                except ServingError as err:
-                    done.set_exception(err)
-                    return True
-                try:
-                    if not self.scheduler.adapter_slots.pin(adapter):
-                        return False
-                finally:
-                    self.registry.drop_hold(adapter)
-            done.set_result(None)
-            return True
-        self._on_engine_thread(job)
-        return done
+        """Resolves once `adapter` holds a device slot for good (AdapterJobs.pin)."""
+        return self.adapter_jobs.pin(adapter)
 
     def warm(self, adapter: RegisteredAdapter) -> Future:
-        """Resolves True once `adapter`, read but not yet visible to requests, sits in an idle device slot,
-        so its first request copies nothing; False when running requests hold every slot."""
-        done: Future = Future()
-
-        def job() -> bool:
-            slots = self.scheduler.adapter_slots
-            try:
-                if slots.can_acquire(adapter):
-                    slots.free(slots.acquire(adapter))
-                    done.set_result(True)
-                else:
-                    done.set_result(False)
-            except Exception as err:  # noqa: BLE001 - the caller keeps the old version serving
-                done.set_exception(err)
-            return True
-        self._on_engine_thread(job)
-        return done
+        """Resolves True once `adapter` sits in an idle device slot (AdapterJobs.warm)."""
+        return self.adapter_jobs.warm(adapter)
 
     def discard(self, adapter: RegisteredAdapter) -> None:
         """A replaced or unregistered version gives up its pin and, once idle, its slot, and its metric
         series once nothing uses them."""
-        self._on_engine_thread(lambda: self.scheduler.adapter_slots.discard(adapter) or True)
+        self.adapter_jobs.discard(adapter)
         self._forget_if_unused(adapter)
-
-    def _on_engine_thread(self, job: Callable[[], bool]) -> None:
-        self._jobs.put(job)
-        self._wake.set()
-
-    def _run_jobs(self) -> bool:
-        """Runs queued jobs; True if some must run again."""
-        again = []
-        while not self._jobs.empty():
-            job = self._jobs.get()
-            try:
-                if not job():
-                    again.append(job)
-            except Exception:  # noqa: BLE001 - a failed job must not stop the engine
-                log.exception("adapter slot job failed")
-        for job in again:
-            self._jobs.put(job)
-        return bool(again)
 
     def _loop(self) -> None:
         while not self._stopping:
-            retry = self._run_jobs()
+            retry = self.adapter_jobs.run()
             if not self.scheduler.running and not self.scheduler.waiting:
                 self._settle()           # a pass launched for requests that have all ended since
                 self._ready_at = None
@@ -146,6 +122,9 @@ class Engine:
             self._in_flight = None
             for seq in self.scheduler.take_all():
                 self._finish(seq, None, error=self._abort)
+        for seq in self.scheduler.shadows_to_shed():
+            seq.cancel()
+            self.metrics.shadows.count_shed(seq)
         for seq in self.scheduler.take_cancelled():
             self._finish(seq, FinishReason.CANCELLED)
         previous = self._in_flight
@@ -237,14 +216,17 @@ class Engine:
             self._finish(seq, FinishReason.STOP, piece=piece + (seq.text.flush() if complete and not stopped else ""))
         elif len(seq.output_ids) >= seq.params.max_tokens:
             self._finish(seq, FinishReason.LENGTH, piece=piece)
-        elif piece or seq.logprobs:
-            seq.events.put(Event(piece, logprobs=self._take_logprobs(seq)))
+        elif piece or seq.logprobs or seq.prompt_logprobs:
+            seq.events.put(self._event(seq, piece))
 
     @staticmethod
-    def _take_logprobs(seq: Sequence) -> tuple[TokenLogprob, ...]:
-        taken = tuple(seq.logprobs)
+    def _event(seq: Sequence, piece: str, reason: FinishReason | None = None,
+               error: ServingError | None = None) -> Event:
+        """The next event of `seq`, with the logprobs not sent yet (the prompt's on the first)."""
+        logprobs, prompt = tuple(seq.logprobs), seq.prompt_logprobs or ()
         seq.logprobs.clear()
-        return taken
+        seq.prompt_logprobs = None
+        return Event(piece, reason, len(seq.output_ids), error, logprobs, seq.index, prompt)
 
     def _finish(self, seq: Sequence, reason: FinishReason | None, piece: str = "",
                 error: ServingError | None = None) -> None:
@@ -254,8 +236,8 @@ class Engine:
         seq.finish_reason = reason or FinishReason.CANCELLED
         if reason in (FinishReason.END_OF_SEQUENCE, FinishReason.LENGTH):
             piece += seq.text.flush()
-        seq.events.put(Event(piece, seq.finish_reason, len(seq.output_ids), error, self._take_logprobs(seq)))
-        self.metrics.finished(seq)
+        seq.events.put(self._event(seq, piece, seq.finish_reason, error))
+        self.metrics.finished(seq, failed=error is not None)
         if seq.adapter is not None:
             self.registry.drop_hold(seq.adapter)
             self._forget_if_unused(seq.adapter)   # it may have finished after its name or version moved on

@@ -13,11 +13,11 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, MetricsHandler
 from prometheus_client.core import GaugeMetricFamily
 
+from .feedback import FeedbackBook
 from .scheduler import Plan, Scheduler
+from .shadow import ShadowMetrics
 from .sequence import Sequence
-
-_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
-_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+from .version_metrics import LATENCY_BUCKETS as _LATENCY_BUCKETS, TOKEN_BUCKETS as _TOKEN_BUCKETS, VersionMetrics
 
 
 class _MemoryCollector:
@@ -131,6 +131,14 @@ class ServerMetrics:
                                     "(release --canary); no series when none runs", ["adapter"], registry=r)
         self.canary_share = Gauge("cartridge_canary_share_percent", "Share of the adapter's requests its canary "
                                   "version is sent", ["adapter"], registry=r)
+        self.shadow_version = Gauge("cartridge_shadow_version", "Store version shadowing the live one (release "
+                                    "--shadow): it runs a share of requests beside it, unseen by callers",
+                                    ["adapter"], registry=r)
+        self.shadow_share = Gauge("cartridge_shadow_share_percent", "Share of the adapter's requests its shadow "
+                                  "version also runs", ["adapter"], registry=r)
+        self.versions = VersionMetrics(r)
+        self.shadows = ShadowMetrics(r)
+        self.feedback = FeedbackBook(self.versions)
         self.store_load_failures = Counter("cartridge_store_load_failures", "Live versions that failed to load "
                                            "(the previous one kept serving)", ["adapter"], registry=r)
         r.register(_MemoryCollector(device))
@@ -172,21 +180,44 @@ class ServerMetrics:
     def forget_version(self, name: str, version: int) -> None:
         """Removes a store version's series once it is neither live nor asked for by number."""
         self.version_requests.remove_by_labels({"adapter": name, "version": f"v{version}"})
+        self.versions.forget(name, version)
+        self.shadows.forget(name, version)
 
     def forget_canary(self, name: str) -> None:
-        for gauge in (self.canary_version, self.canary_share):
+        self._forget_gauges(name, self.canary_version, self.canary_share)
+
+    def forget_shadow(self, name: str) -> None:
+        self._forget_gauges(name, self.shadow_version, self.shadow_share)
+
+    @staticmethod
+    def _forget_gauges(name: str, *gauges: Gauge) -> None:
+        for gauge in gauges:
             try:
                 gauge.remove(name)
             except KeyError:
                 pass
 
-    def finished(self, seq: Sequence) -> None:
+    def refused(self, seq: Sequence) -> None:
+        """A request whose adapter version could not be held (its weights unreadable): the version's error."""
+        self.versions.finished(seq, time.monotonic(), failed=True)
+
+    def finished(self, seq: Sequence, failed: bool = False) -> None:
+        """`failed`: the server ended the request with an error."""
         now, adapter = time.monotonic(), seq.adapter_name
+        label = self.versions.finished(seq, now, failed)
+        answered = not failed and not seq.cancelled
+        if seq.pair is not None:
+            self.shadows.ended(seq, now, answered)
+        if seq.shadow:
+            return    # no caller's request: counted by version and in its pair alone
+        if label is not None and answered:
+            self.feedback.answered(seq.request_id, seq.adapter.store_name, seq.adapter.version, label)
         if seq.adapter is not None and seq.adapter.version is not None:
             self.version_requests.labels(seq.adapter.store_name, f"v{seq.adapter.version}").inc()
         self.latency.labels(adapter).observe(now - seq.arrival_time)
         self.requests.labels(adapter, seq.finish_reason.value).inc()
-        self.prompt_tokens.labels(adapter).inc(len(seq.prompt_ids))
+        if seq.index == 0:    # a request's other choices (n > 1) share choice 0's prefill
+            self.prompt_tokens.labels(adapter).inc(len(seq.prompt_ids))
         self.generated_tokens.labels(adapter).inc(len(seq.output_ids))
         if seq.first_token_time is not None:
             self.ttft.labels(adapter).observe(seq.first_token_time - seq.arrival_time)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .grammar import apply_masks
+from .penalties import Penalties
 from .sequence import Sequence, TokenLogprob
 
 
@@ -28,31 +29,34 @@ class Logprobs:
         return out
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], dict[int, TokenLogprob]]:
-    """logits [B, vocab] float32, one row per sequence -> one token id per sequence, and the logprobs
-    of the rows that asked for them."""
-    tokens, logprobs = sample_on_device(logits, seqs)
-    tokens = tokens.tolist()
-    return tokens, ({} if logprobs is None else logprobs.to_host(seqs, tokens))
-
-
-def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, Logprobs | None]:
+def sample_on_device(logits: torch.Tensor, seqs: list[Sequence],
+                     penalties: Penalties | None = None) -> tuple[torch.Tensor, Logprobs | None]:
     """logits [B, vocab] float32, one row per sequence -> token ids [B] int64 on the logits' device,
     without waiting for them, and the logprobs of the rows that asked for them (params.logprobs set).
 
-    A row with a grammar has the tokens its grammar forbids masked to -inf first; other rows' logits
-    are not touched. Greedy rows take the argmax. Sampled rows draw by inverse CDF over their filtered,
-    sorted distribution, with one uniform number from the row's own seeded generator: deterministic
-    for a seed, and one device pass for the whole batch.
+    A row's logit bias and penalties are applied first (penalties.py, which then counts the sampled
+    tokens), then a row with a grammar has the tokens its grammar forbids masked to -inf; other rows'
+    logits are not touched. Greedy rows take the argmax. Sampled rows draw by inverse CDF over their
+    filtered, sorted distribution, with one uniform number from the row's own seeded generator:
+    deterministic for a seed, and one device pass for the whole batch.
 
-    Logprobs are the log-softmax of the logits this function saw after the grammar mask and after
-    the row's temperature, before top-k / top-p truncation; greedy rows (temperature 0) use the raw
-    logits."""
+    Logprobs are the log-softmax of the logits this function saw after bias, penalties, the grammar
+    mask and the row's temperature, before top-k / top-p truncation; greedy rows (temperature 0) use
+    the logits without a temperature."""
+    if penalties is not None:
+        logits = penalties.apply(logits, seqs)
     logits = apply_masks(logits, seqs)
-    greedy = logits.argmax(dim=-1)
+    tokens = logits.argmax(dim=-1)
     sampled_rows = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
-    if not sampled_rows:
-        return greedy, _logprobs(logits, seqs, greedy)
+    if sampled_rows:
+        tokens = _draw(logits, seqs, sampled_rows, tokens)
+    if penalties is not None:
+        penalties.record(seqs, tokens)
+    return tokens, _logprobs(logits, seqs, tokens)
+
+
+def _draw(logits: torch.Tensor, seqs: list[Sequence], sampled_rows: list[int], greedy: torch.Tensor) -> torch.Tensor:
+    """The greedy tokens [B] with the sampled rows' drawn instead."""
     device = logits.device
     rows = torch.tensor(sampled_rows, device=device)
     params = [seqs[i].params for i in sampled_rows]
@@ -74,7 +78,7 @@ def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.
     picked = torch.searchsorted(cumulative, threshold[:, None]).clamp_(max=probs.shape[-1] - 1)
     tokens = greedy.clone()
     tokens[rows] = order.gather(1, picked).squeeze(1)
-    return tokens, _logprobs(logits, seqs, tokens)
+    return tokens
 
 
 def _logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: torch.Tensor) -> Logprobs | None:

@@ -11,9 +11,14 @@ When the blocks run out, the youngest request is preempted: its blocks go back (
 the prefix cache), and it waits at the head of the queue to be computed again, prompt and output so
 far (vLLM's recompute). Its next token then comes from the same keys and values, so it finishes with
 the tokens it would have produced, and a seeded request draws from its generator only when it samples.
+Shadow rows go first: they are preempted before any live row, and shed while live rows wait for room.
+
+A request's other choices (n > 1) wait right behind it until its prompt is computed; each then takes
+the prompt's blocks (the full ones shared, the last copied) and computes only the prompt's last token.
 """
 from __future__ import annotations
 
+import heapq
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -41,6 +46,7 @@ class Scheduler:
                  adapter_slots: AdapterSlots):
         self.pool, self.max_batch_size, self.max_tokens_per_pass = pool, max_batch_size, max_tokens_per_pass
         self.max_queue, self.adapter_slots = max_queue, adapter_slots
+        self._free_rows = list(range(max_batch_size))   # penalty rows (penalties.py): one per running request
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._lock = threading.Lock()                # add() comes from gRPC threads
@@ -57,10 +63,44 @@ class Scheduler:
         return ",".join(sorted(running - {""})), ",".join(sorted(waiting - {""}))
 
     def add(self, seq: Sequence) -> None:
+        """Queues `seq` and, right behind it, its forks (n > 1), which need not run at the same time as it."""
+        for fork in seq.forks:
+            fork.source = seq
         with self._lock:
             if len(self.waiting) >= self.max_queue:
                 raise ResourceExhausted(f"the server's queue is full ({self.max_queue} requests waiting); retry later")
-            self.waiting.append(seq)
+            self.waiting.extend((seq, *seq.forks))
+
+    def needs_room(self) -> bool:
+        """Whether a live request waits for KV-cache blocks or a row: shadow rows must give way then."""
+        return self._shortfall() > 0
+
+    def shadows_to_shed(self) -> list[Sequence]:
+        """While a live request waits for room: every waiting shadow row, and running ones, youngest first,
+        until their blocks and rows would make that room (a shadow row never delays a live one by more than
+        the step under way)."""
+        short = self._shortfall()
+        if short <= 0:
+            return []
+        with self._lock:
+            shed = [s for s in self.waiting if s.shadow and not s.cancelled]
+        for seq in sorted((s for s in self.running if s.shadow and not s.cancelled), key=lambda s: -s.id):
+            if short <= 0:
+                break
+            shed.append(seq)
+            short -= max(len(seq.blocks.ids), 1)
+        return shed
+
+    def _shortfall(self) -> int:
+        """Blocks (a row counting as one) the oldest waiting live request lacks to be admitted; 0 when none waits."""
+        with self._lock:
+            live = next((s for s in self.waiting if not s.shadow and s.source is None), None)
+        if live is None:
+            return 0
+        if len(self.running) >= self.max_batch_size:
+            return 1
+        needed = -(-min(live.num_tokens, self.max_tokens_per_pass) // self.pool.block_size)
+        return needed - (self.pool.num_free - len(self.running))
 
     def take_cancelled(self) -> list[Sequence]:
         """Cancelled requests, waiting or running, taken out of the schedule."""
@@ -125,7 +165,7 @@ class Scheduler:
                 length = min(wanted, room)
                 seq.blocks.grow(seq.computed + length)
                 return length
-            victim = max(self.running, key=lambda s: s.id)
+            victim = max(self.running, key=lambda s: (s.shadow, s.id))     # shadow rows first
             self._preempt(victim, plan)
             if victim is seq:
                 return 0
@@ -144,12 +184,20 @@ class Scheduler:
         with self._lock:
             for seq in list(self.waiting):
                 budget = self.max_tokens_per_pass - plan.tokens
-                if budget <= 0 or len(plan.work) >= self.max_batch_size or seq in plan.preempted:
+                if budget <= 0 or len(plan.work) >= self.max_batch_size or not self._free_rows \
+                        or seq in plan.preempted:
                     break
+                source = None if seq.output_ids else seq.source     # a fork with tokens of its own runs alone
+                if source is not None and (source in self.waiting or source.blocks is not None
+                                           and source.computed < len(seq.prompt_ids) - 1):
+                    continue        # a fork waits for its request's prompt
                 if not self.adapter_slots.can_acquire(seq.adapter):
                     continue
-                table = BlockTable(self.pool, adapter_key(seq.adapter))
-                cached = table.match(seq.tokens, seq.num_tokens - 1)     # the last token is computed to sample
+                forked = source is not None and source.blocks is not None
+                found = self._fork(seq, source) if forked else self._match(seq)
+                if found is None:
+                    break
+                table, cached, copy = found
                 length = min(seq.num_tokens - cached, budget)
                 # A block per running request stays free, so those decoding rarely need a preemption.
                 if table.blocks_for(cached + length) > self.pool.num_free - len(self.running):
@@ -159,14 +207,35 @@ class Scheduler:
                 self.waiting.remove(seq)
                 seq.blocks, seq.computed = table, cached
                 seq.lora_slot = self.adapter_slots.acquire(seq.adapter)
+                seq.penalty_row = heapq.heappop(self._free_rows)
                 self.running.append(seq)
-                plan.work.append(Work(seq, cached, cached + length))
+                plan.work.append(Work(seq, cached, cached + length, admitted=True, copy=copy))
                 plan.tokens += length
-                plan.cached_tokens += cached
-                plan.looked_up_tokens += seq.num_tokens
+                if not forked:
+                    plan.cached_tokens += cached
+                    plan.looked_up_tokens += seq.num_tokens
+
+    def _match(self, seq: Sequence) -> tuple[BlockTable, int, None]:
+        """A table holding what the prefix cache has of `seq`'s tokens; none for a prompt whose logprobs are
+        still to come, as skipped positions would give none."""
+        table = BlockTable(self.pool, adapter_key(seq.adapter))
+        if seq.params.prompt_logprobs and not seq.output_ids:
+            return table, 0, None
+        return table, table.match(seq.tokens, seq.num_tokens - 1), None    # the last token is computed to sample
+
+    @staticmethod
+    def _fork(seq: Sequence, source: Sequence) -> tuple[BlockTable, int, tuple[int, int] | None] | None:
+        """A table sharing `source`'s blocks of the prompt but its last token, which `seq` computes itself to
+        sample its first token; None when no block is free for the copy of the partial one."""
+        forked = source.blocks.fork(len(seq.prompt_ids) - 1)
+        if forked is None:
+            return None
+        table, copy = forked
+        return table, len(seq.prompt_ids) - 1, copy
 
     def _release(self, seq: Sequence) -> None:
         seq.blocks.publish(seq.tokens, min(seq.computed, seq.num_tokens))
         seq.blocks.release()
         seq.blocks, seq.computed = None, 0
         self.adapter_slots.free(seq.lora_slot)
+        heapq.heappush(self._free_rows, seq.penalty_row)

@@ -11,7 +11,8 @@ keeps serving and the failure is logged and counted.
 
 A canary in the live pointer (`release --canary`) is followed the same way: its version is read and
 warmed as `name@vN`, and from then `route` sends the share of the name's requests whose routing key
-`routes_to_canary` picks to it; a canary that fails to load takes no requests.
+`routes_to_canary` picks to it; a canary that fails to load takes no requests. A canary with abort limits
+is judged by a CanaryGuard (canary_guard.py), which moves the pointer back when one is crossed.
 
 `cartridge serve` follows every name in the store, and on start the same path restores every live
 version, so a restart, after kill -9 too, serves what the store says is live. A Ray replica
@@ -24,10 +25,11 @@ import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 
-from adapters.formats.store_layout import (LiveMove, StoreError, StoreReader, VersionRef, live_file, parse_ref, read_live,
-                                           release_log, routes_to_canary)
+from adapters.formats.store_layout import (LiveMove, StoreError, StoreReader, VersionRef, live_file, log_file,
+                                           parse_ref, read_live, release_log, routes_to_canary, split_mode)
 
 from ..lora.registry import AdapterRegistry, RegisteredAdapter
+from .canary_guard import CHECK_S, CanaryGuard
 from .engine import Engine
 from ..errors import FailedPrecondition, NotFound
 from .metrics import ServerMetrics
@@ -43,13 +45,17 @@ WARM_WAIT_S = 0.3
 
 class StoreAdapters:
     def __init__(self, store: StoreReader, registry: AdapterRegistry, engine: Engine, metrics: ServerMetrics,
-                 *, on_demand: bool = False):
-        """`on_demand`: follow only the names asked for through `serve` (a Ray replica), not the whole store."""
+                 *, on_demand: bool = False, canary_check_s: float = CHECK_S):
+        """`on_demand`: follow only the names asked for through `serve` (a Ray replica), not the whole store;
+        `canary_check_s`: how often a canary's abort limits are checked."""
         self.store, self.registry, self.engine, self.metrics = store, registry, engine, metrics
+        self.guard = CanaryGuard(store, metrics, canary_check_s, self._follow)
         self._followed: set[str] | None = set() if on_demand else None
         self._seen: dict[str, int] = {}          # name -> mtime_ns of the live pointer last acted on
         self._logged: dict[str, int] = {}        # name -> release-log lines already counted
-        self._canaries: dict[str, tuple[int, int]] = {}   # name -> (canary version, share), once it is loaded
+        self._log_sizes: dict[str, int] = {}     # name -> bytes of the release log when last read
+        # name -> (version, share, "canary" or "shadow") of its split, once the version is loaded
+        self._canaries: dict[str, tuple[int, int, str]] = {}
         self._read_lock = threading.Lock()       # one read per name@vN
         self._names_lock = threading.Lock()      # guards _followed
         self._name_locks: dict[str, threading.Lock] = {}   # per name: one switch at a time, never beside a drop
@@ -60,6 +66,7 @@ class StoreAdapters:
         for name in self._names():
             self._begin(name, "restored at start-up")
         self._thread.start()
+        self.guard.start()
 
     def versions(self, name: str) -> list[int]:
         return self.store.version_numbers(name)
@@ -93,8 +100,8 @@ class StoreAdapters:
                     self._followed.discard(text)
             self._seen.pop(text, None)
             self._logged.pop(text, None)
-            if self._canaries.pop(text, None) is not None:
-                self.metrics.forget_canary(text)
+            self._log_sizes.pop(text, None)
+            self._end_split(text)
             try:
                 adapter = self.registry.unregister(text)
             except NotFound:
@@ -118,10 +125,17 @@ class StoreAdapters:
     def route(self, name: str, key: str) -> RegisteredAdapter | None:
         """The canary version for a request for live `name` with routing `key`, when the split sends it
         there; None: the live version serves it."""
-        canary = self._canaries.get(name)
-        if canary is None or not routes_to_canary(name, canary[0], canary[1], key):
+        return self._split_version(name, key, "canary")
+
+    def shadow(self, name: str, key: str) -> RegisteredAdapter | None:
+        """The shadow version that also runs a request for live `name` with routing `key`; None: none does."""
+        return self._split_version(name, key, "shadow")
+
+    def _split_version(self, name: str, key: str, mode: str) -> RegisteredAdapter | None:
+        split = self._canaries.get(name)
+        if split is None or split[2] != mode or not routes_to_canary(name, split[0], split[1], key):
             return None
-        return self.by_version(f"{name}@v{canary[0]}")
+        return self.by_version(f"{name}@v{split[0]}")
 
     @staticmethod
     def _parse(text: str) -> VersionRef:
@@ -166,35 +180,53 @@ class StoreAdapters:
             except FileNotFoundError:
                 return
             if self._seen.get(name) == stamp:
+                self._count_moves(name)   # a move's log line is appended just after its pointer lands
                 return
             self._seen[name] = stamp
-            self._count_moves(name)
             move = read_live(self.store, name)
             self._switch(name, move, stamp, why)
             self._follow_canary(name, move)
+            self._count_moves(name)
 
     def _follow_canary(self, name: str, move: LiveMove) -> None:
+        """Starts, changes or ends `name`'s canary or shadow as the pointer says."""
         if move.canary is None:
-            if self._canaries.pop(name, None) is not None:
-                self.metrics.forget_canary(name)
-                log.info("%s: canary ended (%s); the live version takes every request", name, move.action)
+            ended = self._end_split(name)
+            if ended is not None:
+                log.info("%s: %s ended (%s); the live version takes every request", name, ended, move.action)
             return
-        canary = (move.canary["version"], move.canary["share"])
-        if self._canaries.get(name) == canary:
+        split = (move.canary["version"], move.canary["share"], split_mode(move.canary))
+        limits = move.canary.get("limits") if split[2] == "canary" else None
+        if self._canaries.get(name) == split:
+            self.guard.watch(name, move.to_version, split[0], limits)   # limits may change alone
             return
-        ref = VersionRef(name, canary[0])
+        ref = VersionRef(name, split[0])
         try:
             warm = self._warm(self.by_version(str(ref)))
         except Exception as err:  # noqa: BLE001 - the live version keeps every request
             self.metrics.store_load_failures.labels(name).inc()
-            if self._canaries.pop(name, None) is not None:
-                self.metrics.forget_canary(name)
-            log.error("not starting the canary %s (the live version keeps every request): %s", ref, err)
+            self._end_split(name)
+            log.error("not starting the %s %s (the live version keeps every request): %s", split[2], ref, err)
             return
-        self._canaries[name] = canary
-        self.metrics.canary_version.labels(name).set(canary[0])
-        self.metrics.canary_share.labels(name).set(canary[1])
-        log.info("%s: canary %s takes %d%% of requests (%s); %s", name, ref, canary[1], move.action, warm)
+        if self._canaries.get(name, split)[2] != split[2]:
+            self._end_split(name)
+        self._canaries[name] = split
+        self.guard.watch(name, move.to_version, split[0], limits)
+        version, share = ((self.metrics.canary_version, self.metrics.canary_share) if split[2] == "canary" else
+                          (self.metrics.shadow_version, self.metrics.shadow_share))
+        version.labels(name).set(split[0])
+        share.labels(name).set(split[1])
+        what = "takes" if split[2] == "canary" else "also runs"
+        log.info("%s: %s %s %s %d%% of requests (%s); %s", name, split[2], ref, what, split[1], move.action, warm)
+
+    def _end_split(self, name: str) -> str | None:
+        """Ends `name`'s canary or shadow on this server; returns which it was."""
+        self.guard.forget(name)
+        split = self._canaries.pop(name, None)
+        if split is None:
+            return None
+        (self.metrics.forget_canary if split[2] == "canary" else self.metrics.forget_shadow)(name)
+        return split[2]
 
     def _switch(self, name: str, move: LiveMove, stamp: int, why: str | None) -> None:
         try:
@@ -230,9 +262,19 @@ class StoreAdapters:
             warmed = self.engine.warm(adapter).result(timeout=WARM_WAIT_S)
         except FutureTimeout:
             return "its copy into a device slot runs before the engine's next step"
-        return "in a device slot before the switch" if warmed else "no device slot free: its first request loads it"
+        if warmed:
+            return "in a device slot before the switch"
+        return "not copied (no idle slot, or no host copy): its first request loads it"
 
     def _count_moves(self, name: str) -> None:
+        """Counts the release log's new moves; the log is read only when it has grown."""
+        try:
+            size = log_file(self.store, name).stat().st_size
+        except FileNotFoundError:
+            return
+        if self._log_sizes.get(name) == size:
+            return
+        self._log_sizes[name] = size
         moves = release_log(self.store, name)
         for move in moves[self._logged.get(name, 0):]:
             if move.moves_live:

@@ -41,6 +41,10 @@ class TextStream:
             self._prefix, self._read = self._read, len(self._ids)
         return self._free()
 
+    def decode(self, token_ids: list[int]) -> str:
+        """Token ids as one text, the way this stream's output reads (shadow pairs compare answers so)."""
+        return self._tokenizer.decode(token_ids, skip_special_tokens=True)
+
     def flush(self) -> str:
         """Whatever is held back, at the end of the output (no stop string can match any more)."""
         piece = self._text[self._emitted:]

@@ -1,38 +1,21 @@
 // NF4 x bf16/fp16 matmul for decode-sized batches on the tensor cores (sm_80+), compiled at run time
-// by NVRTC (nf4_matmul.py prepends the #defines). No headers: every instruction is inline PTX.
+// by NVRTC after nf4_decode.cu (nf4_matmul.py prepends the #defines). No headers: inline PTX.
 //
 //   out[m, n] = 2^-shift * sum_b scale[n, b] * sum_{k in block b} dtype(code[q(n, k)]) * x[m, k]
 //
 // with the weight in nf4_layout.py's order. Each warp owns SLABS slabs of 16 weight rows and walks
 // the CTA's K-range one 64-block at a time: one 16-byte load per lane per (slab, block) lands the
-// codes of its four A fragments; a register table decodes 8 codes in 21 instructions (prmt); four
-// mma.m16n8k16 per 8 batch rows multiply them with x, which the CTA streams through shared memory
-// in a STAGES-deep cp.async ring (every warp of the CTA reads the same x); the block scale is
-// applied to each block's fp32 partial product. Weight loads run one chunk of G blocks ahead of
-// the math, in registers. With split-K (gridDim.y > 1) each K-range writes fp32 partial sums that
-// nf4_sum_splits adds in a fixed order, so the result does not depend on scheduling.
+// codes of its four A fragments; a table decodes them (nf4_decode.cu: shared memory or registers); four
+// mma.m16n8k16 per 8 batch rows multiply them with x, each x fragment (ldmatrix) serving every slab
+// of the warp; the block scale is applied to each block's fp32 partial product. x (shared by the
+// CTA) and each lane's own weight words and scales stream through a STAGES-deep cp.async ring in
+// shared memory, G blocks a stage. With split-K (gridDim.y > 1) each K-range writes fp32 partial
+// sums that nf4_sum_splits adds in a fixed order, so the result does not depend on scheduling.
 //
-// Defines: MT (8-row batch tiles, 1..8), SLABS, WARPS, G, STAGES, F16 (1: fp16, 0: bf16), PARTIAL.
-
-typedef unsigned int u32;
-typedef unsigned short u16;
+// Defines: MT (8-row batch tiles, 1..8), SLABS, WARPS, G, STAGES, TABLE (0: registers, 1: shared memory),
+// F16 (1: fp16, 0: bf16), PARTIAL.
 
 #define XROW (64 * G + 8)   // x row stride in shared memory, in elements (16 bytes of padding: no bank conflicts)
-
-__device__ __forceinline__ void decode8(u32 q, const u32 (&t)[8], u32 (&a)[4]) {
-  // a[i] = dtype pair (code[high nibble of byte i], code[low nibble of byte i]), low half first
-  asm("{.reg .b32 m,s,u,v,lo,hi;\n"
-      " and.b32 m,%4,0x77777777; shr.b32 s,%4,1; and.b32 s,s,0x44444444; or.b32 s,s,0x32103210;\n"
-      " prmt.b32 u,%5,%6,m; prmt.b32 v,%7,%8,m; prmt.b32 lo,u,v,s;\n"
-      " prmt.b32 u,%9,%10,m; prmt.b32 v,%11,%12,m; prmt.b32 hi,u,v,s;\n"
-      " prmt.b32 %0,lo,hi,0x4051; prmt.b32 %1,lo,hi,0x6273;\n"
-      " shr.b32 m,m,16; shr.b32 s,s,16;\n"
-      " prmt.b32 u,%5,%6,m; prmt.b32 v,%7,%8,m; prmt.b32 lo,u,v,s;\n"
-      " prmt.b32 u,%9,%10,m; prmt.b32 v,%11,%12,m; prmt.b32 hi,u,v,s;\n"
-      " prmt.b32 %2,lo,hi,0x4051; prmt.b32 %3,lo,hi,0x6273;}\n"
-      : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
-      : "r"(q), "r"(t[0]), "r"(t[1]), "r"(t[2]), "r"(t[3]), "r"(t[4]), "r"(t[5]), "r"(t[6]), "r"(t[7]));
-}
 
 __device__ __forceinline__ void mma(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
 #if F16
@@ -47,20 +30,6 @@ __device__ __forceinline__ void mma(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a
 __device__ __forceinline__ u32 smem_addr(const void* p) {
   u32 r;
   asm("{.reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a;}" : "=r"(r) : "l"(p));
-  return r;
-}
-
-__device__ __forceinline__ void scale_pair(u32 h2, float& lo, float& hi) {
-  asm("{.reg .b16 l,h; mov.b32 {l,h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h;}" : "=f"(lo), "=f"(hi) : "r"(h2));
-}
-
-__device__ __forceinline__ u16 to_dtype(float v) {
-  u16 r;
-#if F16
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(v));
-#else
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(v));
-#endif
   return r;
 }
 
@@ -117,52 +86,61 @@ __device__ __forceinline__ void copy_stage(u32 stage, Sources& src, const u16* _
   for (int sl = 0; sl < SLABS; ++sl) src.w[sl] += G * 128, src.s[sl] += G * 8;
 }
 
+template <typename Table>
 __device__ __forceinline__ void compute_stage(u32 stage, u32 mine, u32 mine_s, u32 x_frag, float (&acc)[SLABS][MT][4],
-                                              const u32 (&t)[8], int b, int b_end) {
+                                              const Table& t, int b, int b_end) {
 #pragma unroll
   for (int gi = 0; gi < G; ++gi) {
     if (b + gi >= b_end) break;
+    u32 a[SLABS][4][4], sc[SLABS];                // each slab's A fragments of the block's four k16 tiles
 #pragma unroll
     for (int sl = 0; sl < SLABS; ++sl) {
       const int at = gi * SLABS + sl;
-      u32 w[4], sc;
+      u32 w[4];
       asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3])
                    : "r"(stage + mine + at * 512));
-      asm volatile("ld.shared.u32 %0, [%1];" : "=r"(sc) : "r"(stage + mine_s + at * 128));
-      u32 a[4][4];                                // the A fragments of the block's four k16 tiles
+      asm volatile("ld.shared.u32 %0, [%1];" : "=r"(sc[sl]) : "r"(stage + mine_s + at * 128));
 #pragma unroll
-      for (int j = 0; j < 4; ++j) decode8(w[j], t, a[j]);
-      // two independent sums (k 0..31 and 32..63 of the block) halve the chain of dependent MMAs
-      float part[2][MT][4];
+      for (int j = 0; j < 4; ++j) decode8(w[j], t, a[sl][j]);
+    }
+    // two independent sums (k 0..31 and 32..63 of the block) halve the chain of dependent MMAs
+    float part[SLABS][2][MT][4];
+#pragma unroll
+    for (int sl = 0; sl < SLABS; ++sl)
 #pragma unroll
       for (int half = 0; half < 2; ++half)
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) part[half][mt][e] = 0.f;
+          for (int e = 0; e < 4; ++e) part[sl][half][mt][e] = 0.f;
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          // four 8x8 tiles of x: rows 8mt.., columns 32half + 0, 8, 16, 24 -> b0, b1 of two k16 steps
-          u32 b0, b1, b2, b3;
-          asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                       : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3)
-                       : "r"(stage + x_frag + (mt * 8 * XROW + gi * 64 + half * 32) * 2));
-          const u32 (&f0)[4] = a[2 * half];
-          const u32 (&f1)[4] = a[2 * half + 1];
-          mma(part[half][mt], f0[0], f0[1], f0[2], f0[3], b0, b1);
-          mma(part[half][mt], f1[0], f1[1], f1[2], f1[3], b2, b3);
-        }
-      }
-      float lo, hi;                               // scales of rows g and g + 8
-      scale_pair(sc, lo, hi);
+    for (int half = 0; half < 2; ++half) {
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        acc[sl][mt][0] = fmaf(lo, part[0][mt][0] + part[1][mt][0], acc[sl][mt][0]);
-        acc[sl][mt][1] = fmaf(lo, part[0][mt][1] + part[1][mt][1], acc[sl][mt][1]);
-        acc[sl][mt][2] = fmaf(hi, part[0][mt][2] + part[1][mt][2], acc[sl][mt][2]);
-        acc[sl][mt][3] = fmaf(hi, part[0][mt][3] + part[1][mt][3], acc[sl][mt][3]);
+        // four 8x8 tiles of x: rows 8mt.., columns 32half + 0, 8, 16, 24 -> b0, b1 of two k16 steps
+        u32 b0, b1, b2, b3;
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3)
+                     : "r"(stage + x_frag + (mt * 8 * XROW + gi * 64 + half * 32) * 2));
+#pragma unroll
+        for (int sl = 0; sl < SLABS; ++sl) {
+          const u32 (&f0)[4] = a[sl][2 * half];
+          const u32 (&f1)[4] = a[sl][2 * half + 1];
+          mma(part[sl][half][mt], f0[0], f0[1], f0[2], f0[3], b0, b1);
+          mma(part[sl][half][mt], f1[0], f1[1], f1[2], f1[3], b2, b3);
+        }
+      }
+    }
+#pragma unroll
+    for (int sl = 0; sl < SLABS; ++sl) {
+      float lo, hi;                               // scales of rows g and g + 8
+      scale_pair(sc[sl], lo, hi);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        acc[sl][mt][0] = fmaf(lo, part[sl][0][mt][0] + part[sl][1][mt][0], acc[sl][mt][0]);
+        acc[sl][mt][1] = fmaf(lo, part[sl][0][mt][1] + part[sl][1][mt][1], acc[sl][mt][1]);
+        acc[sl][mt][2] = fmaf(hi, part[sl][0][mt][2] + part[sl][1][mt][2], acc[sl][mt][2]);
+        acc[sl][mt][3] = fmaf(hi, part[sl][0][mt][3] + part[sl][1][mt][3], acc[sl][mt][3]);
       }
     }
   }
@@ -173,7 +151,7 @@ nf4_matmul(const u32* __restrict__ words, const u32* __restrict__ scales, const 
            int M, int N, int K, int ldx, int blocks_per_split, int shift,
            u32 t0, u32 t1, u32 t2, u32 t3, u32 t4, u32 t5, u32 t6, u32 t7) {
   extern __shared__ __align__(16) unsigned char ring[];
-  const u32 t[8] = {t0, t1, t2, t3, t4, t5, t6, t7};
+  const u32 regs[8] = {t0, t1, t2, t3, t4, t5, t6, t7};
   const int KB = K / 64;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int slab = (blockIdx.x * WARPS + warp) * SLABS;
@@ -203,6 +181,19 @@ nf4_matmul(const u32* __restrict__ words, const u32* __restrict__ scales, const 
   const u32 mine_s = X_STAGE + warp * W_WARP + G * SLABS * 512 + lane * 4;   // and its scale pairs
   const u32 x_frag = ((lane & 7) * XROW + (lane >> 3) * 8) * 2;   // this lane's ldmatrix row address in a stage
 
+#if TABLE
+  const u32 table = ring0 + STAGES * STAGE_BYTES;   // made visible by the main loop's first barrier
+  for (int e = threadIdx.x; e < 256; e += WARPS * 32) {
+    u32 pair[4];
+    decode8(e * 0x01010101u, regs, pair);
+#pragma unroll
+    for (int c = 0; c < 32; c += 4)
+      asm volatile("st.shared.v4.u32 [%0], {%1,%1,%1,%1};" :: "r"(table + (e * 32 + c) * 4), "r"(pair[0]));
+  }
+  const u32 t = table + lane * 4;
+#else
+  const u32 (&t)[8] = regs;
+#endif
   for (int c = 0; c < STAGES - 1; ++c) {         // STAGES - 1 stages in flight ahead of the math
     copy_stage(ring0 + c * STAGE_BYTES, src, x, mine, mine_s, live, b_begin + c * G, b_end);
     asm volatile("cp.async.commit_group;");
@@ -260,16 +251,6 @@ extern "C" __global__ void nf4_sum_splits(const float* __restrict__ partial, u16
   float acc = 0.f;
   for (int s = 0; s < splits; ++s) acc += partial[(long)s * total + i];
   out[i] = to_dtype(acc * __int_as_float((127 - shift) << 23));
-}
-
-__device__ __forceinline__ float from_dtype(u32 h) {
-#if F16
-  float r;
-  asm("{.reg .b16 l; cvt.u16.u32 l, %1; cvt.f32.f16 %0, l;}" : "=f"(r) : "r"(h));
-  return r;
-#else
-  return __int_as_float(h << 16);
-#endif
 }
 
 // The dense weight the kernel multiplies by, for batches past the kernel's rows (prefill):

@@ -32,30 +32,36 @@ import torch
 
 from .nf4_layout import BLOCK, SLAB, PackedNF4
 
-SOURCE = Path(__file__).with_suffix(".cu").read_text()
+SOURCE = "".join((Path(__file__).parent / name).read_text() for name in ("nf4_decode.cu", "nf4_matmul.cu"))
 MAX_TILE_ROWS = 64          # batch rows one launch column covers (8 MMA tiles of 8); more go to gridDim.z
 
 
 @dataclass(frozen=True, slots=True)
 class NF4Config:
-    """Launch shape: warps per CTA, 16-row slabs per warp, 64-blocks per pipeline chunk, x ring depth,
-    K-ranges (split-K)."""
+    """Launch shape: warps per CTA, 16-row slabs per warp, 64-blocks per pipeline chunk, ring depth,
+    K-ranges (split-K), and where the decode table lives (False: registers, True: shared memory)."""
     warps: int
     slabs: int
     group: int
     stages: int
     split_k: int
+    smem_table: bool = False
 
 
 def default_config(m: int, n: int, k: int) -> NF4Config:
-    """From tests/bench/kernel_bench.py sweeps on an H100 (BENCHMARKS.md). The kernel is latency-bound at
-    these sizes (Nsight Compute: about 2 warps a scheduler, half the issue slots idle, at 0.7 waves), so
-    K is split until every SM holds about 24 warps, but no range is shorter than 8 blocks."""
+    """From tests/bench/kernel_bench.py sweeps on an H100 (BENCHMARKS.md): the shared-memory table and two
+    slabs a warp (each x fragment feeds both) won at every 7B shape and M. The kernel is latency-bound
+    at these sizes (Nsight Compute: 1.8 eligible warps a scheduler, 45 % of issue slots idle), so K is
+    split until every SM holds about 24 warps for one 8-row tile, 12 for more (their warps carry more
+    MMAs, and each K-range stores and re-reads 8M bytes of fp32 sums a weight row), with no range under
+    8 blocks and no more than 8 ranges (the most the sweeps tried) or K / 16M."""
     tiles = math.ceil(min(m, MAX_TILE_ROWS) / 8)
-    warps = 8 if tiles > 4 else 4
-    fill = math.ceil(24 * _multiprocessors() / (n // SLAB))
-    split = max(1, min(fill, k // BLOCK // 8))
-    return NF4Config(warps=warps, slabs=1, group=2 if tiles <= 4 else 1, stages=3, split_k=split)
+    warps = 8 if tiles == 1 else 4
+    slabs = 2 if (n // SLAB) % 2 == 0 else 1
+    warps_per_sm = 24 if tiles == 1 else 12
+    fill = warps_per_sm * _multiprocessors() // (n // SLAB // slabs)
+    split = max(1, min(fill, 8, k // BLOCK // 8, k // (16 * min(m, MAX_TILE_ROWS))))
+    return NF4Config(warps=warps, slabs=slabs, group=1, stages=3, split_k=split, smem_table=True)
 
 
 @cache
@@ -65,26 +71,31 @@ def _multiprocessors() -> int:
 
 def _module(tiles: int, config: NF4Config, half: bool, partial: bool):
     """The compiled module for a launch shape; the K split is a launch argument, not compiled in."""
-    return _compile(tiles, config.warps, config.slabs, config.group, config.stages, half, partial)
+    return _compile(tiles, config.warps, config.slabs, config.group, config.stages, config.smem_table, half, partial)
 
 
 @cache
-def _compile(tiles: int, warps: int, slabs: int, group: int, stages: int, half: bool, partial: bool):
+def _compile(tiles: int, warps: int, slabs: int, group: int, stages: int, smem_table: bool, half: bool,
+             partial: bool):
     """NVRTC, about a second, once per process and shape."""
     from torch.cuda._utils import _cuda_load_module, _nvrtc_compile
 
     defines = (f"#define MT {tiles}\n#define SLABS {slabs}\n#define WARPS {warps}\n#define G {group}\n"
-               f"#define STAGES {stages}\n#define F16 {int(half)}\n#define PARTIAL {int(partial)}\n")
+               f"#define STAGES {stages}\n#define TABLE {int(smem_table)}\n#define F16 {int(half)}\n"
+               f"#define PARTIAL {int(partial)}\n")
     cubin, _ = _nvrtc_compile(defines + SOURCE, "nf4_matmul")
     module = _cuda_load_module(cubin)
-    module.nf4_matmul.set_shared_memory_config(_ring_bytes(tiles, warps, slabs, group, stages))
+    module.nf4_matmul.set_shared_memory_config(_shared_bytes(tiles, NF4Config(warps, slabs, group, stages, 1,
+                                                                              smem_table)))
     return module
 
 
-def _ring_bytes(tiles: int, warps: int, slabs: int, group: int, stages: int) -> int:
+def _shared_bytes(tiles: int, config: NF4Config) -> int:
     """The shared-memory ring (nf4_matmul.cu): a stage is x [8 rows a tile, 64 columns a block + 8 of padding]
-    in 2 bytes, and 16 bytes of codes and 4 of scales per lane per (block, slab)."""
-    return stages * (8 * tiles * (64 * group + 8) * 2 + warps * 32 * group * slabs * 20)
+    in 2 bytes, and 16 bytes of codes and 4 of scales per lane per (block, slab); then the decode table,
+    256 pairs in 32 copies, if it lives there."""
+    stage = 8 * tiles * (64 * config.group + 8) * 2 + config.warps * 32 * config.group * config.slabs * 20
+    return config.stages * stage + (256 * 32 * 4 if config.smem_table else 0)
 
 
 def _check(x: torch.Tensor, packed: PackedNF4) -> None:
@@ -113,7 +124,7 @@ def nf4_matmul(x: torch.Tensor, packed: PackedNF4, config: NF4Config | None = No
     target = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     module = _module(tiles, config, half, split > 1)
     grid = (math.ceil(n // SLAB / (config.warps * config.slabs)), split, math.ceil(m / MAX_TILE_ROWS))
-    module.nf4_matmul(grid=grid, block=(32 * config.warps, 1, 1), shared_mem=_ring_bytes(tiles, config.warps, config.slabs, config.group, config.stages),
+    module.nf4_matmul(grid=grid, block=(32 * config.warps, 1, 1), shared_mem=_shared_bytes(tiles, config),
                       args=[packed.words, packed.scales, x, target, m, n, k, x.stride(0), per_split, packed.shift,
                             *packed.table])
     if split > 1:

@@ -16,6 +16,7 @@ from typing import Callable
 
 from adapters.formats.adapter_dir import WEIGHTS_FILE, BaseShape, LoraConfig, LoraWeights, read_adapter
 from adapters.formats.base_fingerprint import check_made_for
+from adapters.formats.cartridge_json import DEFAULTS_FILE, read_defaults
 
 from .files import AdapterFilePolicy, AdapterFiles
 from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServingError
@@ -46,6 +47,7 @@ class RegisteredAdapter:
     version: int | None = None        # a store version (`cartridge serve --store`); None when registered by path
     live: bool = False                # served as the name's live version, not requested as name@vN
     file_bytes: int = 0               # adapter_model.safetensors on disk
+    defaults: dict = field(default_factory=dict)   # cartridge.json's, as GenerateRequest fields
 
     @property
     def store_name(self) -> str:
@@ -62,11 +64,13 @@ def check_name(name: str, field: str = "name") -> str:
 class AdapterRegistry:
     def __init__(self, base: BaseShape, max_rank: int, files: AdapterFilePolicy, max_pinned: int,
                  host_budget: int | None = None, *, base_fingerprint: Callable[[], str],
-                 stage: Callable[[LoraWeights], SlotWeights]):
+                 stage: Callable[[LoraWeights], SlotWeights], check_defaults: Callable[[dict, str], dict]):
         """`base_fingerprint` hashes the base's weights; it is called (once, cached by the caller) only when
         an adapter records the base it was trained on. `stage` turns weights as read into the form the
-        device slots take (SlotWeights.stage with the server's dtype), in the reading thread."""
-        self._stage = stage
+        device slots take (SlotWeights.stage with the server's dtype), in the reading thread.
+        `check_defaults` turns a cartridge.json's contents (and its path, for errors) into request fields,
+        refusing what a request could not ask (server/edge/adapter_defaults.py)."""
+        self._stage, self._check_defaults = stage, check_defaults
         self._base, self._max_rank, self._files = base, max_rank, files
         self._max_pinned, self._host_budget = max_pinned, host_budget
         self._base_fingerprint = base_fingerprint
@@ -89,6 +93,9 @@ class AdapterRegistry:
         files = self._files.check(path)
         config_sha256, weights_sha256 = files.sha256()
         weights = read_adapter(files.directory, self._base)
+        defaults = read_defaults(files.directory)
+        if defaults:
+            defaults = self._check_defaults(defaults, str(files.directory / DEFAULTS_FILE))
         if not check_made_for(files.directory, self._base_fingerprint):
             log.warning("adapter %r (%s) does not record which base it was trained on: its shapes fit this base, "
                         "but whether it was made for it cannot be checked", name, path)
@@ -99,7 +106,7 @@ class AdapterRegistry:
         staged = self._stage(weights)
         return RegisteredAdapter(name, path, files, weights.config, rank, staged.size_bytes, config_sha256,
                                  weights_sha256, pin, staged, version=version, live=live,
-                                 file_bytes=(files.directory / WEIGHTS_FILE).stat().st_size)
+                                 file_bytes=(files.directory / WEIGHTS_FILE).stat().st_size, defaults=defaults)
 
     def install(self, adapter: RegisteredAdapter,
                 replace: bool) -> tuple[RegisteredAdapter, RegisteredAdapter | None]:

@@ -243,11 +243,19 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, batch: Batch, cache: PagedKVCache,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [N, 1] -> logits [len(rows), vocab] of the token rows `rows` (default: every row)."""
-        x, delta = self.embed_tokens(tokens), None                     # [N, 1, dim]
-        for i, layer in enumerate(self.layers):
-            x, delta = layer(x, delta, batch, cache, i)
-        x, delta = x[:, 0], delta[:, 0]
+        x, delta = self.residual(tokens, batch, cache)
         if rows is not None:
             # Only rows that sample need logits: skips the vocab matmul for the rest of a prompt.
             x, delta = x.index_select(0, rows), delta.index_select(0, rows)
+        return self.logits(x, delta)
+
+    def residual(self, tokens: torch.Tensor, batch: Batch, cache: PagedKVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [N, 1] -> the residual stream and the last block's output [N, dim] each, not yet added."""
+        x, delta = self.embed_tokens(tokens), None                     # [N, 1, dim]
+        for i, layer in enumerate(self.layers):
+            x, delta = layer(x, delta, batch, cache, i)
+        return x[:, 0], delta[:, 0]
+
+    def logits(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """residual(...)'s two [..., dim] at the positions wanted -> logits [..., vocab] float32."""
         return self.lm_head(self.norm(x, delta)[0]).float()

@@ -32,8 +32,9 @@ from ray import serve
 from adapters.formats.store_layout import StoreReader, read_live
 from cartridge.v1 import inference_pb2
 
-from ..errors import InvalidArgument, ServingError, serving_error, status_of
-from ..edge.grpc_service import from_proto, response_proto
+from ..errors import FailedPrecondition, InvalidArgument, ServingError, serving_error, status_of
+from ..edge.grpc_answers import StreamAnswer, answer
+from ..edge.grpc_service import from_proto, tool_mode
 from ..edge.http_app import VERSION_HEADER
 
 APP_NAME = "cartridge"
@@ -174,6 +175,10 @@ class RayBackend:
             return [name for name in self.store.names() if read_live(self.store, name) is not None]
         return sorted(p.name for p in self.root.iterdir() if (p / "adapter_config.json").is_file())
 
+    def feedback(self, request_id: str, score: float, tag: str) -> str:
+        # The ingress does not know which replica answered a request, and each replica keeps its own book.
+        raise FailedPrecondition("feedback is counted by `cartridge serve`; under serve-ray it is not available")
+
     async def generate(self, request):
         from ..edge.http_app import Generation
 
@@ -226,19 +231,17 @@ class Ingress:
         except ServingError as error:
             return _refuse(grpc_context, error)
         grpc_context.set_trailing_metadata(list(generation.headers.items()))
-        return response_proto("".join(e.text for e in pieces), pieces[-1], generation.prompt_tokens, adapter,
-                              generation.headers.get(VERSION_HEADER, ""))
+        return answer(pieces, generation.prompt_tokens, adapter, generation.headers.get(VERSION_HEADER, ""),
+                      tool_mode(request))
 
     async def GenerateStream(self, request, grpc_context):
         try:
             generation, adapter = await self._start(request)
             grpc_context.set_trailing_metadata(list(generation.headers.items()))
+            stream = StreamAnswer(generation.prompt_tokens, adapter, generation.headers.get(VERSION_HEADER, ""),
+                                  tool_mode(request))
             async for event in generation.events:
-                if event.finish_reason is None:
-                    yield inference_pb2.GenerateResponse(text=event.text)
-                else:
-                    yield response_proto(event.text, event, generation.prompt_tokens, adapter,
-                                         generation.headers.get(VERSION_HEADER, ""))
+                yield stream.message(event)
         except ServingError as error:
             yield _refuse(grpc_context, error)
 

@@ -2,8 +2,9 @@
 
     python -m tests.bench.kernel_bench                    # 7B and 1B shapes, M = 1..64, default launch shapes
     python -m tests.bench.kernel_bench --sweep            # also tries a grid of launch shapes per (shape, M)
-    git show REV:server/kernels/nf4_matmul.py > /tmp/prev_nf4.py
-    python -m tests.bench.kernel_bench --previous /tmp/prev_nf4.py   # an earlier commit's Triton kernel beside
+    mkdir /tmp/prev && git show REV:server/kernels/nf4_matmul.py > /tmp/prev/nf4_matmul.py
+    git show REV:server/kernels/nf4_matmul.cu > /tmp/prev/nf4_matmul.cu      # (a CUDA-kernel commit)
+    python -m tests.bench.kernel_bench --previous /tmp/prev/nf4_matmul.py    # an earlier commit's kernel beside
 
 Needs CUDA. Every figure is the median over replays of a CUDA graph of 24 calls that rotate over
 enough weight copies to miss the L2, so it is HBM time without launch gaps. TB/s counts the packed
@@ -101,14 +102,16 @@ def resources(m: int, n: int, k: int) -> str:
 def sweep_configs(m: int, n: int):
     from server.kernels.nf4_matmul import NF4Config
 
-    slabs = (1, 2) if (n // 16) % 2 == 0 and m <= 16 else (1,)
+    slabs = (1, 2) if (n // 16) % 2 == 0 else (1,)
     groups = (1, 2) if m <= 32 else (1,)
-    for warps, slab, group, stage, split in itertools.product((4, 8), slabs, groups, (3, 4), (2, 4, 8)):
-        yield NF4Config(warps, slab, group, stage, split)
+    for warps, slab, group, split, table in itertools.product((4, 8), slabs, groups, (2, 4, 8), (False, True)):
+        yield NF4Config(warps, slab, group, 3, split, table)
 
 
 def load_previous(path: str):
-    spec = importlib.util.spec_from_file_location("previous_nf4", path)
+    """An earlier nf4_matmul.py: the CUDA kernel (its .cu beside it; it imports server.kernels' layout,
+    which has not changed since) or the older Triton kernel."""
+    spec = importlib.util.spec_from_file_location("server.kernels.previous_nf4", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module          # dataclasses look their module up while it loads
     spec.loader.exec_module(module)
@@ -139,24 +142,26 @@ def bench_shape(n: int, k: int, rows, sweep: bool, previous) -> list[dict]:
         row["ours_us"] = graph_time_us([ours(None, i) for i in range(CALLS)])
         row["resources"] = resources(m, n, k)
         if previous is not None:
-            row["previous_us"] = graph_time_us([
-                (lambda a=previous_args[i % copies]: previous.nf4_matmul(x, *a, n)) for i in range(CALLS)])
+            if hasattr(previous, "NF4Config"):
+                calls = [(lambda p=ours_packed[i % copies]: previous.nf4_matmul(x, p)) for i in range(CALLS)]
+            else:
+                calls = [(lambda a=previous_args[i % copies]: previous.nf4_matmul(x, *a, n)) for i in range(CALLS)]
+            row["previous_us"] = graph_time_us(calls)
         row["bnb_us"] = graph_time_us([
             (lambda p=p, s=s: bnb.matmul_4bit(x, p.t(), quant_state=s)) for p, s in
             (weights[i % copies] for i in range(CALLS))])
         row["cublas_bf16_us"] = graph_time_us([(lambda w=dense[i % dense_copies]: F.linear(x, w))
                                                for i in range(CALLS)])
         if sweep:
-            best = None
+            timed = []
             for config in sweep_configs(m, n):
                 try:
-                    us = graph_time_us([ours(config, i) for i in range(CALLS)])
+                    timed.append((graph_time_us([ours(config, i) for i in range(CALLS)]), config))
                 except Exception as err:  # noqa: BLE001 - a launch shape the card rejects is skipped
                     print(f"  {config}: {type(err).__name__} {err}")
-                    continue
-                if best is None or us < best[0]:
-                    best = (us, config)
+            best = min(timed, key=lambda t: t[0])
             row["best_us"], row["best_config"] = best[0], str(best[1])
+            row["swept"] = [(us, str(config)) for us, config in timed]
         packed_bytes, dense_bytes = n * k / 2, n * k * 2
         for key in ("ours", "previous", "bnb", "best"):
             if f"{key}_us" in row:
@@ -172,7 +177,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", choices=SHAPES, default=list(SHAPES))
     parser.add_argument("--rows", nargs="+", type=int, default=list(ROWS))
     parser.add_argument("--sweep", action="store_true", help="time a grid of launch shapes too")
-    parser.add_argument("--previous", help="an earlier nf4_matmul.py (Triton, bnb-layout API) to time beside ours")
+    parser.add_argument("--previous", help="an earlier commit's nf4_matmul.py to time beside ours")
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -1,4 +1,5 @@
-"""Which version of a name is live: `<store>/<name>/live.json`, and every move of it in `releases.jsonl`.
+"""Moving a name's live pointer: `<store>/<name>/live.json`, and every move of it in `releases.jsonl`.
+The release commands move it, and so does a server whose canary crosses its limits (a canary abort).
 
 A move is compare-and-set under an exclusive lock on `<store>/<name>/.lock`: the caller says which
 version it expects to be live (and which canary it expects running), and the move fails if another has
@@ -12,20 +13,24 @@ import fcntl
 import json
 import os
 from dataclasses import asdict
+from datetime import datetime, timezone
 
-from ..formats.store_layout import LIVE_FILE, LOG_FILE, LiveMove, StoreError, read_live
-from .versions import AdapterStore, now
+from .store_layout import LIVE_FILE, LOG_FILE, LiveMove, StoreError, StoreReader, read_live
 
 _LOCK_FILE = ".lock"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 class LiveMoved(StoreError):
     """The live version is not the one the move was made against."""
 
 
-def move_live(store: AdapterStore, name: str, *, expected: int | None, to: int, action: str,
+def move_live(store: StoreReader, name: str, *, expected: int | None, to: int, action: str,
               gate_report_sha256: str | None, reason: str, expected_canary: int | None = None,
-              canary: dict | None = None) -> LiveMove:
+              canary: dict | None = None, tripped: str | None = None) -> LiveMove:
     """Makes `v<to>` live, with `canary` (None: no split), if `v<expected>` (None: nothing) still is live with
     the canary `v<expected_canary>` (None: none); LiveMoved otherwise."""
     directory = store.root / name
@@ -41,7 +46,7 @@ def move_live(store: AdapterStore, name: str, *, expected: int | None, to: int, 
             raise LiveMoved(f"{name}: the canary is now {_canary_label(current_canary)}, while this {action} was made "
                             f"with {_canary_label(expected_canary)}; nothing changed, check `cartridge versions {name}` "
                             f"and try again")
-        move = LiveMove(now(), action, expected, to, gate_report_sha256, reason, canary)
+        move = LiveMove(now(), action, expected, to, gate_report_sha256, reason, canary, tripped)
         staging = directory / f".{LIVE_FILE}.{os.getpid()}"
         with open(staging, "w") as f:
             f.write(json.dumps(asdict(move)))
