@@ -185,3 +185,22 @@ def client(server):
 
     with CartridgeClient(server.address, timeout=120) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def api(server):
+    """The real `openai` package's client on the module's server (which needs --http-port)."""
+    import openai
+
+    with openai.OpenAI(base_url=server.http_url, api_key="unused", max_retries=0, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    """A raw gRPC Inference stub on the module's server, for fields our client does not expose."""
+    import grpc
+    from cartridge.v1 import inference_pb2_grpc
+
+    with grpc.insecure_channel(server.address) as channel:
+        yield inference_pb2_grpc.InferenceStub(channel)

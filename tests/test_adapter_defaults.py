@@ -49,12 +49,6 @@ def server_flags(store, tmp_path_factory) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def api(server):
-    with openai.OpenAI(base_url=server.http_url, api_key="unused", max_retries=0, timeout=120) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def channel(server):
     with grpc.insecure_channel(server.address) as ch:
         yield ch

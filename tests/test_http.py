@@ -22,12 +22,6 @@ def server_flags(adapter_dirs) -> list[str]:
             "--adapter", f"all16-rs={adapter_dirs['all16-rs']}"]
 
 
-@pytest.fixture(scope="module")
-def api(server):
-    with openai.OpenAI(base_url=server.http_url, api_key="unused", max_retries=0, timeout=120) as c:
-        yield c
-
-
 def test_chat_completion_matches_grpc(api, client):
     answer = api.chat.completions.create(model="base", messages=CHAT, max_tokens=20, temperature=0)
     grpc_answer = client.generate(messages=CHAT, max_tokens=20)

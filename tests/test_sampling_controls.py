@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from cartridge.v1 import inference_pb2, inference_pb2_grpc
+from cartridge.v1 import inference_pb2
 
 from .conftest import PROMPT
 
@@ -19,18 +19,6 @@ from .conftest import PROMPT
 def server_flags(adapter_dirs) -> list[str]:
     return ["--http-port", "0", "--max-batch-size", "8", "--max-adapters", "2", "--max-lora-rank", "8",
             "--max-seq-len", "256", "--adapter", f"qv8={adapter_dirs['qv8']}"]
-
-
-@pytest.fixture(scope="module")
-def api(server):
-    with openai.OpenAI(base_url=server.http_url, api_key="unused", max_retries=0, timeout=120) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def stub(server):
-    with grpc.insecure_channel(server.address) as channel:
-        yield inference_pb2_grpc.InferenceStub(channel)
 
 
 class OpenAIPenalties(LogitsProcessor):

@@ -13,7 +13,7 @@ import openai
 import pytest
 import torch
 
-from cartridge.v1 import inference_pb2, inference_pb2_grpc
+from cartridge.v1 import inference_pb2
 
 from .conftest import PROMPT
 
@@ -35,18 +35,6 @@ FLAG_SCHEMA = {
 def server_flags() -> list[str]:
     return ["--http-port", "0", "--max-batch-size", "8", "--max-adapters", "2", "--max-lora-rank", "8",
             "--max-seq-len", "256", "--adapter", f"records={EXAMPLE_ADAPTER}"]
-
-
-@pytest.fixture(scope="module")
-def api(server):
-    with openai.OpenAI(base_url=server.http_url, api_key="unused", max_retries=0, timeout=120) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def stub(server):
-    with grpc.insecure_channel(server.address) as channel:
-        yield inference_pb2_grpc.InferenceStub(channel)
 
 
 def schema_format(schema: dict, name: str = "answer") -> dict:

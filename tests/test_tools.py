@@ -39,12 +39,6 @@ def server_flags(base_dir, tmp_path_factory) -> list[str]:
             "--max-adapters", "1", "--max-lora-rank", "8"]
 
 
-@pytest.fixture(scope="module")
-def api(server):
-    with openai.OpenAI(base_url=server.http_url, api_key="unused", max_retries=0, timeout=120) as c:
-        yield c
-
-
 def arguments_of(call, tool: dict) -> dict:
     assert call.type == "function" and call.id.startswith("call_") and call.function.name == tool["function"]["name"]
     arguments = json.loads(call.function.arguments)
