@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import psutil
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -33,9 +34,11 @@ from .edge.adapter_defaults import request_defaults
 from .edge.generate_request import MAX_REQUEST_BYTES, RequestValidator
 from .engine.grammar import Grammars
 from .edge.http_app import EngineBackend, HttpServer, openai_app
-from .model.kv_cache import KVCache
+from .model.kv_cache import PagedKVCache
+from .model.llama import ModelArgs
 from .lora.batch import SlotWeights
 from .engine.metrics import ServerMetrics
+from .engine.block_pool import BlockPool
 from .engine.runner import ModelRunner
 from .engine.scheduler import Scheduler
 from .edge.grpc_service import AdaptersService, InferenceService
@@ -120,6 +123,23 @@ def eos_ids(directory, tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
+def paged_kv_cache(config: ServerConfig, args: ModelArgs, max_seq_len: int, device: torch.device) -> PagedKVCache:
+    """The block pool --kv-cache-memory holds (bytes, or a share of the memory free now, after the weights);
+    it must hold one request of --max-seq-len, besides the scratch block."""
+    per_block = PagedKVCache.bytes_per_block(args.n_layers, config.kv_block_size, args.n_kv_heads, args.head_dim,
+                                             config.torch_dtype)
+    memory = config.kv_cache_bytes(per_block // config.kv_block_size)
+    if memory <= 1:
+        memory *= torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+    num_blocks, needed = int(memory // per_block), -(-max_seq_len // config.kv_block_size) + 1
+    if num_blocks < needed:
+        raise ValueError(f"--kv-cache-memory: {memory / 2**20:.0f} MiB holds {num_blocks} blocks of "
+                         f"{config.kv_block_size} tokens ({per_block / 2**20:.2f} MiB each), less than one request "
+                         f"of --max-seq-len {max_seq_len} needs ({needed}); give more, or a shorter --max-seq-len")
+    return PagedKVCache(args.n_layers, num_blocks, config.kv_block_size, args.n_kv_heads, args.head_dim,
+                        config.torch_dtype, device)
+
+
 def build_core(config: ServerConfig, *, store_on_demand: bool = False) -> ServingCore:
     """`store_on_demand`: follow only the store names asked for (a Ray replica), not every one from the start."""
     started = time.monotonic()
@@ -131,8 +151,7 @@ def build_core(config: ServerConfig, *, store_on_demand: bool = False) -> Servin
     model, stacks = load_model(directory, model_config, config.torch_dtype, device, config.quantize,
                                config.max_adapters + 1, config.max_lora_rank, kernels=config.kernels,
                                nf4_kernel_max_rows=config.nf4_kernel_max_rows)
-    cache = KVCache(model.args.n_layers, config.max_batch_size, max_seq_len, model.args.n_kv_heads,
-                    model.args.head_dim, config.torch_dtype, device)
+    cache = paged_kv_cache(config, model.args, max_seq_len, device)
     adapter_slots = AdapterSlots(stacks, config.max_adapters)
     stop_ids = eos_ids(directory, tokenizer)
     # Structured output: xgrammar over this tokenizer, its vocabulary as wide as the model's logits. Made
@@ -152,13 +171,17 @@ def build_core(config: ServerConfig, *, store_on_demand: bool = False) -> Servin
     for part, size in (("base_weights", base_weight_bytes(model)), ("kv_cache", cache.size_bytes),
                        ("lora_slots", sum(stack.size_bytes for stack in stacks.values()))):
         metrics.device_memory.labels(part).set(size)
-    scheduler = Scheduler(config.max_batch_size, config.max_queue, config.max_prefill_tokens, adapter_slots)
-    graphs = DecodeGraphs(model, cache, config.max_lora_rank, device) if config.on_cuda and config.cuda_graphs else None
+    pool = BlockPool(cache.num_blocks, cache.block_size, config.prefix_cache)
+    scheduler = Scheduler(pool, config.max_batch_size, config.max_tokens_per_pass, config.max_queue, adapter_slots)
+    graphs = None
+    if config.on_cuda and config.cuda_graphs:
+        graphs = DecodeGraphs(model, cache, config.max_batch_size, -(-max_seq_len // cache.block_size),
+                              config.max_lora_rank, device)
     if graphs is not None:
         captured = time.monotonic()
         count = graphs.capture_all()
         log.info("captured %d decode graphs in %.1f s", count, time.monotonic() - captured)
-    runner = ModelRunner(model, cache, adapter_slots, device, graphs)
+    runner = ModelRunner(model, cache, adapter_slots, device, graphs, config.max_batch_size)
     engine = Engine(runner, scheduler, stop_ids, metrics, registry)
     engine.start()
     store = None
@@ -166,9 +189,9 @@ def build_core(config: ServerConfig, *, store_on_demand: bool = False) -> Servin
         store = StoreAdapters(StoreReader(Path(config.store).resolve()), registry, engine, metrics,
                               on_demand=store_on_demand, canary_check_s=config.canary_check_s)
         store.start()
-    log.info("base %s on %s (%s, %s): weights+cache ready in %.1f s; KV cache %.0f MiB for %d x %d tokens",
+    log.info("base %s on %s (%s, %s): weights+cache ready in %.1f s; KV cache %.0f MiB: %d blocks of %d tokens",
              directory.name, device, "nf4" if config.quantize else "dense", str(config.torch_dtype).split(".")[-1],
-             time.monotonic() - started, cache.size_bytes / 2**20, config.max_batch_size, max_seq_len)
+             time.monotonic() - started, cache.size_bytes / 2**20, pool.num_usable, cache.block_size)
     return ServingCore(engine, registry, RequestValidator(registry, tokenizer, max_seq_len, store, grammars,
                                                         model.args.vocab_size), metrics,
                        CallGate(config.admin_token, config.inference_token), directory.name, store)

@@ -63,12 +63,20 @@ def engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantization", choices=("nf4", "none"), help="default: nf4 on CUDA, none on CPU")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                         help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    parser.add_argument("--max-batch-size", type=int, default=16, help="requests decoding at once (default: %(default)s)")
+    parser.add_argument("--max-batch-size", type=int, default=256,
+                        help="requests (rows) in one forward pass (default: %(default)s)")
     parser.add_argument("--max-seq-len", type=int, default=2048, help="prompt + answer tokens (default: %(default)s)")
     parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before RESOURCE_EXHAUSTED "
                         "(default: %(default)s)")
-    parser.add_argument("--max-prefill-tokens", type=int, default=4096,
-                        help="padded prompt tokens per prefill pass (default: %(default)s)")
+    parser.add_argument("--max-tokens-per-pass", type=int, default=512,
+                        help="tokens of one forward pass: decode rows first, prompts in chunks in the rest "
+                        "(default: %(default)s)")
+    parser.add_argument("--kv-cache-memory", type=memory_amount, metavar="BYTES|SHARE",
+                        help="KV-cache size, e.g. 20GiB, or a share of free device memory, e.g. 0.9 "
+                        "(default: 0.9 on CUDA; on CPU room for 16 requests of --max-seq-len)")
+    parser.add_argument("--kv-block-size", type=int, default=16, help="tokens per KV-cache block (default: %(default)s)")
+    parser.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                        help="compute every prompt whole, keeping no blocks for later requests")
     parser.add_argument("--max-adapters", type=int, default=16,
                         help="adapters resident on the device at once; more can be registered (default: %(default)s)")
     parser.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank (default: %(default)s)")
@@ -87,6 +95,17 @@ def byte_count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size: give bytes, or a number with kB, MB, GB, "
                                          f"KiB, MiB or GiB")
     return int(float(found[1]) * _UNITS[found[2] or ""])
+
+
+def memory_amount(text: str) -> float:
+    """'0.9' -> a share of free memory (at most 1); '20GiB', '2147483648' -> bytes."""
+    try:
+        share = float(text)
+    except ValueError:
+        return byte_count(text)
+    if not 0 < share <= 1 and share != int(share):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a share of free memory in (0, 1], or bytes such as 20GiB")
+    return share
 
 
 def server_config(args: argparse.Namespace):

@@ -21,10 +21,13 @@ class ServerConfig:
     port: int = 50051
     metrics_port: int = 9464
     http_port: int | None = None           # OpenAI-compatible HTTP; None = off
-    max_batch_size: int = 16               # KV-cache slots: requests decoding at once
+    max_batch_size: int = 256              # requests (rows) in one forward pass
     max_seq_len: int = 2048                # prompt + output tokens of one request
     max_queue: int = 256                   # requests waiting for a slot before RESOURCE_EXHAUSTED
-    max_prefill_tokens: int = 4096         # padded prompt tokens in one prefill pass
+    max_tokens_per_pass: int = 512         # decode rows + prompt chunk tokens in one forward pass
+    kv_cache_memory: float | None = None   # bytes, or (<= 1) a share of free device memory; None: see kv_cache_bytes
+    kv_block_size: int = 16                # tokens per KV-cache block
+    prefix_cache: bool = True              # keep full blocks after their request and reuse them
     max_adapters: int = 16                 # adapters resident in device memory at once
     max_lora_rank: int = 64
     cuda_graphs: bool = True               # replay decode as CUDA graphs (CUDA only)
@@ -52,16 +55,17 @@ class ServerConfig:
                                  ("--max-queue", self.max_queue, 0), ("--max-adapters", self.max_adapters, 1),
                                  ("--max-lora-rank", self.max_lora_rank, 1),
                                  ("--nf4-kernel-max-rows", self.nf4_kernel_max_rows, 0),
-                                 ("--max-prefill-tokens", self.max_prefill_tokens, 1)):
+                                 ("--max-tokens-per-pass", self.max_tokens_per_pass, 1),
+                                 ("--kv-block-size", self.kv_block_size, 1)):
             if value < low:
                 raise ValueError(f"{flag} must be at least {low}, got {value}")
         if self.http_port is not None and not 0 <= self.http_port <= 65535:
             raise ValueError(f"--http-port must be between 0 and 65535, got {self.http_port}")
         if self.port > 65535 or self.metrics_port > 65535:
             raise ValueError("ports must be at most 65535")
-        if self.max_prefill_tokens < self.max_seq_len:
-            raise ValueError(f"--max-prefill-tokens ({self.max_prefill_tokens}) must hold one whole prompt "
-                             f"of --max-seq-len ({self.max_seq_len})")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"--kv-cache-memory must be bytes, or a share of free memory in (0, 1], "
+                             f"got {self.kv_cache_memory:g}")
         if not 0.1 <= self.canary_check_s <= 3600:
             raise ValueError(f"--canary-check-s must be between 0.1 and 3600 seconds, got {self.canary_check_s}")
         if not 0 <= self.drain_timeout <= 24 * 3600:
@@ -80,6 +84,13 @@ class ServerConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype] if self.dtype else (torch.bfloat16 if self.on_cuda else torch.float32)
+
+    def kv_cache_bytes(self, bytes_per_token: int) -> float:
+        """--kv-cache-memory, or its default: 90 % of free device memory on CUDA, room for 16 requests of
+        --max-seq-len on the CPU (where memory is shared with everything else)."""
+        if self.kv_cache_memory is not None:
+            return self.kv_cache_memory
+        return 0.9 if self.on_cuda else 16 * self.max_seq_len * bytes_per_token
 
     @property
     def quantize(self) -> bool:

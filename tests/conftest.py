@@ -94,6 +94,39 @@ def tiny_llama_checkpoint(directory: Path):
     return config
 
 
+def paged_sequences(runner, prompts: list[list[int]], lora_slots: list[int] | None = None,
+                    max_tokens: int = 8) -> list:
+    """Sequences for driving a ModelRunner directly, each with its own block table on a fresh pool over the
+    runner's cache (what the scheduler would hand out)."""
+    from server.engine.block_pool import BlockPool, BlockTable
+    from server.engine.sequence import SamplingParams, Sequence
+    from server.engine.text_stream import TextStream
+
+    pool = BlockPool(runner.cache.num_blocks, runner.cache.block_size)
+    seqs = [Sequence(p, SamplingParams(max_tokens=max_tokens), None, TextStream(None)) for p in prompts]
+    for seq, lora in zip(seqs, lora_slots or [0] * len(seqs)):
+        seq.blocks, seq.lora_slot = BlockTable(pool, b"base"), lora
+    return seqs
+
+
+def run_pass(runner, shares: list, fed=None, launch: bool = False):
+    """One pass of `n` more tokens of each (sequence, n), single tokens first as the scheduler orders them
+    -> the logits of the sequences that sample, in the order of `shares` (or, with `launch`, the launched
+    DecodePass, in the pass's order)."""
+    from server.engine.sequence import Work
+
+    work = sorted((Work(seq, seq.computed, seq.computed + n) for seq, n in shares), key=lambda w: w.length > 1)
+    for w in work:
+        assert w.seq.blocks.grow(w.end)
+    out = runner.launch(work, fed) if launch else runner.forward(work)
+    samplers = [w.seq for w in work if w.samples]
+    for w in work:
+        w.seq.computed = w.end
+    if launch:
+        return out
+    return out[[samplers.index(seq) for seq, _ in shares if seq in samplers]]
+
+
 def launch(command: list[str], ready: str, seconds: float,
            env: dict[str, str] | None = None) -> tuple[subprocess.Popen, list[str], re.Match]:
     """Starts a `cartridge` command and waits for the line that matches `ready`; its output is kept."""

@@ -7,13 +7,11 @@ import torch
 
 from server.lora.slots import AdapterSlots
 from server.engine.cuda_graphs import DecodeGraphs
-from server.model.kv_cache import KVCache
+from server.model.kv_cache import PagedKVCache
 from server.engine.runner import ModelRunner
-from server.engine.sampler import sample
-from server.engine.sequence import SamplingParams, Sequence
-from server.engine.text_stream import TextStream
+from server.engine.sequence import SamplingParams
 from server.model.weights import load_model
-from tests.conftest import tiny_llama_checkpoint
+from tests.conftest import paged_sequences, run_pass, tiny_llama_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
@@ -34,34 +32,27 @@ def test_graph_decode_matches_eager(tmp_path, quantize, kernels):
     slots.projections.update({1: frozenset({"q_proj", "v_proj", "down_proj"}), 2: frozenset({"q_proj", "v_proj", "down_proj"})})
 
     def runner(graphs: bool) -> ModelRunner:
-        cache = KVCache(3, 8, 128, 2, 64, torch.bfloat16, device)
+        # Blocks of 4 tokens: the requests' blocks interleave in the pool as they grow.
+        cache = PagedKVCache(3, 64, 4, 2, 64, torch.bfloat16, device)
         decode_graphs = None
         if graphs:
-            decode_graphs = DecodeGraphs(model, cache, 8, device)
-            # rows 1, 2, 4, 8 x context 128 x LoRA on none, attention or all projections, ahead of use
+            decode_graphs = DecodeGraphs(model, cache, 8, 32, 8, device)
+            # rows 1, 2, 4, 8 x tables of 32 blocks (128 tokens) x LoRA on none, attention or all projections
             assert decode_graphs.capture_all() == 12
         return ModelRunner(model, cache, slots, device, decode_graphs)
 
     eager, graphed = runner(False), runner(True)
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18], [19, 20, 21]]
-    lora_slots, kv_slots = [1, 0, 2, 1], [0, 1, 3, 5]                     # holes at cache slots 2 and 4
-
-    def sequences() -> list[Sequence]:
-        seqs = [Sequence(p, SamplingParams(max_tokens=8), None, TextStream(None)) for p in prompts]
-        for seq, lora, kv in zip(seqs, lora_slots, kv_slots):
-            seq.lora_slot, seq.kv_slot = lora, kv
-        return seqs
-
     runs = []
     for r in (eager, graphed):
-        seqs = sequences()
-        r.prefill(seqs)
+        seqs = paged_sequences(r, prompts, [1, 0, 2, 1])
+        run_pass(r, [(seq, len(seq.prompt_ids)) for seq in seqs])
         steps = []
         for step in range(6):
             active = seqs if step % 2 == 0 else seqs[:2]                 # the batch shrinks and grows again
             for seq in active:
                 seq.output_ids.append(30 + step)
-            steps.append(r.decode(active).float())
+            steps.append(run_pass(r, [(seq, 1) for seq in active]).float())
         runs.append(steps)
     for step, (want, got) in enumerate(zip(*runs)):
         assert torch.allclose(got, want, atol=3e-2, rtol=3e-2), f"step {step}: {(got - want).abs().max():.3e}"
@@ -84,23 +75,28 @@ def test_decode_launched_from_the_tokens_of_the_pass_in_flight_matches_one_at_a_
     slots.projections[1] = frozenset(stack.projection for stack in stacks.values())
 
     def generate(chained: bool) -> list[list[int]]:
-        cache = KVCache(3, 4, 128, 2, 64, torch.bfloat16, device)
-        graphs = DecodeGraphs(model, cache, 8, device)
+        cache = PagedKVCache(3, 32, 4, 2, 64, torch.bfloat16, device)
+        graphs = DecodeGraphs(model, cache, 4, 32, 8, device)
         graphs.capture_all()
         runner = ModelRunner(model, cache, slots, device, graphs)
+        seqs = paged_sequences(runner, [[5, 6, 7], [8, 9], [10]], [1, 0, 1], max_tokens=20)
         penalties = dict(frequency_penalty=1.5, repetition_penalty=1.3, logit_bias=((3, 2.0),)) if penalized else {}
-        seqs = [Sequence(p, SamplingParams(max_tokens=20, **(penalties if i != 1 else {})), None, TextStream(None))
-                for i, p in enumerate(([5, 6, 7], [8, 9], [10]))]
-        for seq, (lora, kv) in zip(seqs, [(1, 0), (0, 2), (1, 1)]):
-            seq.lora_slot, seq.kv_slot = lora, kv
-        for seq, token in zip(seqs, sample(runner.prefill(seqs), seqs, runner.penalties)[0]):
+        for row, seq in enumerate(seqs):
+            seq.params, seq.penalty_row = SamplingParams(max_tokens=20, **(penalties if row != 1 else {})), row
+        runner.penalties.admit(seqs, model.args.vocab_size)
+        first = run_pass(runner, [(s, len(s.prompt_ids)) for s in seqs], launch=True)
+        for seq, token in zip(first.seqs, runner.collect(first)[0]):
             seq.output_ids.append(token)
-        in_flight = runner.launch_decode(seqs)
+
+        def launch(fed=None):
+            return run_pass(runner, [(seq, 1) for seq in seqs], fed=fed, launch=True)
+
+        in_flight = launch()
         for _ in range(12):
-            following = runner.launch_decode(seqs, fed=in_flight) if chained else None
+            following = launch(fed=in_flight) if chained else None
             for seq, token in zip(seqs, runner.collect(in_flight)[0]):
                 seq.output_ids.append(token)
-            in_flight = following or runner.launch_decode(seqs)
+            in_flight = following or launch()
         return [seq.output_ids for seq in seqs]
 
     assert generate(chained=True) == generate(chained=False)

@@ -85,51 +85,62 @@ def test_rope_and_cache_write_matches_float64_reference(model):
 
     heads, kv_heads, head_dim, _ = SHAPES[model]
     generator = torch.Generator().manual_seed(1)
-    length = 200
+    length, num_blocks, block_size = 200, 40, 16
     for rows in (1, 5, 32):
-        positions, cos, sin = rope_tables(rows, head_dim, length, generator)
+        _, cos, sin = rope_tables(rows, head_dim, length, generator)
+        slots = torch.randperm(num_blocks * block_size, generator=generator)[:rows].to(DEVICE)   # anywhere in the pool
         # q|k|v as column slices of one fused projection output, as the model hands them over
         fused = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, generator=generator).to(torch.bfloat16).to(DEVICE)
         q, k, v = fused.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-        k_cache = torch.full((rows + 3, kv_heads, length, head_dim), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+        k_cache = torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"), dtype=torch.bfloat16,
+                             device=DEVICE)
         v_cache = k_cache.clone()
         poison_allocator()
-        q_out = rope_and_cache_write(q, k, v, positions, cos, sin, k_cache, v_cache)
+        q_out = rope_and_cache_write(q, k, v, slots, cos, sin, k_cache, v_cache)
         assert relative_error(q_out, rope_reference(q.view(rows, heads, head_dim), cos, sin)) < TOLERANCE
-        row_index = torch.arange(rows, device=DEVICE)
-        written_k = k_cache[row_index, :, positions]                                # [B, KV, D]
-        assert relative_error(written_k, rope_reference(k.view(rows, kv_heads, head_dim), cos, sin)) < TOLERANCE
-        assert torch.equal(v_cache[row_index, :, positions], v.reshape(rows, kv_heads, head_dim))
-        k_cache[row_index, :, positions] = 0
-        v_cache[row_index, :, positions] = 0
-        assert k_cache.isnan().sum() == k_cache.numel() - rows * kv_heads * head_dim, "wrote outside (row, position)"
+        k_flat, v_flat = k_cache.view(-1, kv_heads, head_dim), v_cache.view(-1, kv_heads, head_dim)
+        assert relative_error(k_flat[slots], rope_reference(k.view(rows, kv_heads, head_dim), cos, sin)) < TOLERANCE
+        assert torch.equal(v_flat[slots], v.reshape(rows, kv_heads, head_dim))
+        k_flat[slots] = 0
+        v_flat[slots] = 0
+        assert k_cache.isnan().sum() == k_cache.numel() - rows * kv_heads * head_dim, "wrote outside the rows' slots"
         assert v_cache.isnan().sum() == v_cache.numel() - rows * kv_heads * head_dim
 
 
 @pytest.mark.parametrize("model", SHAPES)
-def test_decode_attention_matches_float64_softmax(model):
+@pytest.mark.parametrize("block_size", [16, 5])
+def test_paged_decode_attention_matches_float64_softmax(model, block_size):
+    """Each row's tokens in blocks scattered over the pool, in its block table's order."""
     from server.kernels.decode_attention import decode_attention
 
     heads, kv_heads, head_dim, _ = SHAPES[model]
     generator = torch.Generator().manual_seed(2)
     length, group = 300, heads // kv_heads                 # 300: not a multiple of any block
+    max_blocks = -(-length // block_size)
     for rows in (1, 5, 32):
         positions = torch.randint(0, length, (rows,), generator=generator)
         positions[0], positions[-1] = 0, length - 1
+        num_blocks = 1 + rows * max_blocks                 # block 0: NaN, what unused table entries point to
+        tables = torch.zeros(rows + 2, max_blocks, dtype=torch.int32)
+        tables[:rows] = (1 + torch.randperm(rows * max_blocks, generator=generator)).view(rows, max_blocks)
         q = torch.randn(rows, heads, head_dim, generator=generator).to(torch.bfloat16).to(DEVICE)
-        k_cache = torch.randn(rows + 2, kv_heads, length, head_dim, generator=generator).to(torch.bfloat16)
-        v_cache = torch.randn(rows + 2, kv_heads, length, head_dim, generator=generator).to(torch.bfloat16)
+        k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=generator).to(torch.bfloat16)
+        v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=generator).to(torch.bfloat16)
         want = torch.empty(rows, heads, head_dim, dtype=torch.float64)
         for b, p in enumerate(positions.tolist()):
-            keys = k_cache[b, :, :p + 1].double().repeat_interleave(group, dim=0)     # [H, p+1, D]
-            values = v_cache[b, :, :p + 1].double().repeat_interleave(group, dim=0)
-            scores = (keys @ q[b].cpu().double()[:, :, None]).squeeze(-1) * head_dim ** -0.5
-            want[b] = (scores.softmax(-1)[:, None, :] @ values).squeeze(1)
-            # Positions past the row's own may hold anything (a longer earlier request's keys): never read.
-            k_cache[b, :, p + 1:] = float("nan")
-            v_cache[b, :, p + 1:] = float("nan")
+            used = p // block_size + 1
+            keys = k_cache[tables[b, :used].long()].flatten(0, 1)[:p + 1].double()      # [p+1, KV, D]
+            values = v_cache[tables[b, :used].long()].flatten(0, 1)[:p + 1].double()
+            keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+            scores = torch.einsum("lhd,hd->hl", keys, q[b].cpu().double()) * head_dim ** -0.5
+            want[b] = torch.einsum("hl,lhd->hd", scores.softmax(-1), values)
+            # Past the row's position its blocks may hold anything (a longer earlier request's keys): never read.
+            k_cache.view(-1, kv_heads, head_dim)[tables[b, p // block_size].long() * block_size + p % block_size + 1:
+                                                 (tables[b, p // block_size].long() + 1) * block_size] = float("nan")
+            tables[b, used:] = 0
+        k_cache[0], v_cache[0] = float("nan"), float("nan")
         poison_allocator()
-        out = decode_attention(q, k_cache.to(DEVICE), v_cache.to(DEVICE), positions.to(DEVICE))
+        out = decode_attention(q, k_cache.to(DEVICE), v_cache.to(DEVICE), tables.to(DEVICE), positions.to(DEVICE))
         assert not out.isnan().any(), f"{model} rows={rows}: read past a row's position, or left output unwritten"
         assert relative_error(out.cpu(), want) < TOLERANCE, f"{model} rows={rows}: {relative_error(out.cpu(), want):.2e}"
 
@@ -161,14 +172,13 @@ def test_fused_nf4_weights_equal_each_weight_alone(rows, kernel_max_rows):
 @needs_cuda
 @pytest.mark.parametrize("quantize", [True, False])
 def test_model_through_kernels_matches_plain_torch(tmp_path, quantize):
-    """Prefill and decode of mixed adapters (ranks 8 and 4, base rows between), same tokens fed to both."""
+    """Prefill chunks and decode rows of mixed adapters (ranks 8 and 4, base rows between), in mixed passes,
+    same tokens fed to both."""
     from server.lora.slots import AdapterSlots
-    from server.model.kv_cache import KVCache
+    from server.model.kv_cache import PagedKVCache
     from server.engine.runner import ModelRunner
-    from server.engine.sequence import SamplingParams, Sequence
-    from server.engine.text_stream import TextStream
     from server.model.weights import load_model
-    from tests.conftest import tiny_llama_checkpoint
+    from tests.conftest import paged_sequences, run_pass, tiny_llama_checkpoint
 
     config = tiny_llama_checkpoint(tmp_path)
     targets = frozenset({"q_proj", "v_proj", "up_proj", "down_proj"})
@@ -187,16 +197,15 @@ def test_model_through_kernels_matches_plain_torch(tmp_path, quantize):
         slots = AdapterSlots(stacks, 3)
         slots.ranks.update({1: 8, 2: 4})
         slots.projections.update({1: targets, 2: targets})
-        cache = KVCache(3, 4, 64, 2, 64, torch.bfloat16, torch.device("cuda"))
+        cache = PagedKVCache(3, 32, 4, 2, 64, torch.bfloat16, torch.device("cuda"))
         runner = ModelRunner(model, cache, slots, torch.device("cuda"))
-        seqs = [Sequence(p, SamplingParams(max_tokens=8), None, TextStream(None)) for p in prompts]
-        for seq, lora, kv_slot in zip(seqs, [1, 0, 2], [2, 0, 1]):
-            seq.lora_slot, seq.kv_slot = lora, kv_slot
-        out = [runner.prefill(seqs)]
+        seqs = paged_sequences(runner, prompts, [1, 0, 2])
+        out = [run_pass(runner, [(seqs[0], 5), (seqs[1], 2), (seqs[2], 3)])]         # the third's prompt in 2 chunks
         for tokens in steps:
             for seq, token in zip(seqs, tokens):
                 seq.output_ids.append(token)
-            out.append(runner.decode(seqs))
+            # the third: its last 4 prompt tokens and a fed token, beside the others' decode rows; then one each
+            out.append(run_pass(runner, [(seq, seq.num_tokens - seq.computed) for seq in seqs]))
         return out
 
     for step, (ours, torch_path) in enumerate(zip(logits(True), logits(False))):

@@ -38,7 +38,7 @@ STREAM = "/cartridge.v1.Inference/GenerateStream"
 @pytest.fixture(scope="module")
 def server():
     # A short context keeps every request that passes validation to a few decode steps.
-    proc = start_server("--max-batch-size", "8", "--max-seq-len", "40", "--max-prefill-tokens", "320",
+    proc = start_server("--max-batch-size", "8", "--max-seq-len", "40",
                         "--max-adapters", "2", "--max-lora-rank", "8", "--adapter", f"records={EXAMPLE_ADAPTER}")
     yield proc
     proc.stop()

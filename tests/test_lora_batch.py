@@ -45,14 +45,15 @@ def reference(x: torch.Tensor, row_slots: list[int], weights: dict) -> torch.Ten
 
 
 @pytest.mark.parametrize("kind", ["same", "distinct", "with_base", "zipf"])
-@pytest.mark.parametrize("prefill", [True, False])
-def test_batched_delta_matches_a_loop_over_rows(kind, prefill):
+@pytest.mark.parametrize("prefill, segments", [(True, True), (False, True), (False, False)])
+def test_batched_delta_matches_a_loop_over_rows(kind, prefill, segments):
+    """Per-row gathers (BGMV) take one token a row; segments (SGMV) any rows, prompt runs and decode tokens mixed."""
     stack, weights = make_stack()
     rows = 9
     row_slots = spread(kind, rows)
     x = torch.randn(rows, 5 if prefill else 1, IN)
     batch = LoraBatch.build(row_slots, RANKS, {s: frozenset({"q_proj"}) for s in RANKS}, x.shape[1],
-                            torch.device("cpu"))
+                            torch.device("cpu"), segments=segments)
     base = torch.randn(rows, x.shape[1], OUT)
     out = stack.add_delta(base.clone(), x, batch)
     want = base.double() + reference(x, row_slots, weights)

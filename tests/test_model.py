@@ -1,38 +1,36 @@
 """Our model runner against transformers' LlamaForCausalLM on the embedded default model."""
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoConfig
 
 from server.lora.slots import AdapterSlots
-from server.model.kv_cache import KVCache
+from server.model.kv_cache import PagedKVCache
 from server.engine.runner import ModelRunner
-from server.engine.sequence import SamplingParams, Sequence
-from server.engine.text_stream import TextStream
 from server.model.weights import load_model
 
-from .conftest import PROMPT
+from .conftest import PROMPT, paged_sequences, run_pass
 
 
-def build_runner(base_dir, quantize: bool, dtype: torch.dtype) -> ModelRunner:
+def build_runner(base_dir, quantize: bool, dtype: torch.dtype, block_size: int = 16) -> ModelRunner:
     config = AutoConfig.from_pretrained(base_dir)
     model, stacks = load_model(base_dir, config, dtype, torch.device("cpu"), quantize, num_lora_slots=2,
                                max_lora_rank=8)
-    cache = KVCache(model.args.n_layers, 4, 128, model.args.n_kv_heads, model.args.head_dim, dtype, torch.device("cpu"))
+    cache = PagedKVCache(model.args.n_layers, 64, block_size, model.args.n_kv_heads, model.args.head_dim, dtype,
+                         torch.device("cpu"))
     return ModelRunner(model, cache, AdapterSlots(stacks, 1), torch.device("cpu"))
 
 
 def run_steps(runner: ModelRunner, prompts: list[list[int]], continuations: list[list[int]]) -> list[torch.Tensor]:
     """Prefill the prompts together, then feed the given continuation tokens one step at a time;
     returns each step's logits [n, vocab]."""
-    seqs = [Sequence(p, SamplingParams(max_tokens=8), None, TextStream(None)) for p in prompts]
-    for slot, seq in enumerate(seqs):
-        seq.kv_slot = slot
-    steps = [runner.prefill(seqs)]
+    seqs = paged_sequences(runner, prompts)
+    steps = [run_pass(runner, [(seq, len(seq.prompt_ids)) for seq in seqs])]
     for i in range(len(continuations[0])):
         for seq, cont in zip(seqs, continuations):
             seq.output_ids.append(cont[i])
-        steps.append(runner.decode(seqs))
+        steps.append(run_pass(runner, [(seq, 1) for seq in seqs]))
     return steps
 
 
@@ -53,6 +51,27 @@ def test_logits_match_transformers_in_float32(base_dir, base_model, tokenizer):
             want = expected[len(prompt) - 1 + step]
             assert torch.allclose(logits[row], want, atol=2e-3, rtol=1e-4), \
                 f"row {row} step {step}: max diff {(logits[row] - want).abs().max():.2e}"
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_chunked_prefill_beside_decode_rows_matches_transformers(base_dir, base_model, tokenizer, chunk):
+    """A prompt computed `chunk` tokens a pass, in blocks of 4 tokens, in the same passes as another request's
+    decode rows: every sampled row's logits are transformers' for the same tokens."""
+    runner = build_runner(base_dir, quantize=False, dtype=torch.float32, block_size=4)
+    long = tokenizer.encode(PROMPT + " Water them, feed the soil, and give them sun.")
+    short = tokenizer.encode("Paris is the capital of")
+    seqs = paged_sequences(runner, [short, long])
+    run_pass(runner, [(seqs[0], len(short))])
+    decoded = [2136, 30, 198, 11, 260, 1345, 28, 29, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42]
+    want_short = reference_logits(base_model, short + decoded)
+    step = 0
+    while seqs[1].computed < len(long):
+        seqs[0].output_ids.append(decoded[step])
+        logits = run_pass(runner, [(seqs[0], 1), (seqs[1], min(chunk, len(long) - seqs[1].computed))])
+        assert torch.allclose(logits[0], want_short[len(short) + step], atol=2e-3, rtol=1e-4), f"decode row, step {step}"
+        step += 1
+    assert logits.shape[0] == 2, "the prompt's last chunk samples"
+    assert torch.allclose(logits[1], reference_logits(base_model, long)[-1], atol=2e-3, rtol=1e-4)
 
 
 def test_nf4_logits_match_transformers_bitsandbytes(base_dir, tokenizer):

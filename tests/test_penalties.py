@@ -29,8 +29,8 @@ def reference(logits: list[float], params: SamplingParams, prompt: list[int], ge
 
 def make_rows(rng: random.Random) -> list[Sequence]:
     rows = []
-    for slot in range(6):
-        penalized = slot % 3 != 0          # rows 0 and 3 ask for nothing: they must stay untouched
+    for row in range(6):
+        penalized = row % 3 != 0           # rows 0 and 3 ask for nothing: they must stay untouched
         params = SamplingParams(
             max_tokens=8,
             presence_penalty=rng.uniform(-2, 2) if penalized else 0.0,
@@ -38,7 +38,7 @@ def make_rows(rng: random.Random) -> list[Sequence]:
             repetition_penalty=rng.uniform(0.5, 2.0) if penalized else 1.0,
             logit_bias=tuple((t, rng.uniform(-100, 100)) for t in rng.sample(range(VOCAB), 5)) if penalized else ())
         seq = Sequence([rng.randrange(VOCAB) for _ in range(rng.randrange(1, 12))], params, None, None)
-        seq.kv_slot = 5 - slot              # slots in another order than rows
+        seq.penalty_row = 5 - row          # table rows in another order than batch rows
         rows.append(seq)
     return rows
 
@@ -47,7 +47,7 @@ def test_bias_and_penalties_match_the_reference_row_by_row_and_leave_other_rows_
     rng = random.Random(7)
     torch.manual_seed(7)
     seqs = make_rows(rng)
-    penalties = Penalties(num_slots=6, device=torch.device("cpu"))
+    penalties = Penalties(num_rows=6, device=torch.device("cpu"))
     penalties.admit(seqs, VOCAB)
     generated = [[] for _ in seqs]
     for _ in range(5):       # a few steps of sampled tokens, some repeated, counted as the sampler counts them
@@ -68,24 +68,37 @@ def test_bias_and_penalties_match_the_reference_row_by_row_and_leave_other_rows_
             assert torch.equal(applied[row], logits[row])
 
 
-def test_a_slot_reused_by_a_new_request_starts_with_no_counts_and_its_own_prompt():
+def test_a_row_reused_by_a_new_request_starts_with_no_counts_and_its_own_prompt():
     rng = random.Random(3)
     seqs = make_rows(rng)
-    penalties = Penalties(num_slots=6, device=torch.device("cpu"))
+    penalties = Penalties(num_rows=6, device=torch.device("cpu"))
     penalties.admit(seqs, VOCAB)
     penalties.record(seqs, torch.arange(len(seqs)))
     fresh = Sequence([1, 2], SamplingParams(max_tokens=4, frequency_penalty=1.0, repetition_penalty=2.0), None, None)
-    fresh.kv_slot = seqs[1].kv_slot
+    fresh.penalty_row = seqs[1].penalty_row
     penalties.admit([fresh], VOCAB)
     logits = torch.full((1, VOCAB), 3.0)
     want = reference([3.0] * VOCAB, fresh.params, fresh.prompt_ids, [])
     torch.testing.assert_close(penalties.apply(logits, [fresh])[0].double(), torch.tensor(want, dtype=torch.float64))
 
 
+def test_a_preempted_request_admitted_again_in_another_row_counts_what_it_generated():
+    seq = Sequence([4, 5], SamplingParams(max_tokens=8, presence_penalty=0.5, frequency_penalty=1.0,
+                                          repetition_penalty=1.5), None, None)
+    seq.output_ids = [7, 7, 9]          # generated before its preemption
+    seq.penalty_row = 2
+    penalties = Penalties(num_rows=3, device=torch.device("cpu"))
+    penalties.admit([seq], VOCAB)
+    logits = torch.randn(1, VOCAB) * 5
+    want = reference(logits[0].double().tolist(), seq.params, seq.prompt_ids, seq.output_ids)
+    torch.testing.assert_close(penalties.apply(logits, [seq])[0].double(), torch.tensor(want, dtype=torch.float64),
+                               rtol=1e-5, atol=1e-4)
+
+
 def test_the_sampler_counts_its_own_tokens_so_greedy_with_a_frequency_penalty_does_not_repeat():
     seq = Sequence([0], SamplingParams(max_tokens=8, frequency_penalty=2.0), None, None)
-    seq.kv_slot = 0
-    penalties = Penalties(num_slots=1, device=torch.device("cpu"))
+    seq.penalty_row = 0
+    penalties = Penalties(num_rows=1, device=torch.device("cpu"))
     penalties.admit([seq], VOCAB)
     logits = torch.zeros(1, VOCAB)
     logits[0, :4] = torch.tensor([1.0, 0.5, 0.2, 0.1])    # without the penalty, greedy picks 0 every time

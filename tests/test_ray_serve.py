@@ -56,7 +56,7 @@ def start_serve_ray(*flags: str) -> RayServer:
     http_port, grpc_port = free_port(), free_port()
     command = [sys.executable, "-m", "client.cli", "serve-ray", "--replicas", "2", *flags,
                "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--max-batch-size", "4",
-               "--max-seq-len", "256", "--max-prefill-tokens", "1024", "--max-adapters", "3", "--max-lora-rank", "8"]
+               "--max-seq-len", "256", "--max-adapters", "3", "--max-lora-rank", "8"]
     process, lines, _ = launch(command, "cartridge: Ray Serve with", 240, env={"RAY_DEDUP_LOGS": "0"})
     return RayServer(process, f"http://127.0.0.1:{http_port}/v1", f"127.0.0.1:{grpc_port}", lines)
 

@@ -251,14 +251,15 @@ def test_health_reflection_and_metrics(server, client):
 
 
 def test_device_memory_is_split_into_base_weights_lora_slots_and_kv_cache(server, base_dir):
-    """For the fixture's flags: 8 KV slots of 512 tokens, 4 adapter slots (+ the base's) of rank 16, float32."""
+    """For the fixture's flags: the CPU's default KV cache (room for 16 requests of --max-seq-len 512 tokens),
+    4 adapter slots (+ the base's) of rank 16, float32."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(base_dir)
     text = urllib.request.urlopen(server.metrics_url).read().decode()
     parts = {m[1]: float(m[2]) for m in re.finditer(r'^cartridge_device_memory_bytes\{part="(\w+)"\} (\S+)', text, re.M)}
     head_dim = config.hidden_size // config.num_attention_heads
-    kv = config.num_hidden_layers * 2 * 8 * config.num_key_value_heads * 512 * head_dim * 4
+    kv = config.num_hidden_layers * 2 * 16 * config.num_key_value_heads * 512 * head_dim * 4
     hidden, inner, kv_width = config.hidden_size, config.intermediate_size, config.num_key_value_heads * head_dim
     in_plus_out = 2 * (hidden + hidden) + 2 * (hidden + kv_width) + 3 * (hidden + inner)   # q o, k v, gate up down
     lora = config.num_hidden_layers * in_plus_out * 16 * 5 * 4

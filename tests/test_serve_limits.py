@@ -121,7 +121,8 @@ def test_router_metrics_show_running_and_waiting_adapters(client, server):
         running.close()
         assert waiting.result().completion_tokens == 2
     assert re.search(r"^cartridge_requests_running 1\.0$", text, re.M)
-    assert re.search(r"^cartridge_kv_cache_usage_ratio 1\.0$", text, re.M)
+    assert float(re.search(r"^cartridge_kv_cache_usage_ratio (\S+)$", text, re.M)[1]) > 0   # the running one's blocks
+    assert float(re.search(r"^cartridge_kv_cache_blocks_in_use (\S+)$", text, re.M)[1]) >= 1
     info = re.search(r"^cartridge_lora_requests_info\{(.*)\} (\S+)$", text, re.M)
     assert dict(re.findall(r'(\w+)="([^"]*)"', info[1])) == \
         {"running_lora_adapters": "qv8", "waiting_lora_adapters": "mlp4", "max_lora": "1"}

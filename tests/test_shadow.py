@@ -117,7 +117,7 @@ def test_a_shadow_leaves_answers_alone_and_records_pairs(store):
 
 
 def test_shadow_rows_give_way_to_live_ones_and_are_counted_when_shed(store):
-    """4 KV slots for 16 streams: live rows always wait, so shadow rows are shed, each pair either recorded or
+    """4 rows for 16 streams: live rows always wait, so shadow rows are shed, each pair either recorded or
     its shadow row counted shed, and the callers' answers are still the live version's alone."""
     keys = KEYS[:32]
     shadowed = [k for k in keys if routes_to_canary("legal", 2, 50, k)]
@@ -132,7 +132,7 @@ def test_shadow_rows_give_way_to_live_ones_and_are_counted_when_shed(store):
         wait_for(lambda: sum(shadow_counts(server, "v2").get(k, 0) for k in ("pairs", "shed")) == len(shadowed),
                  "every shadowed request recorded or shed", seconds=30)
         counts = shadow_counts(server, "v2")
-        print(f"4 slots, 16 streams, 50% shadow: {counts.get('pairs', 0):.0f} pairs, {counts['shed']:.0f} shed")
+        print(f"4 rows, 16 streams, 50% shadow: {counts.get('pairs', 0):.0f} pairs, {counts['shed']:.0f} shed")
         assert counts["shed"] > 0 and counts.get("pairs", 0) + counts["shed"] == len(shadowed), counts
     finally:
         server.stop()

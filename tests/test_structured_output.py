@@ -208,7 +208,10 @@ def test_chat_top_logprobs_are_sorted_and_hold_the_sampled_token_streamed_or_not
     chunks = list(api.chat.completions.create(model="records", messages=[{"role": "user", "content": "Name a city."}],
                                               stream=True, **fields))
     streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
-    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    # The second call finds the first's prompt blocks in the prefix cache and computes only the rest: the same
+    # tokens, with logprobs equal to float32 rounding (another split of the same sums).
+    assert [t.token for t in streamed] == [t.token for t in content]
+    assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(streamed, content))
 
 
 def test_logprobs_under_a_grammar_put_all_mass_on_allowed_tokens(api):

@@ -2,19 +2,17 @@
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from concurrent.futures import Future
-from typing import Callable
 
 from ..lora.registry import AdapterRegistry, RegisteredAdapter
 from ..errors import ResourceExhausted, ServingError
+from .adapter_jobs import AdapterJobs
 from .metrics import ServerMetrics
 from .runner import DecodePass, ModelRunner
-from .sampler import sample
 from .scheduler import Scheduler
-from .sequence import Event, FinishReason, Sequence, TokenLogprob
+from .sequence import Event, FinishReason, Sequence, TokenLogprob, Work
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +27,7 @@ class Engine:
         self._abort: ServingError | None = None
         self._ready_at: float | None = None     # when the last pass's tokens reached the host, while busy
         self._in_flight: DecodePass | None = None
-        # Work on the adapter slots from other threads, run between steps; a job returns False to run again.
-        self._jobs: queue.SimpleQueue[Callable[[], bool]] = queue.SimpleQueue()
+        self.adapter_jobs = AdapterJobs(registry, scheduler.adapter_slots, self._wake.set)
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
     def start(self) -> None:
@@ -42,8 +39,8 @@ class Engine:
         self._thread.join()
 
     def submit(self, seq: Sequence) -> None:
-        """Queues a request (RESOURCE_EXHAUSTED when the queue is full); events arrive on seq.events.
-        Every edge submits here, so every request holds its adapter version until it ends."""
+        """Queues a request and its forks (n > 1; RESOURCE_EXHAUSTED when the queue is full); events arrive on
+        seq.events. Every edge submits here, so every choice holds its adapter version until it ends."""
         choices = (seq, *seq.forks)
         if seq.adapter is not None:
             held = 0
@@ -92,73 +89,22 @@ class Engine:
         self._wake.set()
 
     def pin(self, adapter: RegisteredAdapter) -> Future:
-        """Resolves once `adapter` holds a device slot for good (at once, or when a running request frees one)."""
-        done: Future = Future()
-
-        def job() -> bool:
-            if self.registry.is_current(adapter):   # not replaced or unregistered while it waited
-                try:
-                    self.registry.hold(adapter)      # its weights stay on the host while they are copied
-                except ServingError as err:
-                    done.set_exception(err)
-                    return True
-                try:
-                    if not self.scheduler.adapter_slots.pin(adapter):
-                        return False
-                finally:
-                    self.registry.drop_hold(adapter)
-            done.set_result(None)
-            return True
-        self._on_engine_thread(job)
-        return done
+        """Resolves once `adapter` holds a device slot for good (AdapterJobs.pin)."""
+        return self.adapter_jobs.pin(adapter)
 
     def warm(self, adapter: RegisteredAdapter) -> Future:
-        """Resolves True once `adapter`, read but not yet visible to requests, sits in an idle device slot,
-        so its first request copies nothing; False when running requests hold every slot."""
-        done: Future = Future()
-
-        def job() -> bool:
-            slots = self.scheduler.adapter_slots
-            try:
-                # Under --max-host-adapter-bytes its host copy may be gone already: its first request reads it.
-                if adapter.weights is not None and slots.can_acquire(adapter):
-                    slots.free(slots.acquire(adapter))
-                    done.set_result(True)
-                else:
-                    done.set_result(False)
-            except Exception as err:  # noqa: BLE001 - the caller keeps the old version serving
-                done.set_exception(err)
-            return True
-        self._on_engine_thread(job)
-        return done
+        """Resolves True once `adapter` sits in an idle device slot (AdapterJobs.warm)."""
+        return self.adapter_jobs.warm(adapter)
 
     def discard(self, adapter: RegisteredAdapter) -> None:
         """A replaced or unregistered version gives up its pin and, once idle, its slot, and its metric
         series once nothing uses them."""
-        self._on_engine_thread(lambda: self.scheduler.adapter_slots.discard(adapter) or True)
+        self.adapter_jobs.discard(adapter)
         self._forget_if_unused(adapter)
-
-    def _on_engine_thread(self, job: Callable[[], bool]) -> None:
-        self._jobs.put(job)
-        self._wake.set()
-
-    def _run_jobs(self) -> bool:
-        """Runs queued jobs; True if some must run again."""
-        again = []
-        while not self._jobs.empty():
-            job = self._jobs.get()
-            try:
-                if not job():
-                    again.append(job)
-            except Exception:  # noqa: BLE001 - a failed job must not stop the engine
-                log.exception("adapter slot job failed")
-        for job in again:
-            self._jobs.put(job)
-        return bool(again)
 
     def _loop(self) -> None:
         while not self._stopping:
-            retry = self._run_jobs()
+            retry = self.adapter_jobs.run()
             if not self.scheduler.running and not self.scheduler.waiting:
                 self._settle()           # a pass launched for requests that have all ended since
                 self._ready_at = None
@@ -181,29 +127,30 @@ class Engine:
             self.metrics.shadows.count_shed(seq)
         for seq in self.scheduler.take_cancelled():
             self._finish(seq, FinishReason.CANCELLED)
-        admitted = self.scheduler.schedule()
-        if admitted:
+        previous = self._in_flight
+        # A row with a grammar needs its last token accepted before its next mask: no chaining then.
+        work = None
+        if previous is not None and self.runner.can_chain and not any(s.grammar is not None for s in previous.seqs):
+            work = self.scheduler.chain(previous.seqs)
+        if work is None:
+            previous = None
             self._settle()
-            self._run_prefill(admitted)
-        decoding = list(self.scheduler.running)
-        if decoding:
-            self.metrics.decode_batch.observe(len(decoding))
-            previous = self._in_flight
-            # A row with a grammar needs its last token accepted before its next mask: no chaining then.
-            chained = (previous is not None and previous.seqs == decoding and self.runner.can_chain
-                       and not any(s.grammar is not None for s in decoding))
-            if not chained:
-                self._settle()
-                decoding = list(self.scheduler.running)     # less whatever that pass finished
-            if decoding:
-                self._in_flight = self._launch(decoding, previous if chained else None)
-            if chained:
-                self._settle(previous)
-            if not self.runner.can_chain:
-                self._settle()
+            plan = self.scheduler.schedule()
+            work = plan.work
+            self.metrics.observe_plan(plan)
+            for seq in plan.preempted:
+                log.info("preempted request %d (%d tokens) for lack of KV-cache blocks; it runs again from the "
+                         "head of the queue", seq.id, seq.num_tokens)
+        if work:
+            self.metrics.decode_batch.observe(len(work))
+            self._in_flight = self._launch(work, previous)
+        if previous is not None:
+            self._settle(previous)
+        if not self.runner.can_chain:
+            self._settle()
         self.metrics.observe_schedule(self.scheduler)
-        if not admitted and not decoding and self.scheduler.waiting:
-            # Everyone waiting needs an adapter slot that running requests still hold.
+        if not work and self.scheduler.waiting:
+            # Everyone waiting needs an adapter slot, or blocks, that running requests still hold.
             self._wake.wait(0.005)
             self._wake.clear()
 
@@ -220,25 +167,18 @@ class Engine:
             if seq.finish_reason is None:
                 self._finish(seq, None, error=ServingError("the server failed while running this request"))
 
-    def _run_prefill(self, seqs: list[Sequence]) -> None:
+    def _launch(self, work: list[Work], fed: DecodePass | None) -> DecodePass | None:
         self._observe_host_gap()
         try:
-            tokens, logprobs = sample(self.runner.prefill(seqs), seqs, self.runner.penalties)
+            launched = self.runner.launch(work, fed)
         except Exception:  # noqa: BLE001 - a failed pass fails its requests, not the server
-            self._fail(seqs)
-            return
-        self._advance_all(seqs, tokens, logprobs)
-
-    def _launch(self, seqs: list[Sequence], fed: DecodePass | None) -> DecodePass | None:
-        self._observe_host_gap()
-        try:
-            return self.runner.launch_decode(seqs, fed)
-        except Exception:  # noqa: BLE001
-            self._fail(seqs)
+            self._fail([w.seq for w in work])
             return None
+        self.scheduler.advance(work)
+        return launched
 
     def _settle(self, decode_pass: DecodePass | None = None) -> None:
-        """Waits for a launched decode pass (default: the one in flight) and advances its requests."""
+        """Waits for a launched pass (default: the one in flight) and advances its requests."""
         if decode_pass is None:
             decode_pass, self._in_flight = self._in_flight, None
         if decode_pass is None:

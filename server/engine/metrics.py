@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metr
 from prometheus_client.core import GaugeMetricFamily
 
 from .feedback import FeedbackBook
-from .scheduler import Scheduler
+from .scheduler import Plan, Scheduler
 from .shadow import ShadowMetrics
 from .sequence import Sequence
 from .version_metrics import LATENCY_BUCKETS as _LATENCY_BUCKETS, TOKEN_BUCKETS as _TOKEN_BUCKETS, VersionMetrics
@@ -97,16 +97,26 @@ class ServerMetrics:
         self.generated_tokens = Counter("cartridge_generated_tokens", "Tokens generated", ["adapter"], registry=r)
         self.running = Gauge("cartridge_requests_running", "Requests decoding now", registry=r)
         self.waiting = Gauge("cartridge_requests_waiting", "Requests queued for a slot", registry=r)
-        self.decode_batch = Histogram("cartridge_decode_batch_size", "Requests advanced together by one decode pass",
-                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.decode_batch = Histogram("cartridge_decode_batch_size", "Requests advanced together by one forward pass",
+                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.host_gap = Histogram("cartridge_engine_host_gap_seconds",
                                   "From one pass's tokens reaching the host to the next pass's launch, while work "
                                   "waits: host time the device is not busy", registry=r,
                                   buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1))
         self.adapters_resident = Gauge("cartridge_adapters_resident", "Adapters loaded in device slots", registry=r)
         self.kv_cache_usage = Gauge("cartridge_kv_cache_usage_ratio",
-                                    "Share of KV-cache slots held by running requests (0 to 1); each request "
-                                    "reserves a whole slot, so at 1 new requests wait", registry=r)
+                                    "Share of KV-cache blocks held by running requests (0 to 1); free cached "
+                                    "blocks count as free", registry=r)
+        self.kv_blocks_in_use = Gauge("cartridge_kv_cache_blocks_in_use", "KV-cache blocks held by running requests",
+                                      registry=r)
+        self.prefix_cached_blocks = Gauge("cartridge_prefix_cache_blocks", "Full KV-cache blocks findable by their "
+                                          "prefix (held or free)", registry=r)
+        self.prefix_hit_tokens = Counter("cartridge_prefix_cache_hit_tokens", "Tokens of admitted requests found in "
+                                         "the prefix cache, not computed", registry=r)
+        self.prefix_query_tokens = Counter("cartridge_prefix_cache_query_tokens", "Tokens of admitted requests "
+                                           "looked up in the prefix cache (hit ratio: hit / query)", registry=r)
+        self.preemptions = Counter("cartridge_preemptions", "Requests preempted for lack of KV-cache blocks, to be "
+                                   "computed again", registry=r)
         self.device_memory = Gauge("cartridge_device_memory_bytes", "Device memory reserved at start, by part: "
                                    "base_weights, lora_slots (every adapter slot), kv_cache", ["part"], registry=r)
         self._lora_info = _LoraInfoCollector(max_lora)
@@ -148,11 +158,19 @@ class ServerMetrics:
         """Called by the engine after every step."""
         self.running.set(len(scheduler.running))
         self.waiting.set(scheduler.num_waiting)
-        self.kv_cache_usage.set(len(scheduler.running) / scheduler.num_kv_slots)
+        pool = scheduler.pool
+        self.kv_cache_usage.set(pool.num_in_use / pool.num_usable)
+        self.kv_blocks_in_use.set(pool.num_in_use)
+        self.prefix_cached_blocks.set(pool.num_cached)
         self.adapters_resident.set(scheduler.adapter_slots.num_resident)
         running, waiting = scheduler.adapter_names()
         if (running, waiting) != self._lora_info.snapshot[1:]:
             self._lora_info.snapshot = (time.time(), running, waiting)
+
+    def observe_plan(self, plan: Plan) -> None:
+        self.preemptions.inc(len(plan.preempted))
+        self.prefix_hit_tokens.inc(plan.cached_tokens)
+        self.prefix_query_tokens.inc(plan.looked_up_tokens)
 
     def forget_adapter(self, name: str) -> None:
         """Removes every series labelled with an unregistered adapter, so labels stay bounded."""

@@ -1,4 +1,4 @@
-"""Prompt logprobs (completions' `echo` with `logprobs`), from the prefill pass itself.
+"""Prompt logprobs (completions' `echo` with `logprobs`), from the passes over the prompt themselves.
 
 Each prompt token after the first gets the log-softmax, at the position before it, of the model's raw
 logits (no temperature, penalty or grammar: none applies to a prompt), and its `k` likeliest
@@ -15,28 +15,30 @@ from .sequence import Sequence, TokenLogprob
 CHUNK = 512
 
 
-def prompt_logprobs(model: Transformer, x: torch.Tensor, delta: torch.Tensor, row: int,
-                    seq: Sequence) -> tuple[TokenLogprob, ...]:
-    """x, delta [B, T, dim]: the prefill's residual stream and last block output; `row` is `seq`'s row.
-    -> one TokenLogprob per prompt token, with seq.params.logprobs (or 0) alternatives each after the first."""
+def prompt_logprobs(model: Transformer, x: torch.Tensor, delta: torch.Tensor, seq: Sequence,
+                    start: int) -> tuple[TokenLogprob, ...]:
+    """x, delta [L, dim]: the residual stream and last block output of `seq`'s tokens at positions start..
+    start+L-1 (a chunk of its prompt) -> one TokenLogprob per prompt token they predict, with
+    seq.params.logprobs (or 0) alternatives each, after the first token's (no logprob) when start is 0."""
     ids = seq.prompt_ids
+    end = min(start + x.shape[0], len(ids) - 1)        # the prompt's last position predicts the answer
     k = seq.params.logprobs or 0
-    targets = torch.tensor(ids[1:], device=x.device)
+    targets = torch.tensor(ids[start + 1:end + 1], device=x.device)
     chosen, top, top_ids = [], [], []
-    for start in range(0, len(ids) - 1, CHUNK):
-        end = min(start + CHUNK, len(ids) - 1)
-        logprobs = torch.log_softmax(model.logits(x[row, start:end], delta[row, start:end]), dim=-1)  # [c, vocab]
-        chosen.append(logprobs.gather(1, targets[start:end, None]).squeeze(1))
+    for offset in range(0, end - start, CHUNK):
+        stop = min(offset + CHUNK, end - start)
+        logprobs = torch.log_softmax(model.logits(x[offset:stop], delta[offset:stop]), dim=-1)  # [c, vocab]
+        chosen.append(logprobs.gather(1, targets[offset:stop, None]).squeeze(1))
         if k:
             values, indices = logprobs.topk(k, dim=-1)
             top.append(values)
             top_ids.append(indices)
     text = seq.text.token_text
-    first = TokenLogprob(ids[0], text(ids[0]), None)
+    first = (TokenLogprob(ids[0], text(ids[0]), None),) if start == 0 else ()
     if not chosen:
-        return (first,)
+        return first
     chosen_host = torch.cat(chosen).tolist()
     top_host = torch.cat(top).tolist() if k else [[]] * len(chosen_host)
     ids_host = torch.cat(top_ids).tolist() if k else [[]] * len(chosen_host)
-    return first, *(TokenLogprob(token, text(token), lp, tuple((t, text(t), v) for t, v in zip(alt_ids, alts)))
-                     for token, lp, alt_ids, alts in zip(ids[1:], chosen_host, ids_host, top_host))
+    return *first, *(TokenLogprob(token, text(token), lp, tuple((t, text(t), v) for t, v in zip(alt_ids, alts)))
+                     for token, lp, alt_ids, alts in zip(ids[start + 1:end + 1], chosen_host, ids_host, top_host))

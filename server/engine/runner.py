@@ -1,40 +1,41 @@
-"""Turns a list of sequences into one forward pass: builds the step's tensors, returns logits, or for
-decode the sampled tokens, launched without waiting for them."""
+"""Turns the scheduler's work into one forward pass: builds the pass's tensors, returns logits, or the
+sampled tokens, launched without waiting for them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from ..lora.slots import AdapterSlots
-from .cuda_graphs import DecodeGraphs
-from ..model.kv_cache import KVCache
 from ..lora.batch import LoraBatch
-from ..model.llama import Batch, Transformer
+from ..lora.slots import AdapterSlots
+from ..model.kv_cache import PagedKVCache
+from ..model.llama import Chunk, Transformer
+from .cuda_graphs import DecodeGraphs
 from .penalties import Penalties
 from .prompt_logprobs import prompt_logprobs
 from .sampler import Logprobs, sample_on_device
-from .sequence import Sequence
+from .sequence import Sequence, Work
 
 
 @dataclass(slots=True)
 class DecodePass:
-    """A decode pass on its way: its tokens are on the device now and reach the host at collect()."""
-    seqs: list[Sequence]
-    tokens: torch.Tensor                 # [n] int64 on the device, in the order of seqs
+    """A pass on its way: its tokens are on the device now and reach the host at collect()."""
+    seqs: list[Sequence]                 # the requests it gives a token, in the order of `tokens`
+    tokens: torch.Tensor                 # [n] int64 on the device
     host: torch.Tensor                   # [n] their copy in host memory, complete once `ready` is
     ready: torch.cuda.Event | None       # None when the device is the CPU: nothing is asynchronous
     logprobs: Logprobs | None = None     # of the rows that asked for them, read at collect()
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: KVCache, adapter_slots: AdapterSlots, device: torch.device,
-                 graphs: DecodeGraphs | None = None):
+    def __init__(self, model: Transformer, cache: PagedKVCache, adapter_slots: AdapterSlots, device: torch.device,
+                 graphs: DecodeGraphs | None = None, max_batch_size: int = 256):
+        """max_batch_size: the scheduler's, which hands out that many penalty rows (Sequence.penalty_row)."""
         self.model, self.cache, self.adapter_slots, self.device = model, cache, adapter_slots, device
         self.graphs = graphs
-        self.penalties = Penalties(cache.num_slots, device)
+        self.penalties = Penalties(max_batch_size, device)
         # Pinned landing places for sampled tokens, taken in turn (see DecodeGraphs: same reasoning).
-        self._landing = ([torch.zeros(cache.num_slots, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        self._landing = ([torch.zeros(graphs.max_rows, dtype=torch.long, pin_memory=True) for _ in range(2)]
                          if graphs is not None else None)
         self._turn = 0
 
@@ -43,72 +44,73 @@ class ModelRunner:
         """Whether a decode pass can be launched from the tokens of one still running (CUDA graphs)."""
         return self.graphs is not None
 
-    def _lora(self, row_slots: list[int], tokens_per_row: int) -> LoraBatch:
-        return LoraBatch.build(row_slots, self.adapter_slots.ranks, self.adapter_slots.projections, tokens_per_row,
-                               self.device, segments=not self.model.kernels)
-
     @torch.inference_mode()
-    def prefill(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Whole prompts of `seqs`, right-padded into one pass -> logits [n, vocab] of their last tokens.
-        A request's forks (n > 1, admitted right after it) are not run: their slots get a copy of its
-        prompt's KV entries, and its logits. Prompt logprobs, where asked, land in seq.prompt_logprobs."""
-        forks = {id(f) for s in seqs for f in s.forks}
-        prefilled = [s for s in seqs if id(s) not in forks]
-        length = max(len(s.prompt_ids) for s in prefilled)
-        tokens = torch.zeros(len(prefilled), length, dtype=torch.long)
-        for row, seq in enumerate(prefilled):
-            tokens[row, :len(seq.prompt_ids)] = torch.tensor(seq.prompt_ids)
-        positions = torch.arange(length, device=self.device).expand(len(prefilled), length)
-        batch = Batch(prefill=True,
-                      slots=torch.tensor([s.kv_slot for s in prefilled], device=self.device),
-                      positions=positions, cos=self.model.rope_cos[positions], sin=self.model.rope_sin[positions],
-                      decode_mask=None, lora=self._lora([s.lora_slot for s in prefilled], length))
-        x, delta = self.model.residual(tokens.to(self.device), batch, self.cache)      # [P, T, dim] each
-        rows = torch.arange(len(prefilled), device=self.device)
-        last = torch.tensor([len(s.prompt_ids) - 1 for s in prefilled], device=self.device)
-        logits = self.model.logits(x[rows, last], delta[rows, last])                   # [P, vocab]
-        row_of = {}
-        for row, seq in enumerate(prefilled):
-            if seq.params.prompt_logprobs:
-                seq.prompt_logprobs = prompt_logprobs(self.model, x, delta, row, seq)
-            if seq.forks:
-                self.cache.fork(seq.kv_slot, [f.kv_slot for f in seq.forks], len(seq.prompt_ids))
-            for member in (seq, *seq.forks):
-                row_of[id(member)] = row
-                member.prompt_logprobs = seq.prompt_logprobs
-        logits = logits[torch.tensor([row_of[id(s)] for s in seqs], device=self.device)]     # [n, vocab]
-        self.penalties.admit(seqs, logits.shape[-1])
-        return logits
+    def forward(self, work: list[Work], fed: DecodePass | None = None) -> torch.Tensor:
+        """One pass over `work`, single-token rows first -> logits [n, vocab] of the rows that sample, in order.
+        fed: the pass launched just before for exactly these requests, one token each, whose tokens (still on
+        the device, not yet in seq.output_ids) are this pass's inputs.
 
-    @torch.inference_mode()
-    def decode(self, seqs: list[Sequence], fed: DecodePass | None = None) -> torch.Tensor:
-        """One new token for every sequence -> logits [n, vocab], in the order of `seqs`.
-        fed: the pass launched just before for exactly these seqs, whose tokens (still on the
-        device, not yet in seq.output_ids) are this pass's inputs.
-
-        Rows are cache slots 0..B-1 (B = highest slot in use + 1); a free slot inside that range
-        rides along as a base-model row whose output is dropped."""
-        rows = max(s.kv_slot for s in seqs) + 1
-        ahead = 0 if fed is None else 1
-        tokens, positions, lora_slots = [0] * rows, [0] * rows, [0] * rows
-        for seq in seqs:
-            tokens[seq.kv_slot] = seq.output_ids[-1] if fed is None else 0
-            positions[seq.kv_slot] = seq.num_tokens - 1 + ahead
-            lora_slots[seq.kv_slot] = seq.lora_slot
-        seq_rows = [s.kv_slot for s in seqs]
-        if self.graphs is not None:
+        Passes of single tokens replay a CUDA graph when there are graphs; passes with prompt chunks, or that
+        give prompt logprobs, run eagerly. Forks' blocks are copied first (their source wrote them in passes
+        launched before); prompt logprobs, where asked, land in seq.prompt_logprobs."""
+        for w in work:
+            if w.copy is not None:
+                self.cache.copy_block(*w.copy)
+        bs = self.cache.block_size
+        tokens, positions, slots, lora_slots, rows, chunks, tables, echoes = [], [], [], [], [], [], [], []
+        for w in work:
+            if w.seq.params.prompt_logprobs and not w.seq.output_ids and w.start < len(w.seq.prompt_ids) - 1:
+                echoes.append((w, len(tokens)))
+            ids = w.seq.blocks.ids
+            if w.length > 1:
+                chunks.append(Chunk(len(tokens), w.length, w.start,
+                                    torch.tensor(ids[:-(-w.end // bs)], device=self.device)))
+            else:
+                tables.append(ids[:w.start // bs + 1])
+            tokens += [0] * w.length if fed is not None else w.seq.tokens(w.start, w.end)
+            positions += range(w.start, w.end)
+            slots += [ids[p // bs] * bs + p % bs for p in range(w.start, w.end)]
+            lora_slots += [w.seq.lora_slot] * w.length
+            if w.samples:
+                rows.append(len(tokens) - 1)
+        if self.graphs is not None and not chunks and not echoes:
             projections = frozenset().union(*(self.adapter_slots.projections[s] for s in lora_slots))
-            return self.graphs.decode(tokens, positions, lora_slots, projections, seq_rows,
-                                      None if fed is None else fed.tokens)
+            logits = self.graphs.decode(tokens, positions, lora_slots, slots, tables, projections,
+                                        None if fed is None else fed.tokens)
+            if len(rows) == len(work):
+                return logits
+            return logits[torch.tensor(rows, dtype=torch.long, device=self.device)]
         if fed is not None:
             raise ValueError("chained decode needs CUDA graphs")
-        logits = self._decode_eager(tokens, positions, lora_slots)
-        return logits[torch.tensor(seq_rows, device=self.device)]
+        width = max((len(t) for t in tables), default=0)
+        lora = LoraBatch.build(lora_slots, self.adapter_slots.ranks, self.adapter_slots.projections, 1, self.device,
+                               segments=bool(chunks) and not self.model.kernels)
+        batch = self.model.batch(torch.tensor(positions, device=self.device), torch.tensor(slots, device=self.device),
+                                 torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32,
+                                              device=self.device).view(len(tables), width),
+                                 len(tables), tuple(chunks), lora, bs)
+        x, delta = self.model.residual(torch.tensor(tokens, device=self.device)[:, None], batch, self.cache)
+        for w, row in echoes:
+            self._prompt_logprobs(w, x[row:row + w.length], delta[row:row + w.length])
+        rows = torch.tensor(rows, dtype=torch.long, device=self.device)
+        return self.model.logits(x.index_select(0, rows), delta.index_select(0, rows))    # [len(rows), vocab]
+
+    def _prompt_logprobs(self, w: Work, x: torch.Tensor, delta: torch.Tensor) -> None:
+        """Adds the logprobs of the prompt tokens that positions [w.start, w.end) predict; the whole prompt's go
+        to the request's forks too, which do not compute it."""
+        seq = w.seq
+        got = prompt_logprobs(self.model, x, delta, seq, w.start)
+        seq.prompt_logprobs = got if w.start == 0 else (*(seq.prompt_logprobs or ()), *got)
+        if w.end >= len(seq.prompt_ids) - 1:
+            for fork in seq.forks:
+                fork.prompt_logprobs = seq.prompt_logprobs
 
     @torch.inference_mode()
-    def launch_decode(self, seqs: list[Sequence], fed: DecodePass | None = None) -> DecodePass:
-        """decode() and sampling, with the tokens' copy to the host started but not waited for."""
-        tokens, logprobs = sample_on_device(self.decode(seqs, fed), seqs, self.penalties)
+    def launch(self, work: list[Work], fed: DecodePass | None = None) -> DecodePass:
+        """forward() and sampling, with the tokens' copy to the host started but not waited for."""
+        seqs = [w.seq for w in work if w.samples]
+        self.penalties.admit([w.seq for w in work if w.admitted], self.model.args.vocab_size)
+        tokens, logprobs = sample_on_device(self.forward(work, fed), seqs, self.penalties)
         if self._landing is None:
             return DecodePass(seqs, tokens, tokens, None, logprobs)
         host = self._landing[self._turn][:len(seqs)]
@@ -128,8 +130,3 @@ class ModelRunner:
         if decode_pass.logprobs is None:
             return tokens, {}
         return tokens, decode_pass.logprobs.to_host(decode_pass.seqs, tokens)
-
-    def _decode_eager(self, tokens: list[int], positions: list[int], lora_slots: list[int]) -> torch.Tensor:
-        batch = self.model.decode_batch(torch.tensor(positions, device=self.device), max(positions) + 1,
-                                        self._lora(lora_slots, 1))
-        return self.model(torch.tensor(tokens, device=self.device)[:, None], batch, self.cache)

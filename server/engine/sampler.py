@@ -29,15 +29,6 @@ class Logprobs:
         return out
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence],
-           penalties: Penalties | None = None) -> tuple[list[int], dict[int, TokenLogprob]]:
-    """logits [B, vocab] float32, one row per sequence -> one token id per sequence, and the logprobs
-    of the rows that asked for them."""
-    tokens, logprobs = sample_on_device(logits, seqs, penalties)
-    tokens = tokens.tolist()
-    return tokens, ({} if logprobs is None else logprobs.to_host(seqs, tokens))
-
-
 def sample_on_device(logits: torch.Tensor, seqs: list[Sequence],
                      penalties: Penalties | None = None) -> tuple[torch.Tensor, Logprobs | None]:
     """logits [B, vocab] float32, one row per sequence -> token ids [B] int64 on the logits' device,

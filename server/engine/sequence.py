@@ -15,6 +15,7 @@ from ..errors import ServingError
 from .text_stream import TextStream
 
 if TYPE_CHECKING:
+    from .block_pool import BlockTable
     from .grammar import GrammarState
     from .shadow import ShadowPair
 
@@ -91,8 +92,10 @@ class Sequence:
     request_id: str = field(default_factory=new_request_id)
     id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
-    kv_slot: int | None = None
+    blocks: BlockTable | None = None      # its KV-cache blocks while admitted
+    computed: int = 0                     # leading tokens whose keys and values are in those blocks
     lora_slot: int = 0
+    penalty_row: int = 0                  # its row of the penalty tables (penalties.py) while admitted
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     finish_reason: FinishReason | None = None
@@ -101,10 +104,12 @@ class Sequence:
     grammar: GrammarState | None = None   # structured output: the row's matcher and next-token bitmask
     logprobs: list[TokenLogprob] = field(default_factory=list)   # not yet sent in an event
     index: int = 0                        # which choice of its request (n > 1)
-    # Choices 1..n-1 of a request with n > 1, on choice 0 alone: admitted with it, their KV-cache
-    # slots copied from its prompt's rather than prefilled again, and sharing its event sink.
+    # Choices 1..n-1 of a request with n > 1, on choice 0 alone: queued right after it, sharing its event
+    # sink, and admitted once its prompt is computed with its prompt's blocks (Scheduler._fork), not again.
     forks: list[Sequence] = field(default_factory=list)
-    prompt_logprobs: tuple[TokenLogprob, ...] | None = None   # from the prefill, until the first event takes them
+    source: Sequence | None = None        # on those choices: choice 0
+    # From the passes over the prompt, until the first event takes them (a fork gets choice 0's).
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
     def __post_init__(self) -> None:
         # Each request draws from its own generator, so a seeded request samples the same
@@ -131,6 +136,34 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
+    def tokens(self, start: int, end: int) -> list[int]:
+        """Token ids [start, end) of the prompt followed by the output so far (a preempted request
+        computes both again)."""
+        prompt = len(self.prompt_ids)
+        if end <= prompt:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:] + self.output_ids[max(0, start - prompt):end - prompt]
+
     def cancel(self) -> None:
         """From any thread: the engine frees the slot at its next step."""
         self.cancelled = True
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """One request's share of a forward pass: its tokens [start, end), whose keys and values the pass writes."""
+    seq: Sequence
+    start: int
+    end: int
+    admitted: bool = False                # its request was admitted for this pass: its penalty row starts afresh
+    copy: tuple[int, int] | None = None   # a fork's (source, destination) block, copied before the pass
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    @property
+    def samples(self) -> bool:
+        """Whether the pass gives this request its next token: its last known token is in it (a chained
+        pass's token is still on the device, so it runs one past what the host knows)."""
+        return self.end >= self.seq.num_tokens

@@ -4,7 +4,7 @@ ended, a thread of its own (never the engine's) records how they compare: token 
 latency and, for greedy requests, whether the texts agree exactly and their normalised edit distance (over
 tokens: Levenshtein distance / the longer length, 0 = same, 1 = nothing alike).
 
-Shadow rows give way to live ones (Scheduler.shed_shadows): they are shed, and counted, whenever live rows wait
+Shadow rows give way to live ones (Scheduler.shadows_to_shed): they are shed, and counted, whenever live rows wait
 for the room they hold. A pair whose shadow was shed, or either row failed or was cancelled, is not recorded.
 """
 from __future__ import annotations

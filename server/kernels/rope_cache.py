@@ -1,22 +1,21 @@
-"""Decode rows' rotary embedding and KV-cache write in one launch (about fifteen torch kernels before:
+"""Token rows' rotary embedding and paged KV-cache write in one launch (about fifteen torch kernels before:
 the rotate-half products for q and k, two transposes and two scattered cache writes).
 
-Semantics, for row b at position p = positions[b] (rows are cache slots 0..B-1, as in decode),
-half = D / 2, and rope(x)[d] = x[d]·cos[b, d] − x[d + half]·sin[b, d] for d < half,
+Semantics, for token row b written to cache slot t = slots[b] (block · block size + offset), half = D / 2, and rope(x)[d] = x[d]·cos[b, d] − x[d + half]·sin[b, d] for d < half,
 x[d]·cos[b, d] + x[d − half]·sin[b, d] otherwise (model.rotate_half), in fp32, rounded once:
 
     q_out[b, h, :]      = rope(q[b, h·D:(h+1)·D])       for each query head h
-    k_cache[b, j, p, :] = rope(k[b, j·D:(j+1)·D])       for each KV head j
-    v_cache[b, j, p, :] = v[b, j·D:(j+1)·D]
+    k_cache[t, j, :]    = rope(k[b, j·D:(j+1)·D])       for each KV head j   (the pool seen as [NB·S, KV, D])
+    v_cache[t, j, :]    = v[b, j·D:(j+1)·D]
 
 Arguments:
 
     q, k, v   [B, H·D], [B, KV·D], [B, KV·D]   compute dtype; rows may be strided (column slices of
               one fused q|k|v output), columns contiguous
-    positions [B]                int64
+    slots     [B]                int64, each row's cache slot
     cos, sin  [B, D]             the rows' rotary tables at their positions, rows may be strided (both
               halves equal, as transformers builds them)
-    k_cache, v_cache [S, KV, L, D]   one layer's cache, contiguous, S ≥ B
+    k_cache, v_cache [NB, S, KV, D]  one layer's block pool, contiguous
     q_out     [B, H, D]          written
 """
 from __future__ import annotations
@@ -27,12 +26,12 @@ import triton.language as tl
 
 
 @triton.jit
-def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, q_out_ptr,
-                       stride_q, stride_k, stride_v, stride_rope, H, KV, L,
+def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, slots_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, q_out_ptr,
+                       stride_q, stride_k, stride_v, stride_rope, H, KV,
                        D: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    p = tl.load(positions_ptr + row)
+    slot = tl.load(slots_ptr + row)
     offs = tl.arange(0, HALF_PAD)
     mask = offs < HALF
     cos = tl.load(cos_ptr + row * stride_rope + offs, mask=mask).to(tl.float32)
@@ -49,7 +48,7 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, cos_ptr, sin_ptr, k_c
         dst = q_out_ptr + (row * H + head) * D
     else:
         j = head - H
-        cache_offset = ((row * KV + j) * L + p) * D
+        cache_offset = (slot * KV + j) * D
         dst = k_cache_ptr + cache_offset
         v_src = v_ptr + row * stride_v + j * D
         # v in the same two halves, so head dims that are not a power of two need no third shape
@@ -59,16 +58,16 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, cos_ptr, sin_ptr, k_c
     tl.store(dst + HALF + offs, hi.to(q_out_ptr.dtype.element_ty), mask=mask)
 
 
-def rope_and_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+def rope_and_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
                          cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                          v_cache: torch.Tensor) -> torch.Tensor:
-    """Rotates q and k of B decode rows, writes k and v into the cache (see the module docstring) -> q_out [B, H, D]."""
+    """Rotates q and k of B token rows, writes k and v into the cache (see the module docstring) -> q_out [B, H, D]."""
     rows = q.shape[0]
-    _, kv_heads, length, head_dim = k_cache.shape
+    _, _, kv_heads, head_dim = k_cache.shape
     heads = q.shape[-1] // head_dim
     q_out = torch.empty(rows, heads, head_dim, dtype=q.dtype, device=q.device)
     _rope_cache_kernel[(rows, heads + kv_heads)](
-        q, k, v, positions, cos, sin, k_cache, v_cache, q_out, q.stride(0), k.stride(0), v.stride(0), cos.stride(0),
-        heads, kv_heads, length, D=head_dim, HALF=head_dim // 2,
+        q, k, v, slots, cos, sin, k_cache, v_cache, q_out, q.stride(0), k.stride(0), v.stride(0), cos.stride(0),
+        heads, kv_heads, D=head_dim, HALF=head_dim // 2,
         HALF_PAD=triton.next_power_of_2(head_dim // 2), num_warps=1)
     return q_out

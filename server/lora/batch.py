@@ -18,27 +18,27 @@ class LoraBatch:
     """Semantics: for token row i, y[i] += x[i] @ A[slot[i], :rank].T @ B[slot[i], :, :rank].T.
 
     `rank` is the largest rank among the batch's adapters, so stacks are read only that far.
-    On the torch path (CPU), `segments` (prefill) lists each distinct adapter with its rows: one
-    pair of GEMMs per adapter over its whole prompts (SGMV); without segments (decode, one token a
-    row) A and B are gathered per row and applied with two batched GEMVs (BGMV). The Triton kernels
+    On the torch path (CPU), `segments` (a pass with prompt chunks) lists each distinct adapter with its
+    rows, prompt and decode rows alike: one pair of GEMMs per adapter (SGMV); without segments (decode
+    only) A and B are gathered per row and applied with two batched GEMVs (BGMV). The Triton kernels
     (CUDA) take every token row with its own slot, prefill and decode alike: two launches a
     projection whatever the mix, where segments cost four small launches per adapter."""
     slots: torch.Tensor | None                      # [B * T] slot per token row; None when no row has an adapter
     rank: int
     projections: frozenset[str]                     # what any adapter of the batch targets
-    segments: tuple[tuple[int, torch.Tensor], ...] | None  # (slot, rows [n]) per adapter, prefill only
+    segments: tuple[tuple[int, torch.Tensor], ...] | None  # (slot, rows [n]) per adapter, torch path only
 
     @classmethod
     def build(cls, row_slots: list[int], slot_ranks: dict[int, int], slot_projections: dict[int, frozenset[str]],
               tokens_per_row: int, device: torch.device, segments: bool = True) -> "LoraBatch":
-        """row_slots: the slot of each of B rows of `tokens_per_row` tokens (1 for decode). segments:
-        whether the torch path will run it (the kernels never read them: no per-adapter index tensors)."""
+        """row_slots: the slot of each of B rows of `tokens_per_row` tokens. segments: whether the torch path
+        should run it by segments (the kernels never read them: no per-adapter index tensors)."""
         used = sorted({s for s in row_slots if s != 0})
         if not used:
             return cls(None, 0, frozenset(), None)
         slots = torch.tensor(row_slots, dtype=torch.long).repeat_interleave(tokens_per_row).to(device)
         by_adapter = None
-        if segments and tokens_per_row > 1:
+        if segments:
             by_adapter = tuple((s, torch.tensor([i for i, r in enumerate(row_slots) if r == s], device=device))
                                for s in used)
         return cls(slots, max(slot_ranks[s] for s in used),

@@ -2,11 +2,11 @@
 
 Plain modules in the order a token meets them (gpt-fast is the model): RMSNorm, Attention with
 RoPE and grouped-query heads, SwiGLU FeedForward. Nothing here decides who runs: the runner hands
-in a `Batch` that says which cache slot, position and adapter each row has.
+in a `Batch` that says which position, cache blocks and adapter each token row has.
 
 With `kernels` (CUDA) the steps torch spells as many small launches run as one Triton kernel each
-(server/kernels): residual add + RMSNorm, and for decode rows RoPE + KV-cache write and attention
-over the cache. The torch code beside them is the CPU path and the reference they are tested against.
+(server/kernels): residual add + RMSNorm, RoPE + KV-cache write, and for decode rows attention
+over the paged cache. The torch code beside them is the CPU path and the reference they are tested against.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kv_cache import KVCache
+from .kv_cache import PagedKVCache
 from .linear import BaseLinear
 from ..lora.batch import LoraBatch, LoraGroup
 
@@ -45,18 +45,31 @@ class ModelArgs:
                    tie_word_embeddings=bool(config.tie_word_embeddings))
 
 
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A run of one request's prompt tokens in a pass: rows [row, row + length) at positions start.., which
+    attend to that request's earlier tokens in the cache and causally to each other."""
+    row: int
+    length: int
+    start: int
+    blocks: torch.Tensor         # [nb] the request's blocks holding positions 0..start + length - 1
+
+
 @dataclass(slots=True)
 class Batch:
-    """Per-step inputs besides the tokens, built once by the runner and read by every layer.
+    """Per-pass inputs besides the tokens, built once by the runner and read by every layer.
 
-    Prefill rows hold whole prompts, right-padded, starting at position 0. Decode rows hold one
-    token each and are the cache slots 0..B-1 themselves, so attention reads the cache in place."""
-    prefill: bool
-    slots: torch.Tensor          # [B] cache slot of each row
-    positions: torch.Tensor      # [B, T] position of each token
-    cos: torch.Tensor            # [B, T, head_dim] rotary tables gathered at `positions`
-    sin: torch.Tensor            # [B, T, head_dim]
-    decode_mask: torch.Tensor | None  # [B, 1, 1, L] True where row b may attend cache position l (torch decode only)
+    Every row is one token (tokens [N, 1]), so prefill chunks and decode rows share one pass. The first
+    `num_decode` rows are single tokens that attend through their block tables (decode attention); each
+    prefill chunk follows as its own run of rows."""
+    positions: torch.Tensor      # [N] position of each token
+    slots: torch.Tensor          # [N] cache slot each token's keys and values go to (block · block size + offset)
+    cos: torch.Tensor            # [N, 1, head_dim] rotary tables gathered at `positions`
+    sin: torch.Tensor            # [N, 1, head_dim]
+    block_tables: torch.Tensor   # [R, nb] int32 blocks of the decode rows (R ≥ num_decode)
+    num_decode: int
+    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, nb · block size] True where a decode row may attend (torch)
+    chunks: tuple[Chunk, ...]
     lora: LoraBatch
 
 
@@ -115,43 +128,58 @@ class Attention(nn.Module):
 
             self._kernels = (rope_and_cache_write, decode_attention)
 
-    def forward(self, x: torch.Tensor, batch: Batch, cache: KVCache, layer: int) -> torch.Tensor:
-        bsz, seqlen, _ = x.shape
-        q, k, v = self.qkv_proj(x, batch.lora)                         # [B, T, H*D], [B, T, KV*D] x 2
-        if self._kernels is not None and not batch.prefill:
+    def forward(self, x: torch.Tensor, batch: Batch, cache: PagedKVCache, layer: int) -> torch.Tensor:
+        rows = x.shape[0]                                              # x [N, 1, dim]: one token a row
+        q, k, v = self.qkv_proj(x, batch.lora)                         # [N, 1, H*D], [N, 1, KV*D] x 2
+        if self._kernels is not None:
             rope_and_cache_write, decode_attention = self._kernels
-            positions = batch.positions[:, 0]
-            q = rope_and_cache_write(q[:, 0], k[:, 0], v[:, 0], positions, batch.cos[:, 0], batch.sin[:, 0],
-                                     cache.k[layer], cache.v[layer])    # [B, H, D]
-            out = decode_attention(q, cache.k[layer], cache.v[layer], positions)
-            (y,) = self.o_proj(out.view(bsz, 1, self.n_heads * self.head_dim), batch.lora)
-            return y
-        q = q.view(bsz, seqlen, self.n_heads, self.head_dim)
-        k = k.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        v = v.view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        cos, sin = batch.cos.unsqueeze(2), batch.sin.unsqueeze(2)     # [B, T, 1, D]
-        q = (q * cos + rotate_half(q) * sin).transpose(1, 2)           # [B, H, T, D]
-        k = (k * cos + rotate_half(k) * sin).transpose(1, 2)           # [B, KV, T, D]
-        v = v.transpose(1, 2)                                          # [B, KV, T, D]
-        if batch.prefill:
-            cache.write_prefill(layer, batch.slots, k, v)
-            # Right padding with a causal mask is exact: a real token never sees a later (pad) one.
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            q = rope_and_cache_write(q[:, 0], k[:, 0], v[:, 0], batch.slots, batch.cos[:, 0], batch.sin[:, 0],
+                                     cache.k[layer], cache.v[layer])    # [N, H, D]
         else:
-            cache.write_decode(layer, batch.positions[:, 0], k, v)
-            keys, values = cache.read_decode(layer, bsz, batch.decode_mask.shape[-1])  # [B, KV, L, D]
-            # Grouped-query decode without copying K/V per head: the G query heads that share a
-            # KV head form the rows of one small matmul. Plain matmuls rather than SDPA: one query
-            # token is memory-bound either way, and fused kernels reject a strided cache view
-            # with a broadcast mask on some backends.
-            group = self.n_heads // self.n_kv_heads
-            q = q.view(bsz, self.n_kv_heads, group, self.head_dim)
-            scores = (q @ keys.transpose(-1, -2)).float() * self.head_dim ** -0.5     # [B, KV, G, L]
-            scores = scores.masked_fill(~batch.decode_mask, float("-inf"))
-            out = (scores.softmax(-1).to(values.dtype) @ values).view(bsz, self.n_heads, 1, self.head_dim)
-        out = out.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.head_dim)
-        (y,) = self.o_proj(out, batch.lora)
+            cos, sin = batch.cos, batch.sin                            # [N, 1, D]: broadcast over heads
+            q = q.view(rows, self.n_heads, self.head_dim)
+            k = k.view(rows, self.n_kv_heads, self.head_dim)
+            q = q * cos + rotate_half(q) * sin
+            cache.write(layer, batch.slots, k * cos + rotate_half(k) * sin, v.view(rows, self.n_kv_heads, self.head_dim))
+        decode = batch.num_decode
+        parts = []
+        if decode:
+            if self._kernels is not None:
+                parts.append(decode_attention(q[:decode], cache.k[layer], cache.v[layer], batch.block_tables,
+                                              batch.positions[:decode]))
+            else:
+                parts.append(self._decode_torch(q[:decode], batch, cache, layer))
+        parts.extend(self._chunk(q[c.row:c.row + c.length], c, cache, layer) for c in batch.chunks)
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)         # [N, H, D]
+        (y,) = self.o_proj(out.view(rows, 1, self.n_heads * self.head_dim), batch.lora)
         return y
+
+    def _decode_torch(self, q: torch.Tensor, batch: Batch, cache: PagedKVCache, layer: int) -> torch.Tensor:
+        """q [B, H, D] of single-token rows -> [B, H, D], each attending to its own tokens through its blocks."""
+        rows = q.shape[0]
+        keys, values = cache.gather(layer, batch.block_tables[:rows])   # [B, L, KV, D]
+        # Grouped-query decode without copying K/V per head: the G query heads that share a KV head form
+        # the rows of one small matmul. Plain matmuls rather than SDPA: one query token is memory-bound
+        # either way, and fused kernels reject a broadcast mask on some backends.
+        group = self.n_heads // self.n_kv_heads
+        q = q.view(rows, self.n_kv_heads, group, self.head_dim)
+        scores = (q @ keys.permute(0, 2, 3, 1)).float() * self.head_dim ** -0.5       # [B, KV, G, L]
+        scores = scores.masked_fill(~batch.decode_mask, float("-inf"))
+        out = scores.softmax(-1).to(values.dtype) @ values.transpose(1, 2)             # [B, KV, G, D]
+        return out.view(rows, self.n_heads, self.head_dim)
+
+    def _chunk(self, q: torch.Tensor, chunk: Chunk, cache: PagedKVCache, layer: int) -> torch.Tensor:
+        """q [T, H, D] of one request's prompt run -> [T, H, D]: causal over its cached tokens and itself."""
+        end = chunk.start + chunk.length
+        keys, values = cache.gather(layer, chunk.blocks)
+        keys, values = keys[:end].transpose(0, 1), values[:end].transpose(0, 1)        # [KV, L, D]
+        mask = None
+        if chunk.start:
+            positions = torch.arange(end, device=q.device)
+            mask = positions[None, :] <= positions[chunk.start:, None]                # [T, L]
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
+                                             is_causal=mask is None, enable_gqa=True)  # [1, H, T, D]
+        return out[0].transpose(0, 1)
 
 
 class FeedForward(nn.Module):
@@ -172,7 +200,7 @@ class TransformerBlock(nn.Module):
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps, kernels)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps, kernels)
 
-    def forward(self, x: torch.Tensor, delta: torch.Tensor | None, batch: Batch, cache: KVCache,
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None, batch: Batch, cache: PagedKVCache,
                 layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Residual stream x plus the previous block's output delta -> (the new stream, this block's output):
         each block's last add is left to the next norm, which does it in the same pass."""
@@ -200,35 +228,33 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", (table.cos() * rope_scaling).to(dtype), persistent=False)
         self.register_buffer("rope_sin", (table.sin() * rope_scaling).to(dtype), persistent=False)
 
-    def decode_batch(self, positions: torch.Tensor, context: int, lora: LoraBatch) -> Batch:
-        """The Batch of a decode step: row b is cache slot b, its new token at positions[b],
-        attending to cache positions 0..positions[b] of a `context`-long window."""
-        rows = positions.shape[0]
+    def batch(self, positions: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor, num_decode: int,
+              chunks: tuple[Chunk, ...], lora: LoraBatch, block_size: int) -> Batch:
+        """The Batch of a pass of N token rows (positions, slots [N]); the first `num_decode` are single tokens
+        attending through `block_tables` [R, nb], the rest are `chunks`."""
         mask = None
-        if not self.kernels:
-            mask = (torch.arange(context, device=positions.device)[None, :] <= positions[:, None])[:, None, None, :]
-        return Batch(prefill=False, slots=torch.arange(rows, device=positions.device), positions=positions[:, None],
-                     cos=self.rope_cos[positions[:, None]], sin=self.rope_sin[positions[:, None]],
-                     decode_mask=mask, lora=lora)
+        if num_decode and not self.kernels:
+            context = torch.arange(block_tables.shape[1] * block_size, device=positions.device)
+            mask = (context[None, :] <= positions[:num_decode, None])[:, None, None, :]
+        index = positions[:, None]
+        return Batch(positions, slots, self.rope_cos[index], self.rope_sin[index], block_tables, num_decode,
+                     mask, chunks, lora)
 
-    def forward(self, tokens: torch.Tensor, batch: Batch, cache: KVCache,
-                last_index: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, vocab] of each row's token at `last_index` (default: the last)."""
+    def forward(self, tokens: torch.Tensor, batch: Batch, cache: PagedKVCache,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [N, 1] -> logits [len(rows), vocab] of the token rows `rows` (default: every row)."""
         x, delta = self.residual(tokens, batch, cache)
-        if last_index is None:
-            x, delta = x[:, -1], delta[:, -1]
-        else:
-            # Only each row's last real token needs logits: skips the vocab matmul for the rest.
-            rows = torch.arange(x.shape[0], device=x.device)
-            x, delta = x[rows, last_index], delta[rows, last_index]
+        if rows is not None:
+            # Only rows that sample need logits: skips the vocab matmul for the rest of a prompt.
+            x, delta = x.index_select(0, rows), delta.index_select(0, rows)
         return self.logits(x, delta)
 
-    def residual(self, tokens: torch.Tensor, batch: Batch, cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens [B, T] -> the residual stream and the last block's output [B, T, dim] each, not yet added."""
-        x, delta = self.embed_tokens(tokens), None                     # [B, T, dim]
+    def residual(self, tokens: torch.Tensor, batch: Batch, cache: PagedKVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [N, 1] -> the residual stream and the last block's output [N, dim] each, not yet added."""
+        x, delta = self.embed_tokens(tokens), None                     # [N, 1, dim]
         for i, layer in enumerate(self.layers):
             x, delta = layer(x, delta, batch, cache, i)
-        return x, delta
+        return x[:, 0], delta[:, 0]
 
     def logits(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """residual(...)'s two [..., dim] at the positions wanted -> logits [..., vocab] float32."""

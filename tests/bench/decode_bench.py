@@ -5,7 +5,7 @@
 Needs CUDA. Loads the model as the server does (random weights of a Llama shape, NF4), fills every
 adapter slot with a random rank-16 q/k/v/o adapter, and for 1, 8 and 32 rows, each on its own
 adapter, reports: `replay_ms`, the median GPU time of one decode graph replay (events around
-replays, no host work); `step_ms`, the median wall time of `ModelRunner.decode` + `sample` as the
+replays, no host work); `step_ms`, the median wall time of `ModelRunner.launch` + `collect` as the
 engine calls them; and `host_ms` = step − replay, the host time not hidden behind the GPU.
 """
 from __future__ import annotations
@@ -36,12 +36,10 @@ def run(model_dir: Path, rows_list: list[int], context: int, kernels: bool, nf4_
 
     from server.lora.slots import AdapterSlots
     from server.engine.cuda_graphs import DecodeGraphs
-    from server.model.kv_cache import KVCache
+    from server.model.kv_cache import PagedKVCache
     from server.engine.runner import ModelRunner
-    from server.engine.sampler import sample
-    from server.engine.sequence import SamplingParams, Sequence
-    from server.engine.text_stream import TextStream
     from server.model.weights import load_model
+    from tests.conftest import paged_sequences, run_pass
 
     device = torch.device("cuda")
     config = AutoConfig.from_pretrained(model_dir)
@@ -56,30 +54,28 @@ def run(model_dir: Path, rows_list: list[int], context: int, kernels: bool, nf4_
     adapter_slots = AdapterSlots(stacks, slots_needed)
     adapter_slots.ranks.update({s: RANK for s in range(1, slots_needed + 1)})
     adapter_slots.projections.update({s: frozenset(TARGETS) for s in range(1, slots_needed + 1)})
-    cache = KVCache(model.args.n_layers, slots_needed, context, model.args.n_kv_heads, model.args.head_dim,
-                    torch.bfloat16, device)
-    graphs = DecodeGraphs(model, cache, RANK, device)
+    block_size, max_blocks = 16, -(-context // 16)
+    cache = PagedKVCache(model.args.n_layers, 1 + slots_needed * max_blocks, block_size, model.args.n_kv_heads,
+                         model.args.head_dim, torch.bfloat16, device)
+    graphs = DecodeGraphs(model, cache, slots_needed, max_blocks, RANK, device)
     started = time.perf_counter()
     captured = graphs.capture_all()
     result = {"kernels": kernels, "nf4_kernel_max_rows": nf4_kernel_max_rows,
               "capture_all_s": round(time.perf_counter() - started, 1), "graphs": captured}
     runner = ModelRunner(model, cache, adapter_slots, device, graphs)
     for rows in rows_list:
-        seqs = [Sequence(list(range(100, 164)), SamplingParams(max_tokens=context), None, TextStream(None))
-                for _ in range(rows)]
-        for i, seq in enumerate(seqs):
-            seq.kv_slot, seq.lora_slot = i, i + 1
-        runner.prefill(seqs)
+        seqs = paged_sequences(runner, [list(range(100, 164))] * rows, list(range(1, rows + 1)), max_tokens=context)
+        run_pass(runner, [(seq, len(seq.prompt_ids)) for seq in seqs])
         for seq in seqs:
             seq.output_ids.append(7)
         steps = []
         for _ in range(30):
             torch.cuda.synchronize()
             start = time.perf_counter()
-            for seq, token in zip(seqs, sample(runner.decode(seqs), seqs)[0]):
+            for seq, token in zip(seqs, runner.collect(run_pass(runner, [(seq, 1) for seq in seqs], launch=True))[0]):
                 seq.output_ids.append(token)
             steps.append(time.perf_counter() - start)
-        bucket = next(b for b in graphs.context_buckets if b >= max(s.num_tokens for s in seqs))
+        bucket = next(b for b in graphs.block_buckets if b * block_size >= max(s.num_tokens for s in seqs))
         graph = graphs._graphs[(rows, bucket, frozenset(TARGETS))][0]
         step_ms, replay_ms = 1000 * median(steps[5:]), median_replay_ms(graph, 20)
         result[f"rows_{rows}"] = {"replay_ms": round(replay_ms, 3), "step_ms": round(step_ms, 3),

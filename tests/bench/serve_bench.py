@@ -3,6 +3,9 @@
     python -m tests.bench.serve_bench                  # embedded SmolLM2-135M, dense fp32, on this CPU
     python -m tests.bench.serve_bench --model 7b       # Llama-2-7B shape, random weights, NF4 on CUDA
 
+Then the capacity cases (tests/bench/capacity_cases.py, each with its own server; --skip-capacity drops them):
+many streams on as many adapters, long prompts arriving, a shared system prompt warm and cold, Zipf adapters.
+
 Prints one JSON object and writes it to --out. Our figures come from the real server over gRPC
 (tokenization, scheduling and streaming included); the peer's from `model.generate` in-process.
 Each adapter is random rank-r LoRA on q,k,v,o (the peer script's recipe); speed does not depend
@@ -18,6 +21,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -118,12 +122,10 @@ def ours(server, prompts: list[str], adapters: list[str], max_tokens: int) -> di
             "decode_only_tokens_per_s": round(len(runs) * (max_tokens - 1) / decode, 1) if decode > 0 else None}
 
 
-def registration_stall(address: str, prompts: list[str], adapters: list[str], new_adapter: Path | None,
-                       max_tokens: int) -> dict:
-    """Streams decode while an operator registers a new adapter and sends its first request: the
-    longest gap between two tokens of any running stream in that window, against the median gap.
-    new_adapter None: the request uses an adapter already loaded instead (what admitting any new
-    request costs: its prefill runs between two decode passes)."""
+def stall_during(address: str, prompts: list[str], adapters: list[str], max_tokens: int,
+                 action: Callable[[CartridgeClient], None]) -> dict:
+    """Streams decode while `action` runs once every stream is decoding: the longest gap between two tokens
+    of any running stream in that window, against the median gap of the whole run."""
     arrivals: list[list[float]] = [[] for _ in prompts]
     window: dict[str, float] = {}
 
@@ -132,29 +134,52 @@ def registration_stall(address: str, prompts: list[str], adapters: list[str], ne
             for _ in client.generate_stream(prompts[i], adapter=adapters[i], max_tokens=max_tokens):
                 arrivals[i].append(time.perf_counter())
 
-    def register_and_use() -> None:
+    def act() -> None:
         while min(len(a) for a in arrivals) < max_tokens // 4:   # every stream is decoding
             time.sleep(0.005)
         with CartridgeClient(address, timeout=600) as client:
             window["start"] = time.perf_counter()
-            if new_adapter is not None:
-                client.register_adapter("fresh", str(new_adapter))
-            window["registered"] = time.perf_counter()
-            next(iter(client.generate_stream(prompts[0], adapter="fresh" if new_adapter else adapters[0],
-                                             max_tokens=4)))
-            window["first_token"] = time.perf_counter()
+            action(client)
+            window["end"] = time.perf_counter()
 
     with ThreadPoolExecutor(len(prompts) + 1) as pool:
-        jobs = [pool.submit(stream, i) for i in range(len(prompts))] + [pool.submit(register_and_use)]
+        jobs = [pool.submit(stream, i) for i in range(len(prompts))] + [pool.submit(act)]
         for job in jobs:
             job.result()
     gaps = sorted(b - a for times in arrivals for a, b in zip(times, times[1:]))
-    during = [b - a for times in arrivals for a, b in zip(times, times[1:])
-              if b >= window["start"] and a <= window["first_token"]]
+    during = [b - a for times in arrivals for a, b in zip(times, times[1:]) if b >= window["start"] and a <= window["end"]]
     return {"streams": len(prompts), "median_gap_ms": round(1000 * gaps[len(gaps) // 2], 2),
             "longest_gap_in_window_ms": round(1000 * max(during), 2) if during else None,
-            "register_ms": round(1000 * (window["registered"] - window["start"]), 1),
-            "first_token_of_new_adapter_ms": round(1000 * (window["first_token"] - window["registered"]), 1)}
+            "window_ms": round(1000 * (window["end"] - window["start"]), 1)}
+
+
+def registration_stall(address: str, prompts: list[str], adapters: list[str], new_adapter: Path | None,
+                       max_tokens: int) -> dict:
+    """An operator registers a new adapter and sends its first request while streams decode. new_adapter
+    None: the request uses an adapter already loaded instead (what admitting any new request costs)."""
+    times: dict[str, float] = {}
+
+    def register_and_use(client: CartridgeClient) -> None:
+        start = time.perf_counter()
+        if new_adapter is not None:
+            client.register_adapter("fresh", str(new_adapter))
+        times["registered"] = time.perf_counter()
+        next(iter(client.generate_stream(prompts[0], adapter="fresh" if new_adapter else adapters[0], max_tokens=4)))
+        times["register_ms"] = round(1000 * (times["registered"] - start), 1)
+        times["first_token_of_new_adapter_ms"] = round(1000 * (time.perf_counter() - times["registered"]), 1)
+
+    result = stall_during(address, prompts, adapters, max_tokens, register_and_use)
+    return {**result, "register_ms": times["register_ms"],
+            "first_token_of_new_adapter_ms": times["first_token_of_new_adapter_ms"]}
+
+
+def random_prompts(tokenizer, vocab_size: int, count: int, length: int, seed: int) -> list[str]:
+    """`count` prompts of random tokens that encode back to `length` tokens (or as near as the tokenizer allows)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(100, min(vocab_size, 30000), (length,), generator=generator).tolist() for _ in range(count)]
+    # Round trip through text so both sides see exactly the same token ids.
+    prompts = [tokenizer.decode(p) for p in ids]
+    return [tokenizer.decode(tokenizer.encode(p, add_special_tokens=False)[:length]) for p in prompts]
 
 
 def peer(model_dir: Path, adapter_dirs: list[Path], batches: dict[str, tuple[list[list[int]], list[str]]],
@@ -206,6 +231,9 @@ def main() -> None:
     parser.add_argument("--server-flag", action="append", default=[],
                         help="extra flag for our server, e.g. --server-flag=--no-triton-kernels (repeatable)")
     parser.add_argument("--out", default="bench-results")
+    from . import capacity_cases
+
+    capacity_cases.add_flags(parser)
     args = parser.parse_args()
     from transformers import AutoConfig, AutoTokenizer
 
@@ -216,23 +244,19 @@ def main() -> None:
     config = AutoConfig.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     adapter_dirs = [write_random_adapter(work / f"a{i}", config, args.rank, seed=i) for i in range(streams)]
-    generator = torch.Generator().manual_seed(0)
-    ids = [torch.randint(100, min(config.vocab_size, 30000), (args.prompt_tokens,), generator=generator).tolist()
-           for _ in range(streams)]
-    # Round trip through text so both sides see exactly the same token ids.
-    prompts = [tokenizer.decode(p) for p in ids]
-    ids = [tokenizer.encode(p, add_special_tokens=False)[:args.prompt_tokens] for p in prompts]
-    prompts = [tokenizer.decode(p) for p in ids]
+    prompts = random_prompts(tokenizer, config.vocab_size, streams, args.prompt_tokens, seed=0)
+    ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
     ids = [p for p in ids if len(p) == args.prompt_tokens] or ids
     result = {"model": model_dir.name, "device": torch.cuda.get_device_name(0) if gpu else "cpu",
               "torch": torch.__version__, "streams": streams, "rank": args.rank, "targets": TARGETS,
               "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens}
 
     quantize = args.quantization == "nf4" or (gpu and args.quantization is None)
-    flags = ["--quantization", "nf4" if quantize else "none", "--dtype", "bfloat16" if gpu or quantize else "float32",
-             "--base-model", str(model_dir), "--max-batch-size", str(streams), "--max-adapters", str(streams),
-             "--max-lora-rank", str(args.rank), "--max-seq-len", str(args.prompt_tokens * 2 + args.max_tokens + 16)]
-    flags += [f for i, d in enumerate(adapter_dirs) for f in ("--adapter", f"a{i}={d}")] + args.server_flag
+    common = ["--quantization", "nf4" if quantize else "none", "--dtype", "bfloat16" if gpu or quantize else "float32",
+              "--base-model", str(model_dir), "--max-lora-rank", str(args.rank), *args.server_flag]
+    flags = [*common, "--max-batch-size", str(streams), "--max-adapters", str(streams),
+             "--max-seq-len", str(args.prompt_tokens * 2 + args.max_tokens + 16)]
+    flags += [f for i, d in enumerate(adapter_dirs) for f in ("--adapter", f"a{i}={d}")]
     started = time.perf_counter()
     server = start_server(*flags)
     result["ours_start_s"] = round(time.perf_counter() - started, 1)
@@ -259,6 +283,8 @@ def main() -> None:
         raise
     finally:
         server.stop()
+    if not args.skip_capacity:
+        result["capacity"] = capacity_cases.run(args, common, config, tokenizer, work)
     if not args.skip_peer:
         device = "cuda" if gpu else "cpu"
         result["peer"] = peer(model_dir, adapter_dirs, {
