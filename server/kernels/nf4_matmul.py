@@ -49,19 +49,22 @@ class NF4Config:
 
 
 def default_config(m: int, n: int, k: int) -> NF4Config:
-    """From tests/bench/kernel_bench.py sweeps on an H100 (BENCHMARKS.md): the shared-memory table and two
-    slabs a warp (each x fragment feeds both) won at every 7B shape and M. The kernel is latency-bound
-    at these sizes (Nsight Compute: 1.8 eligible warps a scheduler, 45 % of issue slots idle), so K is
-    split until every SM holds about 24 warps for one 8-row tile, 12 for more (their warps carry more
-    MMAs, and each K-range stores and re-reads 8M bytes of fp32 sums a weight row), with no range under
-    8 blocks and no more than 8 ranges (the most the sweeps tried) or K / 16M."""
+    """From tests/bench/kernel_bench.py sweeps on an H100 (BENCHMARKS.md). Up to 4 tiles (M = 32), the
+    shared-memory table and two slabs a warp (each x fragment feeds both) won at every 7B shape; past
+    that, one slab a warp and the register table, whose 32 KB of shared memory then buys more CTAs an
+    SM. The kernel is latency-bound at these sizes (Nsight Compute: 1.8 eligible warps a scheduler, 45 %
+    of issue slots idle), so K is split until every SM holds about 24 warps for one 8-row tile, 12 for
+    more (their warps carry more MMAs, and each K-range stores and re-reads 8M bytes of fp32 sums a
+    weight row), with no range under 8 blocks and no more than 8 ranges (the most the sweeps tried) or
+    K / 16M."""
     tiles = math.ceil(min(m, MAX_TILE_ROWS) / 8)
     warps = 8 if tiles == 1 else 4
-    slabs = 2 if (n // SLAB) % 2 == 0 else 1
+    wide = tiles > 4
+    slabs = 2 if (n // SLAB) % 2 == 0 and not wide else 1
     warps_per_sm = 24 if tiles == 1 else 12
     fill = warps_per_sm * _multiprocessors() // (n // SLAB // slabs)
     split = max(1, min(fill, 8, k // BLOCK // 8, k // (16 * min(m, MAX_TILE_ROWS))))
-    return NF4Config(warps=warps, slabs=slabs, group=1, stages=3, split_k=split, smem_table=True)
+    return NF4Config(warps=warps, slabs=slabs, group=1, stages=3, split_k=split, smem_table=not wide)
 
 
 @cache

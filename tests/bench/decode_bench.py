@@ -7,6 +7,7 @@ adapter slot with a random rank-16 q/k/v/o adapter, and for 1, 8 and 32 rows, ea
 adapter, reports: `replay_ms`, the median GPU time of one decode graph replay (events around
 replays, no host work); `step_ms`, the median wall time of `ModelRunner.launch` + `collect` as the
 engine calls them; and `host_ms` = step − replay, the host time not hidden behind the GPU.
+`--profile-rows 32` adds the kernels that take a 32-row replay's time.
 """
 from __future__ import annotations
 
@@ -31,7 +32,24 @@ def median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
-def run(model_dir: Path, rows_list: list[int], context: int, kernels: bool, nf4_kernel_max_rows: int) -> dict:
+def kernel_shares(graph: torch.cuda.CUDAGraph, replays: int = 5, top: int = 15) -> list[dict]:
+    """Where a replay's GPU time goes: the kernels with the most time, µs per replay and share of the
+    total, from the profiler's device trace of `replays` replays."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in events)
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    return [{"kernel": e.key[:90], "us_per_replay": round(e.device_time_total / replays, 1),
+             "calls": e.count // replays, "share": round(e.device_time_total / total, 3)} for e in events[:top]]
+
+
+def run(model_dir: Path, rows_list: list[int], context: int, kernels: bool, nf4_kernel_max_rows: int,
+        profile_rows: int | None = None) -> dict:
     from transformers import AutoConfig
 
     from server.lora.slots import AdapterSlots
@@ -80,6 +98,8 @@ def run(model_dir: Path, rows_list: list[int], context: int, kernels: bool, nf4_
         step_ms, replay_ms = 1000 * median(steps[5:]), median_replay_ms(graph, 20)
         result[f"rows_{rows}"] = {"replay_ms": round(replay_ms, 3), "step_ms": round(step_ms, 3),
                                   "host_ms": round(step_ms - replay_ms, 3)}
+        if rows == profile_rows:
+            result[f"rows_{rows}"]["kernels"] = kernel_shares(graph)
         print(json.dumps({"kernels": kernels, "nf4_kernel_max_rows": nf4_kernel_max_rows, "rows": rows,
                           **result[f"rows_{rows}"]}), flush=True)
     del model, stacks, graphs, runner, cache
@@ -93,12 +113,15 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--context", type=int, default=256, help="KV-cache length per slot")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--profile-rows", type=int,
+                        help="also list the kernels that take a replay's time at this many rows")
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args()
     model_dir = random_checkpoint(args.model, Path("/tmp"))
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "model": args.model}
     for variant in args.variants:
-        results[variant] = run(model_dir, args.rows, args.context, *VARIANTS[variant])
+        results[variant] = run(model_dir, args.rows, args.context, *VARIANTS[variant],
+                               profile_rows=args.profile_rows)
     print(json.dumps(results, indent=1))
     os.makedirs(args.out, exist_ok=True)
     Path(args.out, f"decode_bench_{args.model}.json").write_text(json.dumps(results, indent=1))
