@@ -172,7 +172,7 @@ def build_core(config: ServerConfig, *, store_on_demand: bool = False) -> Servin
                        ("lora_slots", sum(stack.size_bytes for stack in stacks.values()))):
         metrics.device_memory.labels(part).set(size)
     pool = BlockPool(cache.num_blocks, cache.block_size, config.prefix_cache)
-    scheduler = Scheduler(pool, config.max_batch_size, config.max_tokens_per_pass, config.max_queue, adapter_slots)
+    scheduler = Scheduler(pool, config.max_batch_size, config.tokens_per_pass, config.max_queue, adapter_slots)
     graphs = None
     if config.on_cuda and config.cuda_graphs:
         graphs = DecodeGraphs(model, cache, config.max_batch_size, -(-max_seq_len // cache.block_size),

@@ -68,9 +68,9 @@ def engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seq-len", type=int, default=2048, help="prompt + answer tokens (default: %(default)s)")
     parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before RESOURCE_EXHAUSTED "
                         "(default: %(default)s)")
-    parser.add_argument("--max-tokens-per-pass", type=int, default=512,
+    parser.add_argument("--max-tokens-per-pass", type=int,
                         help="tokens of one forward pass: decode rows first, prompts in chunks in the rest "
-                        "(default: %(default)s)")
+                        "(default: 2048 on CUDA, 512 on CPU)")
     parser.add_argument("--kv-cache-memory", type=memory_amount, metavar="BYTES|SHARE",
                         help="KV-cache size, e.g. 20GiB, or a share of free device memory, e.g. 0.9 "
                         "(default: 0.9 on CUDA; on CPU room for 16 requests of --max-seq-len)")

@@ -218,6 +218,38 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def standard_cases(args: argparse.Namespace, flags: list[str], prompts: list[str], streams: int, config, tokenizer,
+                   work: Path) -> dict:
+    """One server with `streams` adapters: one stream and all streams, on the base, one adapter and
+    distinct adapters, then the stalls a new request and a registration cause."""
+    started = time.perf_counter()
+    server = start_server(*flags)
+    result = {"ours_start_s": round(time.perf_counter() - started, 1), "server_flags": args.server_flag}
+    try:
+        names = [f"a{i}" for i in range(streams)]
+        # warm-up: loads every adapter and warms the kernels, on other prompts than the runs' so that no
+        # run starts from blocks the prefix cache kept
+        ours(server, random_prompts(tokenizer, config.vocab_size, streams, args.prompt_tokens, seed=99), names, 4)
+        result["ours"] = {
+            "one_stream_base": ours(server, prompts[:1], [""], args.max_tokens),
+            "one_stream_adapter": ours(server, prompts[:1], ["a0"], args.max_tokens),
+            f"{streams}_streams_same_adapter": ours(server, prompts, ["a0"] * streams, args.max_tokens),
+            f"{streams}_streams_distinct_adapters": ours(server, prompts, names, args.max_tokens),
+            f"{streams}_streams_base": ours(server, prompts, [""] * streams, args.max_tokens),
+        }
+        fresh = write_random_adapter(work / "fresh", config, args.rank, seed=streams)
+        half = max(1, streams // 2)
+        for case, adapter in (("new_request_stall", None), ("registration_stall", fresh)):
+            result["ours"][case] = registration_stall(server.address, prompts[:half], names[:half], adapter,
+                                                      2 * args.max_tokens)
+    except Exception:
+        print("".join(server.log[-60:]), file=sys.stderr)
+        raise
+    finally:
+        server.stop()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("embedded", *SHAPES), default="embedded",
@@ -228,6 +260,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--quantization", choices=("nf4", "none"), help="server and peer (default: nf4 on CUDA)")
     parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--skip-standard", action="store_true", help="only the capacity cases (no peer either)")
     parser.add_argument("--server-flag", action="append", default=[],
                         help="extra flag for our server, e.g. --server-flag=--no-triton-kernels (repeatable)")
     parser.add_argument("--out", default="bench-results")
@@ -250,44 +283,18 @@ def main() -> None:
     result = {"model": model_dir.name, "device": torch.cuda.get_device_name(0) if gpu else "cpu",
               "torch": torch.__version__, "streams": streams, "rank": args.rank, "targets": TARGETS,
               "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens}
-
     quantize = args.quantization == "nf4" or (gpu and args.quantization is None)
+    result["quantization"] = "nf4" if quantize else "none"
     common = ["--quantization", "nf4" if quantize else "none", "--dtype", "bfloat16" if gpu or quantize else "float32",
               "--base-model", str(model_dir), "--max-lora-rank", str(args.rank), *args.server_flag]
     flags = [*common, "--max-batch-size", str(streams), "--max-adapters", str(streams),
              "--max-seq-len", str(args.prompt_tokens * 2 + args.max_tokens + 16)]
     flags += [f for i, d in enumerate(adapter_dirs) for f in ("--adapter", f"a{i}={d}")]
-    started = time.perf_counter()
-    server = start_server(*flags)
-    result["ours_start_s"] = round(time.perf_counter() - started, 1)
-    result["quantization"] = "nf4" if quantize else "none"
-    result["server_flags"] = args.server_flag
-    try:
-        names = [f"a{i}" for i in range(streams)]
-        # warm-up: loads every adapter and warms the kernels, on other prompts than the runs' so that no
-        # run starts from blocks the prefix cache kept
-        ours(server, random_prompts(tokenizer, config.vocab_size, streams, args.prompt_tokens, seed=99), names, 4)
-        result["ours"] = {
-            "one_stream_base": ours(server, prompts[:1], [""], args.max_tokens),
-            "one_stream_adapter": ours(server, prompts[:1], ["a0"], args.max_tokens),
-            f"{streams}_streams_same_adapter": ours(server, prompts, ["a0"] * streams, args.max_tokens),
-            f"{streams}_streams_distinct_adapters": ours(server, prompts, names, args.max_tokens),
-            f"{streams}_streams_base": ours(server, prompts, [""] * streams, args.max_tokens),
-        }
-        fresh = write_random_adapter(work / "fresh", config, args.rank, seed=streams)
-        half = max(1, streams // 2)
-        result["ours"]["new_request_stall"] = registration_stall(server.address, prompts[:half], names[:half], None,
-                                                                 2 * args.max_tokens)
-        result["ours"]["registration_stall"] = registration_stall(server.address, prompts[:half], names[:half], fresh,
-                                                                  2 * args.max_tokens)
-    except Exception:
-        print("".join(server.log[-60:]), file=sys.stderr)
-        raise
-    finally:
-        server.stop()
+    if not args.skip_standard:
+        result.update(standard_cases(args, flags, prompts, streams, config, tokenizer, work))
     if not args.skip_capacity:
         result["capacity"] = capacity_cases.run(args, common, config, tokenizer, work)
-    if not args.skip_peer:
+    if not (args.skip_peer or args.skip_standard):
         device = "cuda" if gpu else "cpu"
         result["peer"] = peer(model_dir, adapter_dirs, {
             "one_stream_adapter": ([ids[0]], ["a0"]),
