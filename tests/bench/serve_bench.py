@@ -3,7 +3,8 @@
     python -m tests.bench.serve_bench                  # embedded SmolLM2-135M, dense fp32, on this CPU
     python -m tests.bench.serve_bench --model 7b       # Llama-2-7B shape, random weights, NF4 on CUDA
 
-Then the capacity cases (tests/bench/capacity_cases.py, each with its own server; --skip-capacity drops them):
+Then the capacity cases (tests/bench/capacity_cases.py, each with its own server; --skip-capacity drops them,
+--skip-standard runs only them):
 many streams on as many adapters, long prompts arriving, a shared system prompt warm and cold, Zipf adapters.
 
 Prints one JSON object and writes it to --out. Our figures come from the real server over gRPC
@@ -31,6 +32,8 @@ from safetensors.torch import save_file
 from adapters.formats.base_checkpoint import resolve_base
 from client.client import CartridgeClient
 from tests.conftest import start_server
+
+from .serve_peer import peer
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 SHAPES = {
@@ -180,42 +183,6 @@ def random_prompts(tokenizer, vocab_size: int, count: int, length: int, seed: in
     # Round trip through text so both sides see exactly the same token ids.
     prompts = [tokenizer.decode(p) for p in ids]
     return [tokenizer.decode(tokenizer.encode(p, add_special_tokens=False)[:length]) for p in prompts]
-
-
-def peer(model_dir: Path, adapter_dirs: list[Path], batches: dict[str, tuple[list[list[int]], list[str]]],
-         max_tokens: int, device: str, quantize: bool) -> dict:
-    """transformers generate + peft with `adapter_names` (its way of mixing adapters in one batch)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from adapters.formats.nf4 import bnb_config
-
-    kwargs = dict(quantization_config=bnb_config(), device_map=device) if quantize else dict(device_map=device)
-    dtype = torch.bfloat16 if device == "cuda" or quantize else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs)
-    model = PeftModel.from_pretrained(model, adapter_dirs[0], adapter_name="a0")
-    for i, directory in enumerate(adapter_dirs[1:], start=1):
-        model.load_adapter(directory, adapter_name=f"a{i}")
-    model.eval()
-    results = {}
-    for case, (ids, names) in batches.items():
-        batch = torch.tensor(ids, device=device)
-        run = lambda n: model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=n,  # noqa: E731
-                                       min_new_tokens=n, do_sample=False, adapter_names=names, pad_token_id=0)
-        run(2)
-        sync(device)
-        start = time.perf_counter()
-        run(max_tokens)
-        sync(device)
-        elapsed = time.perf_counter() - start
-        results[case] = {"tokens_per_s": round(len(ids) * max_tokens / elapsed, 1),
-                         "ms_per_decode_step": round(1000 * elapsed / max_tokens, 2)}
-    return results
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def standard_cases(args: argparse.Namespace, flags: list[str], prompts: list[str], streams: int, config, tokenizer,
