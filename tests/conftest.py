@@ -82,6 +82,17 @@ class ServerProcess:
     def stop(self) -> None:
         stop_process(self.process)
 
+    def logged(self, *parts: str, seconds: float = 10) -> bool:
+        """Whether a line holding every one of `parts` shows up in the log within `seconds`: a thread reads
+        the server's output, so a line it just printed can land a moment after the call that caused it."""
+        deadline = time.monotonic() + seconds
+        while True:
+            if any(all(part in line for part in parts) for line in list(self.log)):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
 
 def tiny_llama_checkpoint(directory: Path):
     """A 3-layer random Llama (grouped-query heads) saved in bf16 at `directory`; returns its config."""

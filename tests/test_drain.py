@@ -75,7 +75,7 @@ def test_sigterm_lets_16_streams_finish_whole_and_refuses_new_calls():
         assert pieces[-1].finish_reason == "length" and pieces[-1].completion_tokens == 24
         assert "".join(p.text for p in pieces) == expected
     assert server.process.returncode == 0
-    assert any("drained in" in line for line in server.log)
+    assert server.logged("drained in")
 
 
 def test_requests_past_the_drain_timeout_end_with_unavailable_not_a_dropped_connection():
@@ -127,4 +127,4 @@ def test_a_sigterm_that_lands_on_a_worker_thread_still_drains():
     finally:
         server.process.kill()       # a no-op once it has exited
     assert server.process.returncode == 0
-    assert any("drained in" in line for line in server.log)
+    assert server.logged("drained in")
