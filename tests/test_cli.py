@@ -66,7 +66,8 @@ def test_unknown_adapter_is_reported_not_traced(server):
     assert result.stderr.strip() == "cartridge generate: NOT_FOUND: adapter 'ghost' is not registered"
 
 
-ANSWER = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}, "sure": {"type": "boolean"}},
+ANSWER = {"type": "object",
+          "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}, "sure": {"type": "boolean"}},
           "required": ["answer", "sure"], "additionalProperties": False}
 
 
