@@ -13,8 +13,9 @@ import os
 import sys
 from importlib.metadata import entry_points
 
-from .client import (ADMIN_TOKEN_ENV, INFERENCE_TOKEN_ENV, LOCATIONS, TLS_CA_ENV, UINT32_MAX, UINT64_MAX,
-                     CartridgeClient, CartridgeError)
+from .answer_printing import answer_json, print_answer, print_details
+from .client import ADMIN_TOKEN_ENV, INFERENCE_TOKEN_ENV, LOCATIONS, TLS_CA_ENV, CartridgeClient, CartridgeError
+from .generate_flags import add_generation_flags, generation_options
 
 DEFAULT_SERVER = os.environ.get("CARTRIDGE_SERVER", "127.0.0.1:50051")
 
@@ -50,19 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _whole_number(largest: int):
-    """An argparse type for a proto unsigned field: a clear usage error instead of protobuf's ValueError."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = -1
-        if not 0 <= value <= largest:
-            raise argparse.ArgumentTypeError(f"expected a whole number from 0 to {largest}, got {text!r}")
-        return value
-    return parse
-
-
 def _server_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", default=DEFAULT_SERVER,
                         help="host:port of the server (default: $CARTRIDGE_SERVER or %(default)s)")
@@ -79,16 +67,10 @@ def _add_generate(commands) -> None:
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--system", help="a system message before the user's (chat only)")
     p.add_argument("--adapter", default="", help="registered adapter name (default: the base model)")
-    p.add_argument("--max-tokens", type=_whole_number(UINT32_MAX), default=0, help="new tokens at most (default: 256)")
-    p.add_argument("--temperature", type=float,
-                   help="0 = greedy (default, unless the adapter's cartridge.json gives another)")
-    p.add_argument("--top-p", type=float, default=0.0)
-    p.add_argument("--top-k", type=_whole_number(UINT32_MAX), default=0)
-    p.add_argument("--seed", type=_whole_number(UINT64_MAX))
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    add_generation_flags(p)
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--json", action="store_true", help="print the answer as JSON (with --stream: one JSON "
-                   "object per line, the last with finish_reason and token counts)")
+                   "object per line, a choice's last with finish_reason and token counts)")
     _server_flag(p)
     p.set_defaults(run=_generate)
 
@@ -160,8 +142,12 @@ def _read_token(path: str | None, flag: str) -> str | None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    options = dict(adapter=args.adapter, max_tokens=args.max_tokens, temperature=args.temperature,
-                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
+    if args.stream and args.n > 1 and not args.json:
+        # Choices stream interleaved, token by token: only --json's lines can say which piece is whose.
+        print("cartridge generate: error: --stream with --n above 1 needs --json (each line names its choice)",
+              file=sys.stderr)
+        return 2
+    options = dict(adapter=args.adapter, **generation_options(args))
     if args.raw:
         options["prompt"] = args.prompt
     else:
@@ -171,25 +157,24 @@ def _generate(args: argparse.Namespace) -> int:
     def run(client: CartridgeClient) -> None:
         if not args.stream:
             answer = client.generate(**options)
-            print(json.dumps(_completion_json(answer)) if args.json else answer.text)
+            if args.json:
+                print(json.dumps(answer_json(answer)))
+            else:
+                print_answer(answer)
             return
+        logprobs, prompt_logprobs, tool_calls = [], [], []
         for piece in client.generate_stream(**options):
             if args.json:
-                print(json.dumps({"text": piece.text} if piece.finish_reason is None else _completion_json(piece)),
-                      flush=True)
-            else:
-                print(piece.text, end="", flush=True)
+                print(json.dumps(answer_json(piece, piece=True, many=args.n > 1)), flush=True)
+                continue
+            print(piece.text, end="", flush=True)
+            logprobs += piece.logprobs
+            prompt_logprobs += piece.prompt_logprobs
+            tool_calls += piece.tool_calls
         if not args.json:
             print()
+            print_details(logprobs, tool_calls, prompt_logprobs)
     return _with_client(args, run)
-
-
-def _completion_json(answer) -> dict:
-    return {"text": answer.text, "finish_reason": answer.finish_reason, "prompt_tokens": answer.prompt_tokens,
-            "completion_tokens": answer.completion_tokens, "adapter": answer.adapter,
-            # From a stored version (serve --store): which one, and the id `cartridge feedback` rates.
-            **({"adapter_version": answer.adapter_version, "request_id": answer.request_id}
-               if answer.adapter_version else {})}
 
 
 def _print_adapters(adapters, as_json: bool = False) -> None:

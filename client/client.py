@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import grpc
 
 from cartridge.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
-UINT32_MAX, UINT64_MAX = 2**32 - 1, 2**64 - 1
+# The answer's types, importable from here with the client that returns them.
+from .completion import Choice, Completion, TokenLogprob, ToolCall, TopLogprob  # noqa: F401
+from .request import generate_request
+
 ADMIN_TOKEN_ENV = "CARTRIDGE_ADMIN_TOKEN"
 INFERENCE_TOKEN_ENV = "CARTRIDGE_INFERENCE_TOKEN"
 TLS_CA_ENV = "CARTRIDGE_TLS_CA"
@@ -20,15 +22,6 @@ LOCATIONS = {
     adapters_pb2.ADAPTER_LOCATION_HOST: "host",
     adapters_pb2.ADAPTER_LOCATION_DISK: "disk",
 }
-
-FINISH_REASONS = {
-    inference_pb2.FINISH_REASON_UNSPECIFIED: None,
-    inference_pb2.FINISH_REASON_LENGTH: "length",
-    inference_pb2.FINISH_REASON_STOP: "stop",
-    inference_pb2.FINISH_REASON_END_OF_SEQUENCE: "end_of_sequence",
-    inference_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
-}
-
 
 class CartridgeError(Exception):
     """A call the server refused or failed: `code` is the gRPC status, the message says why."""
@@ -63,23 +56,6 @@ def _call_error(err: grpc.RpcError, target: str) -> CartridgeError:
     return CartridgeError(code, details)
 
 
-@dataclass(frozen=True, slots=True)
-class Completion:
-    """Generate's answer, or one GenerateStream piece (finish_reason None until the last)."""
-    text: str
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    adapter: str
-    adapter_version: str = ""    # name@vN: the stored version that answered (serve --store)
-    request_id: str = ""         # what `feedback` rates (on the last piece of a stream)
-
-    @classmethod
-    def from_proto(cls, message: inference_pb2.GenerateResponse) -> "Completion":
-        return cls(message.text, FINISH_REASONS[message.finish_reason], message.prompt_tokens,
-                   message.completion_tokens, message.adapter, message.adapter_version, message.request_id)
-
-
 class CartridgeClient:
     """`admin_token` (Register/Unregister) and `inference_token` default to $CARTRIDGE_ADMIN_TOKEN and
     $CARTRIDGE_INFERENCE_TOKEN; `tls_ca` (a PEM file that signed the server's certificate, default
@@ -112,19 +88,24 @@ class CartridgeClient:
         self._channel.close()
 
     def generate(self, prompt: str = "", **options) -> Completion:
-        """One whole answer. `options`: messages, adapter, max_tokens, temperature, top_p, top_k, seed, stop,
-        routing_key (keeps the caller on one side of a canary split)."""
-        return Completion.from_proto(self._call(self._inference.Generate, _request(prompt, **options),
+        """One whole answer (every choice of it in `choices`). `options`, as OpenAI's API names and shapes
+        them: messages, adapter, max_tokens, temperature, top_p, top_k, seed, stop, response_format
+        ({"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}, {"type": "json_object"},
+        {"type": "regex", "regex": ...}, {"type": "choice", "choice": [...]}), logprobs, top_logprobs,
+        prompt_logprobs, presence_penalty, frequency_penalty, repetition_penalty, logit_bias ({token_id:
+        bias}), n, tools ([{"type": "function", "function": {...}}]), tool_choice, routing_key (keeps the
+        caller on one side of a canary split). ValueError for a value the request cannot carry."""
+        return Completion.from_proto(self._call(self._inference.Generate, generate_request(prompt, **options),
                                                 self._inference_metadata))
 
     def generate_stream(self, prompt: str = "", **options) -> Iterator[Completion]:
-        """Pieces of the answer as they are generated; the last carries finish_reason and counts.
-        Closing the iterator early cancels the request."""
-        call = self._inference.GenerateStream(_request(prompt, **options), timeout=self.timeout,
+        """Pieces of the answer as they are generated, each naming its `choice_index`; a choice's last piece
+        carries its finish_reason, counts and tool calls. Closing the iterator early cancels the request."""
+        call = self._inference.GenerateStream(generate_request(prompt, **options), timeout=self.timeout,
                                               metadata=self._inference_metadata)
         try:
             for message in call:
-                yield Completion.from_proto(message)
+                yield Completion.from_proto(message, streamed=True)
         except grpc.RpcError as err:
             raise _call_error(err, self.target) from None
         finally:
@@ -155,19 +136,6 @@ class CartridgeClient:
             return method(request, timeout=self.timeout, metadata=metadata)
         except grpc.RpcError as err:
             raise _call_error(err, self.target) from None
-
-
-def _request(prompt: str = "", *, messages: Sequence[dict[str, str]] = (), adapter: str = "", max_tokens: int = 0,
-             temperature: float | None = None, top_p: float = 0.0, top_k: int = 0, seed: int | None = None,
-             stop: Sequence[str] = (), routing_key: str = "") -> inference_pb2.GenerateRequest:
-    for field, value, largest in (("max_tokens", max_tokens, UINT32_MAX), ("top_k", top_k, UINT32_MAX),
-                                  ("seed", 0 if seed is None else seed, UINT64_MAX)):
-        if not isinstance(value, int) or not 0 <= value <= largest:
-            raise ValueError(f"{field} must be a whole number from 0 to {largest}, got {value!r}")
-    return inference_pb2.GenerateRequest(
-        prompt=prompt, messages=[inference_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
-        adapter=adapter, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-        stop=list(stop), routing_key=routing_key)
 
 
 def _bearer(token: str | None) -> tuple[tuple[str, str], ...]:

@@ -6,12 +6,11 @@ import json
 import shutil
 from pathlib import Path
 
-import grpc
 import jsonschema
 import openai
 import pytest
 
-from cartridge.v1 import inference_pb2, inference_pb2_grpc
+from client.cli import main as cartridge_main
 from server.edge.tools import parse_tool_calls
 
 TEMPLATE = Path(__file__).resolve().parent / "data" / "tool_chat_template.jinja"
@@ -81,22 +80,27 @@ def test_tools_are_rendered_by_the_template_and_a_tool_result_continues_the_chat
     assert answer.usage.prompt_tokens > offered.usage.prompt_tokens
 
 
-def test_grpc_forced_call_and_its_stream(server):
-    tool = inference_pb2.Tool(name="get_weather", description="The weather in a city today",
-                              parameters_json=json.dumps(WEATHER["function"]["parameters"]))
-    request = inference_pb2.GenerateRequest(messages=[inference_pb2.ChatMessage(**ASK[0])], tools=[tool],
-                                            tool_choice="get_weather", max_tokens=60)
-    with grpc.insecure_channel(server.address) as channel:
-        stub = inference_pb2_grpc.InferenceStub(channel)
-        answer = stub.Generate(request)
-        messages = list(stub.GenerateStream(request))
-    assert answer.finish_reason == inference_pb2.FINISH_REASON_TOOL_CALLS
+def test_grpc_forced_call_and_its_stream_through_the_client(client):
+    fields = dict(messages=ASK, tools=[WEATHER], tool_choice="get_weather", max_tokens=60)
+    answer = client.generate(**fields)
+    pieces = list(client.generate_stream(**fields))
+    assert answer.finish_reason == "tool_calls"
     (call,) = answer.tool_calls
-    assert call.name == "get_weather"
-    jsonschema.validate(json.loads(call.arguments_json), WEATHER["function"]["parameters"])
-    assert "".join(m.text for m in messages) == answer.text
-    assert messages[-1].finish_reason == inference_pb2.FINISH_REASON_TOOL_CALLS
-    assert messages[-1].tool_calls[0].arguments_json == call.arguments_json
+    assert call.name == "get_weather" and call.id.startswith("call_") and answer.choices[0].tool_calls == (call,)
+    jsonschema.validate(json.loads(call.arguments), WEATHER["function"]["parameters"])
+    assert "".join(p.text for p in pieces) == answer.text
+    assert pieces[-1].finish_reason == "tool_calls" and pieces[-1].tool_calls[0].arguments == call.arguments
+
+
+def test_the_command_line_offers_tools_from_a_file_and_prints_the_calls(server, tmp_path, capsys):
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([WEATHER, TIME]))
+    assert cartridge_main(["generate", ASK[0]["content"], "--tools", str(tools), "--tool-choice", "get_time",
+                           "--max-tokens", "60", "--server", server.address]) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("tool call: ")]
+    call = json.loads(line.removeprefix("tool call: "))
+    assert call["name"] == "get_time" and call["id"].startswith("call_")
+    jsonschema.validate(call["arguments"], TIME["function"]["parameters"])
 
 
 def test_calls_are_parsed_from_hermes_blocks_and_text_stays_text():
