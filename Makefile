@@ -19,7 +19,7 @@ $(VENV)/.torch-spec: FORCE
 $(VENV)/.torch-installed: $(VENV)/.torch-spec
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip uninstall -q -y torch || true
+	! $(BIN)/pip show -q torch 2>/dev/null || $(BIN)/pip uninstall -q -y torch
 	$(BIN)/pip install -q "$(TORCH)"
 	touch $@
 
