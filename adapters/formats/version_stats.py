@@ -17,6 +17,7 @@ Z95, Z_ONE_SIDED_95 = 1.959964, 1.644854
 MIN_FEEDBACK_N = 30
 MIN_TPOT_N = 20          # TPOT observations a side before the TPOT limit is judged
 ABORT_P = 0.05
+REPLICA_LABEL = "replica"   # on the series of a Ray application's /metrics: which engine replica counted them
 
 
 @dataclass
@@ -76,6 +77,14 @@ def read_samples(texts: list[str], name: str) -> tuple[dict[str, VersionSample],
                 elif s.name.startswith(SHADOW_PREFIX) and not s.name.endswith("_created"):
                     sample.shadow[s.name] = sample.shadow.get(s.name, 0) + s.value
     return versions, gauges
+
+
+def server_count(texts: list[str]) -> int:
+    """How many servers the pages are from: one a page, or each replica of a Ray application's page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(len({s.labels[REPLICA_LABEL] for family in text_string_to_metric_families(text)
+                    for s in family.samples if REPLICA_LABEL in s.labels}) or 1 for text in texts)
 
 
 def wilson(successes: float, n: float, z: float = Z95) -> tuple[float, float]:

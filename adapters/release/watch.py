@@ -1,5 +1,6 @@
 """`cartridge canary NAME --url URL...`: the live version against its canary or shadow, from the Prometheus
-metrics of one server or of several summed (every replica behind a load balancer), with 95 % intervals.
+metrics of one server or of several summed (every replica behind a load balancer, or the one page of a
+`serve-ray` application, where every engine replica's series carry their replica's label), with 95 % intervals.
 
 It reads only /metrics, never logs, and computes each figure with adapters/formats/version_stats.py, the
 code a server judges its canary's abort limits with.
@@ -12,7 +13,7 @@ import urllib.error
 import urllib.request
 
 from ..formats.version_stats import (Mean, VersionSample, lower_mean_p, observations, quantile, quantile_interval,
-                                     read_samples, wilson)
+                                     read_samples, server_count, wilson)
 
 EXIT_UNREACHABLE = 1
 
@@ -24,7 +25,8 @@ def register(commands) -> None:
                             "from the metrics of the servers given (summed).")
     p.add_argument("name")
     p.add_argument("--url", action="append", required=True, metavar="URL",
-                   help="a server's metrics endpoint, e.g. http://127.0.0.1:9464/metrics (repeat for every replica)")
+                   help="a server's metrics endpoint, e.g. http://127.0.0.1:9464/metrics (repeat for every replica; "
+                   "serve-ray's HTTP port serves every replica's at /metrics)")
     p.set_defaults(run=_run)
 
 
@@ -52,7 +54,8 @@ def report(name: str, texts: list[str]) -> list[str]:
         if f"cartridge_{role}_version" in gauges:
             columns.append((f"{role} {gauges[f'cartridge_{role}_share_percent']:g}%",
                             int(gauges[f"cartridge_{role}_version"])))
-    servers = f"{len(texts)} server{'s' if len(texts) > 1 else ''}"
+    count = server_count(texts)
+    servers = f"{count} server{'s' if count > 1 else ''}"
     if len(columns) == 1:
         return [f"{name}: live v{int(live)}, no canary or shadow running ({servers})"]
     rows = {label: samples.get(f"v{version}", VersionSample()) for label, version in columns}

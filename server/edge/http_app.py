@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP edge: a Starlette app over a Backend, served by uvicorn on its own thread.
 
 The app knows nothing of where generation happens. `EngineBackend` is this process's engine (what
-`cartridge serve --http-port` runs); the Ray Serve ingress (server/ray/app.py) gives the same app a
+`cartridge serve --http-port` runs); the Ray Serve ingress (server/ray/ingress.py) gives the same app a
 backend that reaches engine replicas instead, so both speak exactly the same API.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 import socket
 import threading
 from dataclasses import dataclass
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Protocol, Sequence
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -44,6 +44,8 @@ class Generation:
     events: AsyncIterator[Event]
     headers: dict[str, str]      # extra response headers: the store version that answered (VERSION_HEADER),
                                  # and in Ray which replica served
+    request_id: str = ""         # the id the answer carries, when the backend makes it (Ray: it names the
+                                 # replica that answered, where a rating of the answer must go); "": the edge's
 
 
 class Backend(Protocol):
@@ -60,7 +62,7 @@ class Backend(Protocol):
     async def generate(self, request: GenerateRequest) -> Generation:
         """Checks and queues the request: a refusal raises here, before any event."""
 
-    def feedback(self, request_id: str, score: float, tag: str) -> str:
+    async def feedback(self, request_id: str, score: float, tag: str) -> str:
         """Counts a rating for the version that answered `request_id`; returns it as name@vN."""
 
 
@@ -112,7 +114,7 @@ class EngineBackend:
         return Generation(len(seq.prompt_ids), self._events(seq, events),
                           {VERSION_HEADER: seq.adapter_version} if seq.adapter_version else {})
 
-    def feedback(self, request_id: str, score: float, tag: str) -> str:
+    async def feedback(self, request_id: str, score: float, tag: str) -> str:
         return self.engine.metrics.feedback.rate(request_id, score, tag)
 
     async def _events(self, seq: Sequence, events: LoopEvents) -> AsyncIterator[Event]:
@@ -132,8 +134,10 @@ class EngineBackend:
             self.gate.leave()
 
 
-def openai_app(backend: Backend, metrics: CollectorRegistry | None = None) -> Starlette:
-    """`metrics`: also serve them at /metrics, the path and port an endpoint picker scrapes by default."""
+def openai_app(backend: Backend, metrics: CollectorRegistry | None = None,
+               extra_routes: Sequence[Route] = ()) -> Starlette:
+    """`metrics`: also serve them at /metrics, the path and port an endpoint picker scrapes by default;
+    `extra_routes`: a backend's own (Ray's /metrics, gathered from its replicas)."""
     async def health(_: Request) -> Response:
         if backend.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
@@ -155,7 +159,7 @@ def openai_app(backend: Backend, metrics: CollectorRegistry | None = None) -> St
     async def feedback(request: Request) -> Response:
         backend.authorize("POST /v1/feedback", request.headers.get("authorization"))
         rating = parse_feedback(await _json_body(request))
-        version = backend.feedback(rating["id"], rating["score"], rating["tag"])
+        version = await backend.feedback(rating["id"], rating["score"], rating["tag"])
         return JSONResponse({"id": rating["id"], "adapter_version": version})
 
     async def prometheus(_: Request) -> Response:
@@ -167,6 +171,7 @@ def openai_app(backend: Backend, metrics: CollectorRegistry | None = None) -> St
               Route("/v1/feedback", feedback, methods=["POST"])]
     if metrics is not None:
         routes.append(Route("/metrics", prometheus))
+    routes.extend(extra_routes)
     return Starlette(routes=routes,
                      # ServingError and format errors are answered quietly; anything else is a bug, logged.
                      exception_handlers={ServingError: _error_response, AdapterFormatError: _error_response,
@@ -186,6 +191,7 @@ async def _complete(backend: Backend, http: Request, chat: bool) -> Response:
     writer = ResponseWriter(request)
     # The response's id is the request's: what POST /v1/feedback is given back.
     generation = await backend.generate(dataclasses.replace(request.generate, request_id=writer.id))
+    writer.id = generation.request_id or writer.id
     if request.stream:
         return StreamingResponse(_sse(writer, request, generation), media_type="text/event-stream",
                                  headers=generation.headers)

@@ -32,6 +32,18 @@ class Answer:
     score: float | None = None    # its rating so far: a later one replaces it, so one answer counts once
 
 
+def check_rating(request_id: str, score: float, tag: str) -> None:
+    """INVALID_ARGUMENT for a rating out of range, before its request id is looked up."""
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score) \
+            or not MIN_SCORE <= score <= MAX_SCORE:
+        raise InvalidArgument(f"score must be a number from {MIN_SCORE:g} to {MAX_SCORE:g}, got {score!r}",
+                              field="score")
+    if tag and not TAG.fullmatch(tag):
+        raise InvalidArgument(f"tag must be 1 to 32 letters, digits, '.', '_' or '-', got {tag[:40]!r}", field="tag")
+    if not request_id or len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidArgument(f"request_id must be 1 to {MAX_REQUEST_ID_CHARS} characters", field="request_id")
+
+
 class FeedbackBook:
     def __init__(self, metrics: VersionMetrics, capacity: int = MAX_ANSWERS, ttl: float = ANSWER_TTL_S):
         self.metrics, self.capacity, self.ttl = metrics, capacity, ttl
@@ -48,15 +60,7 @@ class FeedbackBook:
 
     def rate(self, request_id: str, score: float, tag: str = "") -> str:
         """Counts the rating for the version that answered `request_id`; returns it as name@vN."""
-        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score) \
-                or not MIN_SCORE <= score <= MAX_SCORE:
-            raise InvalidArgument(f"score must be a number from {MIN_SCORE:g} to {MAX_SCORE:g}, got {score!r}",
-                                  field="score")
-        if tag and not TAG.fullmatch(tag):
-            raise InvalidArgument(f"tag must be 1 to 32 letters, digits, '.', '_' or '-', got {tag[:40]!r}",
-                                  field="tag")
-        if not request_id or len(request_id) > MAX_REQUEST_ID_CHARS:
-            raise InvalidArgument(f"request_id must be 1 to {MAX_REQUEST_ID_CHARS} characters", field="request_id")
+        check_rating(request_id, score, tag)
         with self._lock:
             answer = self._find(request_id)
             earlier, answer.score = answer.score, float(score)

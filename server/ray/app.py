@@ -11,16 +11,15 @@ which). Ray's LRU counts nothing in flight, so an adapter it evicts stays regist
 request using it on that replica has finished; a release switches a name for new requests while
 running ones finish on their version.
 
-Requests come in through Ray's proxies to `Ingress`, two ways: gRPC with our own proto (the adapter
-in the `multiplexed_model_id` metadata and/or the request), and the OpenAI HTTP API (`model` in the
-body). Ingress hands each to a replica chosen by its adapter as the multiplexed model id. Each answer says which replica served it and whether the adapter was already there ("hit") or had
-to be loaded ("miss"): HTTP headers x-cartridge-replica / x-cartridge-adapter-cache, gRPC trailing
-metadata of the same names. No `@serve.batch`: the engine batches mixed adapters itself.
+Requests reach a replica through `Ingress` (server/ray/ingress.py), by their adapter as the multiplexed model
+id, and leave it as `Started` and the engine's events: which replica served and whether the adapter was already
+there ("hit") or had to be loaded ("miss"), the stored version that answered. Ratings and metrics pages are
+asked of one replica by its id (`ReplicaRouter`, server/ray/replica_router.py). No `@serve.batch`: the
+engine batches mixed adapters itself.
 """
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import threading
 from dataclasses import dataclass
@@ -28,14 +27,12 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
-from adapters.formats.store_layout import StoreReader, read_live
-from cartridge.v1 import inference_pb2
-
-from ..errors import FailedPrecondition, InvalidArgument, ServingError, serving_error, status_of
-from ..edge.grpc_answers import StreamAnswer, answer
-from ..edge.grpc_service import from_proto, tool_mode
 from ..edge.http_app import VERSION_HEADER
+from .ingress import Ingress
+from .replica_ids import check_replica
+from .replica_router import ReplicaRouter
 
 APP_NAME = "cartridge"
 
@@ -79,7 +76,9 @@ class ResidentAdapter:
             self._drop(self)
 
 
-@serve.deployment(name="CartridgeReplica")
+# Ray's router with one addition: a rating or a metrics page can be asked of one replica by its id.
+@serve.deployment(name="CartridgeReplica",
+                  request_router_config=RequestRouterConfig(request_router_class=ReplicaRouter))
 class CartridgeReplica:
     def __init__(self, config):
         from ..app import build_core
@@ -119,6 +118,17 @@ class CartridgeReplica:
             return
         self.core.engine.discard(self.core.registry.unregister(adapter.name))
 
+    def feedback(self, request_id: str, score: float, tag: str, replica: str) -> str:
+        """A rating of an answer this replica gave; `replica`: the replica the call is meant for (replica_router.py)."""
+        check_replica(replica, self.replica)
+        return self.core.metrics.feedback.rate(request_id, score, tag)
+
+    def metrics_page(self, replica: str) -> str:
+        from prometheus_client import generate_latest
+
+        check_replica(replica, self.replica)
+        return generate_latest(self.core.metrics.registry).decode()
+
     async def generate(self, request) -> AsyncIterator[Started | object]:
         """Started, then the engine's events, the last with the outcome. `request` is a GenerateRequest
         whose adapter is the multiplexed model id the ingress routed it by."""
@@ -153,113 +163,6 @@ async def _holding(events: AsyncIterator, adapter: ResidentAdapter) -> AsyncIter
             yield event
     finally:
         adapter.done()
-
-
-class RayBackend:
-    """The HTTP app's backend in Ray: each request goes to a replica chosen by its adapter."""
-
-    def __init__(self, replicas, base_name: str, adapter_root: str | None, store: str | None):
-        self.replicas, self.base_name = replicas, base_name
-        self.root = Path(adapter_root) if adapter_root else None
-        self.store = StoreReader(Path(store)) if store else None
-
-    @property
-    def draining(self) -> bool:
-        return False    # Ray's proxies stop routing to a replica that is going away
-
-    def authorize(self, method: str, authorization: str | None) -> None:
-        """Open: put access control in front of Ray's proxies (an authenticating gateway)."""
-
-    def adapters(self) -> list[str]:
-        if self.store is not None:
-            return [name for name in self.store.names() if read_live(self.store, name) is not None]
-        return sorted(p.name for p in self.root.iterdir() if (p / "adapter_config.json").is_file())
-
-    def feedback(self, request_id: str, score: float, tag: str) -> str:
-        # The ingress does not know which replica answered a request, and each replica keeps its own book.
-        raise FailedPrecondition("feedback is counted by `cartridge serve`; under serve-ray it is not available")
-
-    async def generate(self, request):
-        from ..edge.http_app import Generation
-
-        stream = self.replicas.options(multiplexed_model_id=request.adapter, stream=True).generate.remote(request)
-        started = await _unwrapped(stream.__anext__())
-        headers = {"x-cartridge-replica": started.replica, "x-cartridge-adapter-cache": started.cache}
-        if started.version:
-            headers[VERSION_HEADER] = started.version
-        return Generation(started.prompt_tokens, _events(stream), headers)
-
-
-async def _events(stream) -> AsyncIterator:
-    while True:
-        try:
-            yield await _unwrapped(stream.__anext__())
-        except StopAsyncIteration:
-            return
-
-
-async def _unwrapped(pending):
-    """A replica's own error (its status and words) rather than Ray's wrapper around it."""
-    from ray.exceptions import RayTaskError
-
-    try:
-        return await pending
-    except RayTaskError as error:
-        if isinstance(error.cause, Exception):
-            raise serving_error(error.cause) from None
-        raise
-
-
-@serve.deployment(name="Ingress")
-@serve.ingress()
-class Ingress:
-    """The application's front: Ray's proxies send every request here, HTTP (the OpenAI app) and gRPC
-    (our Inference service), and it routes each to a replica by its adapter."""
-
-    def __init__(self, replicas, base_name: str, adapter_root: str | None, store: str | None):
-        self.backend = RayBackend(replicas, base_name, adapter_root, store)
-
-    def __serve_build_asgi_app__(self):
-        from ..edge.http_app import openai_app
-
-        return openai_app(self.backend)
-
-    async def Generate(self, request, grpc_context):
-        try:
-            generation, adapter = await self._start(request)
-            pieces = [event async for event in generation.events]
-        except ServingError as error:
-            return _refuse(grpc_context, error)
-        grpc_context.set_trailing_metadata(list(generation.headers.items()))
-        return answer(pieces, generation.prompt_tokens, adapter, generation.headers.get(VERSION_HEADER, ""),
-                      tool_mode(request))
-
-    async def GenerateStream(self, request, grpc_context):
-        try:
-            generation, adapter = await self._start(request)
-            grpc_context.set_trailing_metadata(list(generation.headers.items()))
-            stream = StreamAnswer(generation.prompt_tokens, adapter, generation.headers.get(VERSION_HEADER, ""),
-                                  tool_mode(request))
-            async for event in generation.events:
-                yield stream.message(event)
-        except ServingError as error:
-            yield _refuse(grpc_context, error)
-
-    async def _start(self, request):
-        # Ray routes gRPC calls by the multiplexed_model_id metadata; the request may repeat it.
-        routed = serve.get_multiplexed_model_id()
-        if routed and request.adapter and routed != request.adapter:
-            raise InvalidArgument(f"adapter {request.adapter!r} differs from the multiplexed_model_id "
-                                  f"{routed!r} metadata", field="adapter")
-        generate = dataclasses.replace(from_proto(request), adapter=request.adapter or routed)
-        return await self.backend.generate(generate), generate.adapter
-
-
-def _refuse(grpc_context, error: ServingError) -> inference_pb2.GenerateResponse:
-    code, message = status_of(error)
-    grpc_context.set_code(code)
-    grpc_context.set_details(message)
-    return inference_pb2.GenerateResponse()
 
 
 def build_app(config, replicas: int, cpus_per_replica: float, gpus_per_replica: float):
