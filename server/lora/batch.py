@@ -12,6 +12,8 @@ import torch
 
 from adapters.formats.adapter_dir import LoraWeights
 
+from ..host_memory import lazy_zeros
+
 
 @dataclass(frozen=True, slots=True)
 class LoraBatch:
@@ -76,8 +78,8 @@ class LoraStack:
     def __init__(self, projection: str, num_slots: int, max_rank: int, in_features: int, out_features: int,
                  dtype: torch.dtype, device: torch.device):
         self.projection = projection
-        self.a = torch.zeros(num_slots, max_rank, in_features, dtype=dtype, device=device)
-        self.b = torch.zeros(num_slots, out_features, max_rank, dtype=dtype, device=device)
+        self.a = lazy_zeros((num_slots, max_rank, in_features), dtype, device)
+        self.b = lazy_zeros((num_slots, out_features, max_rank), dtype, device)
         self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)   # read by the kernels at replay
 
     @property

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import torch
 
+from ..host_memory import lazy_zeros
+
 
 class PagedKVCache:
     def __init__(self, n_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
         shape = (num_blocks, block_size, n_kv_heads, head_dim)
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.k = [lazy_zeros(shape, dtype, device) for _ in range(n_layers)]
+        self.v = [lazy_zeros(shape, dtype, device) for _ in range(n_layers)]
 
     @staticmethod
     def bytes_per_block(n_layers: int, block_size: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

@@ -45,8 +45,6 @@ def load_model(directory: Path, config, dtype: torch.dtype, device: torch.device
     """The model and its LoRA stacks, keyed (layer, projection); slot 0 of every stack is the base model's.
     kernels: run through server.kernels (CUDA only): norms, decode attention and multi-LoRA always, NF4 up
     to nf4_kernel_max_rows rows."""
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
     check_config(config)
     args = ModelArgs.from_config(config)
     shape = BaseShape.from_config(config)
@@ -88,10 +86,23 @@ def load_model(directory: Path, config, dtype: torch.dtype, device: torch.device
     embed = nn.Embedding.from_pretrained(weight("model.embed_tokens.weight"), freeze=True)
     tied = args.tie_word_embeddings or "lm_head.weight" not in tensors
     lm_head = DenseLinear([embed.weight if tied else weight("lm_head.weight")])
-    rope = LlamaRotaryEmbedding(config)
-    model = Transformer(args, embed, layers, lm_head, rope.inv_freq.to(device), rope.attention_scaling, kernels)
+    inv_freq, attention_scaling = rope_frequencies(config)
+    model = Transformer(args, embed, layers, lm_head, inv_freq.to(device), attention_scaling, kernels)
     model.norm.weight.data = weight("model.norm.weight")
     return model.eval(), stacks
+
+
+def rope_frequencies(config) -> tuple[torch.Tensor, float]:
+    """inv_freq [head_dim / 2] and the attention scaling, as transformers' LlamaRotaryEmbedding makes them:
+    its default formula, else the same ROPE_INIT_FUNCTIONS entry. Importing the Llama modeling code for
+    it cost a second at every server start."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = config.rope_parameters
+    if params["rope_type"] != "default":
+        return ROPE_INIT_FUNCTIONS[params["rope_type"]](config)
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
 
 
 def base_weight_bytes(model: Transformer) -> int:
