@@ -212,7 +212,7 @@ COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"   # the base model keeps counting: a
 
 
 def test_a_long_prompt_does_not_stall_running_streams():
-    """Eight streams decode while a prompt of about 360 tokens arrives: with 16 tokens a pass, the prompt takes
+    """Eight streams decode while a prompt of about 440 tokens arrives: with 16 tokens a pass, the prompt takes
     8 a pass beside them, and no stream's gap between two tokens passes twice its median gap (a 700-token prompt
     computed whole in one pass held them 29 median gaps on the development CPU). A timing property on a shared
     CPU: one of three tries must hold it."""
