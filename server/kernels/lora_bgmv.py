@@ -7,11 +7,6 @@ r = ranks_p[s] (0: the row's adapter does not target projection p, or s is the b
     t[p, m, i]  = sum_k x[m, k] * a_p[s, i, k]               for i < r            (shrink, fp32)
     y[m, c_p + n] += sum_{i < r} t[p, m, i] * b_p[s, n, i]    for n < N_p          (expand, into the base output)
 
-The shrink splits K into ranges, one program each, so that a decode batch reads the stacks with
-enough programs to fill the card (one program a row walked all of K: 10 µs for q|k|v at 32 rows of
-the 7B shape, half of the LoRA time); the expand adds the ranges' partial t in a fixed order, so
-the result does not depend on scheduling.
-
 where c_p is the slice's first column in y (the projections' outputs side by side). Arguments:
 
     x        [M, K]        compute dtype, rows contiguous
@@ -27,6 +22,11 @@ ranks (masked, so no bytes past an adapter's own rank are read) and does nothing
 with r = 0. Grids depend only on M and the stacks' shapes and the metadata lives in device
 tensors, so both launches can be captured once in a CUDA graph and replayed for any mix of adapters.
 Up to three slices (q|k|v); the third argument set is unused with fewer.
+
+The shrink splits K into ranges, one program each, so that a decode batch reads the stacks with
+enough programs to fill the card (one program a row walked all of K: 10 µs for q|k|v at 32 rows of
+the 7B shape, half of the LoRA time); the expand adds the ranges' partial t in a fixed order, so
+the result does not depend on scheduling.
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -62,8 +63,6 @@ def long_prompts_arrive(address: str, prompts: list[str], names: list[str], toke
     streams = min(args.streams or 32, len(prompts))
 
     def arrive(client: CartridgeClient) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda p: client.generate(p, adapter=names[0], max_tokens=2), longs))
 
