@@ -14,7 +14,7 @@ from tests.test_release import cartridge
 
 KEYS = [f"user-{i}" for i in range(20)]
 FLAGS = ["--http-port", "0", "--max-adapters", "3", "--max-lora-rank", "8", "--max-seq-len", "256",
-         "--max-batch-size", "4"]
+         "--max-batch-size", "20"]
 
 
 def refused(result: subprocess.CompletedProcess, code: int, words: str) -> None:

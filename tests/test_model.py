@@ -8,7 +8,8 @@ from transformers import AutoConfig
 from server.lora.slots import AdapterSlots
 from server.model.kv_cache import PagedKVCache
 from server.engine.runner import ModelRunner
-from server.model.weights import load_model
+from server.model.linear import DenseLinear
+from server.model.weights import base_weight_bytes, load_model
 
 from .conftest import PROMPT, paged_sequences, run_pass
 
@@ -51,6 +52,27 @@ def test_logits_match_transformers_in_float32(base_dir, base_model, tokenizer):
             want = expected[len(prompt) - 1 + step]
             assert torch.allclose(logits[row], want, atol=2e-3, rtol=1e-4), \
                 f"row {row} step {step}: max diff {(logits[row] - want).abs().max():.2e}"
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+def test_dense_weights_run_prepacked_on_the_cpu_and_equal_f_linear():
+    """The CPU keeps dense weights only in oneDNN's layout; x · Wᵀ stays F.linear's, in float64 terms, for
+    decode rows, prefill chunks and fused weights, and the memory metric still counts the weights once."""
+    torch.manual_seed(0)
+    weights = [torch.randn(96, 64), torch.randn(32, 64)]
+    linear = DenseLinear(weights)
+    assert linear.prepacked is not None and linear.prepacked.layout == torch._mkldnn
+    assert not hasattr(linear, "weight"), "only the prepacked copy is kept"
+    want_weight = torch.cat(weights).double()
+    for rows in (1, 8, 300):
+        x = torch.randn(rows, 1, 64)
+        got = linear(x)
+        assert got.shape == (rows, 1, 128)
+        want = x.double() @ want_weight.T
+        assert torch.allclose(got.double(), want, atol=1e-4, rtol=1e-5), (got.double() - want).abs().max()
+    model = torch.nn.Module()
+    model.linear = linear
+    assert base_weight_bytes(model) == 128 * 64 * 4
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64])

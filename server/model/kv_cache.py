@@ -36,8 +36,11 @@ class PagedKVCache:
 
     def gather(self, layer: int, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """blocks [..., nb] -> the keys and values of those blocks' tokens in order, [..., nb · block_size, KV, D]."""
-        k, v = self.k[layer][blocks], self.v[layer][blocks]           # [..., nb, block_size, KV, D]
-        return k.flatten(-4, -3), v.flatten(-4, -3)
+        # index_select over the flattened table, not cache[blocks]: on the CPU advanced indexing took 3-4x as
+        # long for 8 rows, twice a layer.
+        shape = (*blocks.shape[:-1], blocks.shape[-1] * self.block_size, *self.k[layer].shape[2:])
+        flat = blocks.reshape(-1)
+        return self.k[layer].index_select(0, flat).view(shape), self.v[layer].index_select(0, flat).view(shape)
 
     def copy_block(self, src: int, dst: int) -> None:
         """Every layer's block `src` into block `dst` (copy-on-write of a forked request's last block)."""

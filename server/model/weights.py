@@ -108,13 +108,18 @@ def rope_frequencies(config) -> tuple[torch.Tensor, float]:
 def base_weight_bytes(model: Transformer) -> int:
     """Bytes of the base model's tensors on the device: weights (packed, for NF4, with their block
     scales), norms and RoPE tables; a tied lm_head counts once. LoRA stacks are not the model's."""
-    tensors = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers())}
+    tensors = {_storage(t): t for t in (*model.parameters(), *model.buffers())}
     for module in model.modules():
-        # Plain tensor attributes too, should a module keep one outside its buffers.
-        tensors.update({t.data_ptr(): t for t in vars(module).values() if isinstance(t, torch.Tensor)})
+        # Plain tensor attributes too (the CPU's prepacked weights), should a module keep one outside its buffers.
+        tensors.update({_storage(t): t for t in vars(module).values() if isinstance(t, torch.Tensor)})
         for state in getattr(module, "quant_states", ()):
             while state is not None:    # double quantization nests the scales' own state
                 parts = (getattr(state, name, None) for name in ("absmax", "code", "offset"))
-                tensors.update({t.data_ptr(): t for t in parts if isinstance(t, torch.Tensor)})
+                tensors.update({_storage(t): t for t in parts if isinstance(t, torch.Tensor)})
                 state = state.state2
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _storage(t: torch.Tensor) -> int:
+    """What identifies a tensor's memory: its data pointer, or the object for an opaque oneDNN tensor, which has none."""
+    return t.data_ptr() if t.layout == torch.strided else id(t)
