@@ -145,6 +145,57 @@ def test_paged_decode_attention_matches_float64_softmax(model, block_size):
         assert relative_error(out.cpu(), want) < TOLERANCE, f"{model} rows={rows}: {relative_error(out.cpu(), want):.2e}"
 
 
+@pytest.mark.parametrize("model", SHAPES)
+@pytest.mark.parametrize("block_size", [16, 5])
+def test_paged_prefill_attention_matches_float64_causal_softmax(model, block_size):
+    """Chunks of every kind in one launch: whole prompts, a prompt's later chunk over its cached start (or a
+    prefix-cache hit), one-token chunks; blocks scattered over the pool, NaN wherever no chunk may read."""
+    from server.kernels.prefill_attention import prefill_attention
+
+    heads, kv_heads, head_dim, _ = SHAPES[model]
+    generator = torch.Generator().manual_seed(4)
+    group = heads // kv_heads
+    # Triton's interpreter gets tl.dot of bf16 operands wrong (values of order 1e8): float32 there.
+    dtype = torch.float32 if INTERPRETED else torch.bfloat16
+    # (start, length): positions start..start+length-1 are the chunk's rows; 0..start-1 are already cached.
+    spreads = {"whole prompts": [(0, 7), (0, 64), (0, 1), (0, 70)],
+               "continued and cached starts": [(37, 5), (64, 64), (3, 1), (0, 33), (129, 17)]}
+    for spread, chunks in spreads.items():
+        max_blocks = max(-(-(s + n) // block_size) for s, n in chunks)
+        num_blocks = 1 + len(chunks) * max_blocks          # block 0: NaN, what unused table entries point to
+        tables = torch.zeros(len(chunks), max_blocks, dtype=torch.int32)
+        tables[:] = (1 + torch.randperm(len(chunks) * max_blocks, generator=generator)).view(len(chunks), max_blocks)
+        k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=generator).to(dtype)
+        v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=generator).to(dtype)
+        total = sum(n for _, n in chunks)
+        q = torch.randn(total, heads, head_dim, generator=generator).to(dtype)
+        want = torch.empty(total, heads, head_dim, dtype=torch.float64)
+        meta, row = [], 0
+        for c, (start, length) in enumerate(chunks):
+            end = start + length
+            used = -(-end // block_size)
+            keys = k_cache[tables[c, :used].long()].flatten(0, 1)[:end].double().repeat_interleave(group, dim=1)
+            values = v_cache[tables[c, :used].long()].flatten(0, 1)[:end].double().repeat_interleave(group, dim=1)
+            scores = torch.einsum("lhd,ihd->hil", keys, q[row:row + length].double()) * head_dim ** -0.5
+            causal = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]         # [i, l]
+            scores = scores.masked_fill(~causal, float("-inf"))
+            want[row:row + length] = torch.einsum("hil,lhd->ihd", scores.softmax(-1), values)
+            # Past the chunk's last position its blocks may hold anything: never read.
+            last_block = tables[c, (end - 1) // block_size].long()
+            k_cache.view(-1, kv_heads, head_dim)[last_block * block_size + (end - 1) % block_size + 1:
+                                                 (last_block + 1) * block_size] = float("nan")
+            tables[c, used:] = 0
+            meta.append((row, length, start))
+            row += length
+        k_cache[0], v_cache[0] = float("nan"), float("nan")
+        poison_allocator()
+        out = prefill_attention(q.to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE), tables.to(DEVICE),
+                                torch.tensor(meta, dtype=torch.int32, device=DEVICE), max(n for _, n in chunks))
+        assert not out.isnan().any(), f"{model} {spread}: read past a chunk's position, or left a row unwritten"
+        error = relative_error(out.cpu(), want)
+        assert error < TOLERANCE, f"{model} {spread} block {block_size}: {error:.2e}"
+
+
 @needs_cuda
 @pytest.mark.parametrize("rows", [1, 3, 4, 16, 64, 65])
 @pytest.mark.parametrize("kernel_max_rows", [64, 0])

@@ -5,8 +5,8 @@ RoPE and grouped-query heads, SwiGLU FeedForward. Nothing here decides who runs:
 in a `Batch` that says which position, cache blocks and adapter each token row has.
 
 With `kernels` (CUDA) the steps torch spells as many small launches run as one Triton kernel each
-(server/kernels): residual add + RMSNorm, RoPE + KV-cache write, and for decode rows attention
-over the paged cache. The torch code beside them is the CPU path and the reference they are tested against.
+(server/kernels): residual add + RMSNorm, RoPE + KV-cache write, and attention over the paged cache,
+one launch for the decode rows and one for every prompt chunk of the pass. The torch code beside them is the CPU path and the reference they are tested against.
 """
 from __future__ import annotations
 
@@ -71,6 +71,10 @@ class Batch:
     decode_mask: torch.Tensor | None  # [num_decode, 1, 1, nb · block size] True where a decode row may attend (torch)
     chunks: tuple[Chunk, ...]
     lora: LoraBatch
+    # The chunks as the prefill kernel takes them (kernels only): each one's blocks [C, nb] int32 and
+    # (first row after the decode rows, length, start) [C, 3] int32.
+    chunk_tables: torch.Tensor | None = None
+    chunk_rows: torch.Tensor | None = None
 
 
 class RMSNorm(nn.Module):
@@ -124,15 +128,16 @@ class Attention(nn.Module):
         self._kernels = None
         if kernels:
             from ..kernels.decode_attention import decode_attention
+            from ..kernels.prefill_attention import prefill_attention
             from ..kernels.rope_cache import rope_and_cache_write
 
-            self._kernels = (rope_and_cache_write, decode_attention)
+            self._kernels = (rope_and_cache_write, decode_attention, prefill_attention)
 
     def forward(self, x: torch.Tensor, batch: Batch, cache: PagedKVCache, layer: int) -> torch.Tensor:
         rows = x.shape[0]                                              # x [N, 1, dim]: one token a row
         q, k, v = self.qkv_proj(x, batch.lora)                         # [N, 1, H*D], [N, 1, KV*D] x 2
         if self._kernels is not None:
-            rope_and_cache_write, decode_attention = self._kernels
+            rope_and_cache_write, decode_attention, prefill_attention = self._kernels
             q = rope_and_cache_write(q[:, 0], k[:, 0], v[:, 0], batch.slots, batch.cos[:, 0], batch.sin[:, 0],
                                      cache.k[layer], cache.v[layer])    # [N, H, D]
         else:
@@ -149,7 +154,11 @@ class Attention(nn.Module):
                                               batch.positions[:decode]))
             else:
                 parts.append(self._decode_torch(q[:decode], batch, cache, layer))
-        parts.extend(self._chunk(q[c.row:c.row + c.length], c, cache, layer) for c in batch.chunks)
+        if batch.chunks and self._kernels is not None:
+            parts.append(prefill_attention(q[decode:], cache.k[layer], cache.v[layer], batch.chunk_tables,
+                                           batch.chunk_rows, max(c.length for c in batch.chunks)))
+        else:
+            parts.extend(self._chunk(q[c.row:c.row + c.length], c, cache, layer) for c in batch.chunks)
         out = parts[0] if len(parts) == 1 else torch.cat(parts)         # [N, H, D]
         (y,) = self.o_proj(out.view(rows, 1, self.n_heads * self.head_dim), batch.lora)
         return y
@@ -236,9 +245,14 @@ class Transformer(nn.Module):
         if num_decode and not self.kernels:
             context = torch.arange(block_tables.shape[1] * block_size, device=positions.device)
             mask = (context[None, :] <= positions[:num_decode, None])[:, None, None, :]
+        chunk_tables = chunk_rows = None
+        if chunks and self.kernels:
+            chunk_tables = torch.nn.utils.rnn.pad_sequence([c.blocks for c in chunks], batch_first=True).int()
+            chunk_rows = torch.tensor([(c.row - num_decode, c.length, c.start) for c in chunks], dtype=torch.int32,
+                                      device=positions.device)
         index = positions[:, None]
         return Batch(positions, slots, self.rope_cos[index], self.rope_sin[index], block_tables, num_decode,
-                     mask, chunks, lora)
+                     mask, chunks, lora, chunk_tables, chunk_rows)
 
     def forward(self, tokens: torch.Tensor, batch: Batch, cache: PagedKVCache,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
