@@ -33,7 +33,9 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# The block tables' width changes from pass to pass: left unspecialized, one compiled kernel serves every
+# pass instead of a compile (hundreds of ms) whenever a width of a new kind (1, or a multiple of 16) comes.
+@triton.jit(do_not_specialize=["stride_table"], do_not_specialize_on_alignment=["stride_table"])
 def _prefill_attention_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, chunks_ptr, out_ptr, scale, H, KV, GROUP,
                               stride_table, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
