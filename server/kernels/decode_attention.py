@@ -31,6 +31,19 @@ import triton.language as tl
 
 
 @triton.jit
+def paged_tile(tables_ptr, table, offs, last, kv_head, offs_d, d_mask, KV, D: tl.constexpr,
+               BLOCK_SIZE: tl.constexpr):
+    """Where a request's tokens `offs` [L] (those up to position `last`) sit in one layer's cache
+    [NB, S, KV, D] for KV head `kv_head`: element offsets [L, D_PAD], their mask, and the tokens' mask.
+    `table` points at the request's block table; entries past `last` are not read."""
+    l_mask = offs <= last
+    block = tl.load(tables_ptr + table + offs // BLOCK_SIZE, mask=l_mask, other=0).to(tl.int64)
+    token = block * BLOCK_SIZE + offs % BLOCK_SIZE
+    tile = (token[:, None] * KV + kv_head) * D + offs_d[None, :]
+    return tile, l_mask[:, None] & d_mask[None, :], l_mask
+
+
+@triton.jit
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, positions_ptr, out_ptr, scale, H, KV, GROUP,
                              stride_table, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                              BLOCK_L: tl.constexpr):
@@ -46,12 +59,8 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, positions_ptr, out
     acc = tl.zeros((D_PAD,), tl.float32)
     start = 0
     while start <= p:   # a while, not a range: Triton's interpreter cannot take a loaded loop bound
-        offs_l = start + tl.arange(0, BLOCK_L)
-        l_mask = offs_l <= p
-        block = tl.load(tables_ptr + row * stride_table + offs_l // BLOCK_SIZE, mask=l_mask, other=0).to(tl.int64)
-        token = block * BLOCK_SIZE + offs_l % BLOCK_SIZE
-        tile = (token[:, None] * KV + kv_head) * D + offs_d[None, :]
-        tile_mask = l_mask[:, None] & d_mask[None, :]
+        tile, tile_mask, l_mask = paged_tile(tables_ptr, row * stride_table, start + tl.arange(0, BLOCK_L), p,
+                                             kv_head, offs_d, d_mask, KV, D, BLOCK_SIZE)
         k = tl.load(k_ptr + tile, mask=tile_mask, other=0.0).to(tl.float32)            # [BLOCK_L, D_PAD]
         s = tl.where(l_mask, tl.sum(k * q[None, :], axis=1), float("-inf"))           # [BLOCK_L]
         m_new = tl.maximum(m_i, tl.max(s, axis=0))

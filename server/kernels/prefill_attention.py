@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .decode_attention import paged_tile
+
 
 # The block tables' width changes from pass to pass: left unspecialized, one compiled kernel serves every
 # pass instead of a compile (hundreds of ms) whenever a width of a new kind (1, or a multiple of 16) comes.
@@ -62,11 +64,8 @@ def _prefill_attention_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, chunks_ptr, out_p
         key = 0
         while key <= last:   # a while, not a range: Triton's interpreter cannot take a loaded loop bound
             offs_n = key + tl.arange(0, BLOCK_N)
-            n_mask = offs_n <= last
-            block = tl.load(tables_ptr + chunk * stride_table + offs_n // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-            token = block * BLOCK_SIZE + offs_n % BLOCK_SIZE
-            kv_tile = (token[:, None] * KV + kv_head) * D + offs_d[None, :]
-            kv_mask = n_mask[:, None] & d_mask[None, :]
+            kv_tile, kv_mask, n_mask = paged_tile(tables_ptr, chunk * stride_table, offs_n, last, kv_head, offs_d,
+                                                  d_mask, KV, D, BLOCK_SIZE)
             k = tl.load(k_ptr + kv_tile, mask=kv_mask, other=0.0)                        # [BLOCK_N, D_PAD]
             x = tl.dot(q, tl.trans(k)) * scale                                          # [BLOCK_M, BLOCK_N] fp32
             causal = (offs_n[None, :] <= query_pos[:, None]) & n_mask[None, :]
