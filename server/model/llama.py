@@ -6,7 +6,8 @@ in a `Batch` that says which position, cache blocks and adapter each token row h
 
 With `kernels` (CUDA) the steps torch spells as many small launches run as one Triton kernel each
 (server/kernels): residual add + RMSNorm, RoPE + KV-cache write, and attention over the paged cache,
-one launch for the decode rows and one for every prompt chunk of the pass. The torch code beside them is the CPU path and the reference they are tested against.
+one launch for the decode rows and one for every prompt chunk of the pass. The torch code beside them is
+the CPU path and the reference they are tested against.
 """
 from __future__ import annotations
 

@@ -121,5 +121,5 @@ def base_weight_bytes(model: Transformer) -> int:
 
 
 def _storage(t: torch.Tensor) -> int:
-    """What identifies a tensor's memory: its data pointer, or the object for an opaque oneDNN tensor, which has none."""
+    """What identifies a tensor's memory: its data pointer, or the object for an opaque oneDNN tensor (no pointer)."""
     return t.data_ptr() if t.layout == torch.strided else id(t)
